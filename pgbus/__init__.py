@@ -1,0 +1,84 @@
+"""pgbus: a typed, plugin-based event bus on PostgreSQL LISTEN/NOTIFY for asyncio.
+
+Publish pydantic models in one process; receive them validated in the handlers of every
+subscribed process::
+
+    class OrderPlaced(pgbus.Event, channel="orders"):
+        order_id: int
+
+    bus = pgbus.Bus("postgresql://localhost/app")
+
+    @bus.subscribe(OrderPlaced)
+    async def on_order(event: OrderPlaced) -> None: ...
+
+    async with bus:
+        await bus.publish(OrderPlaced(order_id=1))
+
+Writing a plugin
+----------------
+A plugin is a module or object whose functions are named after the hooks in
+:mod:`pgbus.hookspecs` and marked with :data:`hookimpl`. Pass it to
+``Bus(plugins=[...])``, or ship it as a distribution that registers it in the ``pgbus``
+entry-point group, and every Bus loads it::
+
+    [project.entry-points.pgbus]
+    my_plugin = "my_package.my_plugin"
+
+``Bus(load_entrypoints=False)`` or ``PGBUS_DISABLE_PLUGIN_AUTOLOAD=1`` turn loading off;
+``Bus(disable_plugins=["name"])`` or ``PGBUS_DISABLE_PLUGINS=name,...`` block plugins by
+name, built-ins included.
+"""
+
+from __future__ import annotations
+
+from pgbus._api import close, configure, get_bus, notify, publish, publish_many
+from pgbus._bus import Bus, BusState
+from pgbus._events import Delivery, Event, Message
+from pgbus._markers import hookimpl
+from pgbus._subscription import Subscription
+from pgbus._version import __version__
+from pgbus.default_plugins.backoff import ExponentialBackoff
+from pgbus.default_plugins.metrics import MetricsSnapshot
+from pgbus.errors import (
+    BusClosed,
+    ConfigError,
+    DecodeError,
+    InvalidChannel,
+    ListenerError,
+    PayloadTooLarge,
+    PgbusError,
+    PluginError,
+    PublishError,
+    ServerNotFound,
+)
+from pgbus.types import Outgoing
+
+__all__ = [
+    "Bus",
+    "BusClosed",
+    "BusState",
+    "ConfigError",
+    "DecodeError",
+    "Delivery",
+    "Event",
+    "ExponentialBackoff",
+    "InvalidChannel",
+    "ListenerError",
+    "Message",
+    "MetricsSnapshot",
+    "Outgoing",
+    "PayloadTooLarge",
+    "PgbusError",
+    "PluginError",
+    "PublishError",
+    "ServerNotFound",
+    "Subscription",
+    "__version__",
+    "close",
+    "configure",
+    "get_bus",
+    "hookimpl",
+    "notify",
+    "publish",
+    "publish_many",
+]

@@ -1,0 +1,92 @@
+"""Module-level helpers on a default bus: ``pgbus.configure()`` then ``pgbus.publish()``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pgbus._bus import Bus, BusState
+from pgbus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from pgbus._events import Event
+    from pgbus._publish import Connection
+
+_default: Bus | None = None
+
+
+def configure(dsn: str | None = None, **options: Any) -> Bus:
+    """Create the default bus used by :func:`publish`, :func:`publish_many` and :func:`notify`.
+
+    Without a ``dsn``, ``$PGBUS_DSN`` is used. Calling it again replaces the default bus
+    (close the old one with :func:`close` first if it published).
+
+    :param dsn: the database.
+    :param options: keyword arguments for :class:`Bus`.
+    :returns: the new default bus.
+
+    .. versionadded:: 0.1.0
+    """
+    global _default  # noqa: PLW0603 - the module-level default is the point
+    _default = Bus(dsn, **options)
+    return _default
+
+
+def get_bus() -> Bus:
+    """Return the default bus, creating it from ``$PGBUS_DSN`` on first use.
+
+    :raises ConfigError: when :func:`configure` was not called and ``PGBUS_DSN`` is unset.
+
+    .. versionadded:: 0.1.0
+    """
+    if _default is None or _default.state in (BusState.STOPPING, BusState.STOPPED):
+        try:
+            return configure()
+        except ConfigError:
+            raise ConfigError(
+                "no default bus: call pgbus.configure(dsn) or set PGBUS_DSN"
+            ) from None
+    return _default
+
+
+async def publish(
+    event: Event,
+    *,
+    connection: Connection | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> str:
+    """Publish ``event`` through the default bus (see :meth:`Bus.publish`).
+
+    .. versionadded:: 0.1.0
+    """
+    return await get_bus().publish(event, connection=connection, headers=headers)
+
+
+async def publish_many(
+    events: Iterable[Event], *, connection: Connection | None = None
+) -> list[str]:
+    """Publish events in one statement through the default bus (see :meth:`Bus.publish_many`).
+
+    .. versionadded:: 0.1.0
+    """
+    return await get_bus().publish_many(events, connection=connection)
+
+
+async def notify(channel: str, payload: str = "", *, connection: Connection | None = None) -> None:
+    """Send a plain NOTIFY through the default bus (see :meth:`Bus.notify`).
+
+    .. versionadded:: 0.1.0
+    """
+    await get_bus().notify(channel, payload, connection=connection)
+
+
+async def close() -> None:
+    """Stop the default bus and close its connections (harmless when there is none).
+
+    .. versionadded:: 0.1.0
+    """
+    global _default
+    bus, _default = _default, None
+    if bus is not None:
+        await bus.stop()

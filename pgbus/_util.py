@@ -1,0 +1,26 @@
+"""Small helpers shared by the bus, the listener and the publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+from typing import Any
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"(?P<head>(?:^|[\s?&])password\s*=\s*)[^\s&]*", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return ``dsn`` with any password replaced by ``***``, for logs and errors."""
+    dsn = _PASSWORD_IN_URL.sub(r"\g<head>:***@", dsn)
+    return _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
+
+
+async def await_all(results: list[Any]) -> None:
+    """Await every awaitable among hook ``results`` (fan-out hooks may be ``async def``)."""
+    awaitables = [r for r in results if inspect.isawaitable(r)]
+    if len(awaitables) == 1:
+        await awaitables[0]
+    elif awaitables:
+        await asyncio.gather(*awaitables)

@@ -1,0 +1,102 @@
+"""Every error pgbus raises, and the control-flow signals a handler may raise.
+
+The tree::
+
+    PgbusError
+    ├── ConfigError (also ValueError)        bad arguments or configuration
+    │   ├── InvalidChannel                   a channel name PostgreSQL would reject or mangle
+    │   └── PluginError                      a plugin that cannot be registered as written
+    ├── PayloadTooLarge (also ValueError)    an encoded payload over NOTIFY's 8000-byte limit
+    ├── BusClosed (also RuntimeError)        the bus was used in a state that does not allow it
+    ├── DecodeError                          a notification that no model accepts
+    ├── PublishError                         a publish that did not reach PostgreSQL
+    ├── ListenerError                        the LISTEN connection could not be kept
+    └── ServerNotFound (also RuntimeError)   no PostgreSQL server could be found or started
+
+Driver errors (:mod:`asyncpg`) are wrapped at one boundary and chained with ``from``, so
+``exc.__cause__`` holds the original.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusClosed",
+    "ConfigError",
+    "DecodeError",
+    "InvalidChannel",
+    "ListenerError",
+    "PayloadTooLarge",
+    "PgbusError",
+    "PluginError",
+    "PublishError",
+    "ServerNotFound",
+]
+
+
+class PgbusError(Exception):
+    """The base of every error pgbus raises."""
+
+
+class ConfigError(PgbusError, ValueError):
+    """An argument or a configuration value that pgbus cannot work with."""
+
+
+class InvalidChannel(ConfigError):  # noqa: N818 - the name the public API promises
+    """A channel name that is empty, not a ``str``, contains NUL or is over 63 bytes.
+
+    PostgreSQL silently truncates longer identifiers in ``LISTEN``, so a listener would
+    wait on a different channel than the publisher notifies; pgbus refuses such names
+    before any SQL is sent.
+    """
+
+
+class PluginError(ConfigError):
+    """A plugin that cannot be registered: an unknown hook, or an async ``firstresult`` hook."""
+
+
+class PayloadTooLarge(PgbusError, ValueError):  # noqa: N818 - the name the public API promises
+    """An encoded payload that PostgreSQL's NOTIFY would refuse (8000 bytes or more).
+
+    :ivar size: the payload's size in bytes (UTF-8).
+    :ivar limit: the largest size NOTIFY accepts.
+    """
+
+    def __init__(self, channel: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"payload for channel {channel!r} is {size} bytes; NOTIFY accepts at most {limit}"
+        )
+        self.channel = channel
+        self.size = size
+        self.limit = limit
+
+
+class BusClosed(PgbusError, RuntimeError):  # noqa: N818 - reads as a state, like httpx's
+    """The bus was used after ``stop()``, or started twice."""
+
+
+class DecodeError(PgbusError):
+    """A notification that could not be decoded into the channel's event model.
+
+    :ivar channel: the channel it arrived on.
+    :ivar payload: the raw payload, kept so that nothing is lost.
+    """
+
+    def __init__(self, channel: str, payload: str, reason: str) -> None:
+        super().__init__(f"cannot decode notification on channel {channel!r}: {reason}")
+        self.channel = channel
+        self.payload = payload
+        self.reason = reason
+
+
+class PublishError(PgbusError):
+    """A publish that did not reach PostgreSQL; ``__cause__`` holds the driver's error."""
+
+
+class ListenerError(PgbusError):
+    """The LISTEN connection could not be (re-)established and the backoff gave up."""
+
+
+class ServerNotFound(PgbusError, RuntimeError):  # noqa: N818 - reads as a state
+    """No PostgreSQL server was configured, reachable or startable on this machine."""
