@@ -109,7 +109,7 @@ def pgbus_decoder(channel: str, event_types: Sequence[type[Event]]) -> Decoder:
     def decode(message: Message) -> Delivery:
         payload = message.payload
         try:
-            env = validate(payload)
+            env: Any = validate(payload)
         except pydantic.ValidationError as envelope_error:
             return _fallback(message, envelope_error)
         return Delivery(message, env.data, env.id, env.ts, env.headers)
