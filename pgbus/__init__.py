@@ -41,6 +41,7 @@ from pgbus.default_plugins.backoff import ExponentialBackoff
 from pgbus.default_plugins.metrics import MetricsSnapshot
 from pgbus.errors import (
     BusClosed,
+    ClusterError,
     ConfigError,
     DecodeError,
     InvalidChannel,
@@ -57,6 +58,7 @@ __all__ = [
     "Bus",
     "BusClosed",
     "BusState",
+    "ClusterError",
     "ConfigError",
     "DecodeError",
     "Delivery",

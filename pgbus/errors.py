@@ -11,7 +11,8 @@ The tree::
     ├── DecodeError                          a notification that no model accepts
     ├── PublishError                         a publish that did not reach PostgreSQL
     ├── ListenerError                        the LISTEN connection could not be kept
-    └── ServerNotFound (also RuntimeError)   no PostgreSQL server could be found or started
+    ├── ServerNotFound (also RuntimeError)   no PostgreSQL server could be found or started
+    └── ClusterError (also RuntimeError)     a throwaway cluster failed to initialise, start or stop
 
 Driver errors (:mod:`asyncpg`) are wrapped at one boundary and chained with ``from``, so
 ``exc.__cause__`` holds the original.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "BusClosed",
+    "ClusterError",
     "ConfigError",
     "DecodeError",
     "InvalidChannel",
@@ -100,3 +102,10 @@ class ListenerError(PgbusError):
 
 class ServerNotFound(PgbusError, RuntimeError):  # noqa: N818 - reads as a state
     """No PostgreSQL server was configured, reachable or startable on this machine."""
+
+
+class ClusterError(PgbusError, RuntimeError):
+    """A :class:`pgbus.server.TempCluster` could not be initialised, started or stopped.
+
+    The message includes the tail of the server's log when there is one.
+    """
