@@ -125,6 +125,8 @@ class PluginManager:
         """Every registered plugin: ``(name, plugin, origin, hook names)``, in call order."""
         rows = []
         for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:  # a blocked name
+                continue
             hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or ())
             rows.append((name, plugin, self._origins.get(name, "code"), hooks))
         return rows

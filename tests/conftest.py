@@ -6,18 +6,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 from _proxy import TcpProxy  # tests/ is on sys.path: pytest puts a rootless conftest's dir there
 
+import pgbus
 from pgbus.server import DEFAULT_DSN, ClusterError, TempCluster, find_bindirs, server_reachable
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 
 def _in_ci() -> bool:
@@ -79,3 +82,58 @@ async def tcp_proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
 
 
 # --- bus fixtures ---
+
+
+class Recorder:
+    """Collects what handlers receive; tests wait on it with a timeout, never sleep."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.items: list[object] = []
+
+    async def __call__(self, item: object) -> None:
+        self.items.append(item)
+        await self.queue.put(item)
+
+    async def next(self, timeout: float = 5.0) -> object:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def take(self, n: int, timeout: float = 10.0) -> list[object]:
+        return [await self.next(timeout) for _ in range(n)]
+
+    async def nothing_more(self, timeout: float = 0.2) -> bool:
+        """True when nothing arrives within ``timeout`` (use after a later marker)."""
+        try:
+            await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return True
+        return False
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def make_bus(pg_dsn: str) -> AsyncIterator[Callable[..., pgbus.Bus]]:
+    """Build buses on the test database (entry points off); all are stopped at teardown."""
+    buses: list[pgbus.Bus] = []
+
+    def make(dsn: str | None = None, **options: object) -> pgbus.Bus:
+        options.setdefault("load_entrypoints", False)
+        bus = pgbus.Bus(dsn or pg_dsn, **options)  # type: ignore[arg-type]
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        await bus.stop()
+
+
+@pytest.fixture
+async def pg_conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection for SQL the test runs itself."""
+    conn = await asyncpg.connect(pg_dsn)
+    yield conn
+    await conn.close()
