@@ -43,10 +43,11 @@ class _EnvelopeBase(pydantic.BaseModel):
 
 
 def _envelope_model(event_type: type[Event]) -> type[_EnvelopeBase]:
+    type_name: Any = Literal[event_type.pgbus_type]  # a literal built at run time
     model: type[_EnvelopeBase] = pydantic.create_model(
         f"{event_type.__name__}Envelope",
         __base__=_EnvelopeBase,
-        type=(Literal[event_type.pgbus_type], ...),
+        type=(type_name, ...),
         data=(event_type, ...),
     )
     return model
