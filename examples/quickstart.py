@@ -34,7 +34,8 @@ async def main(dsn: str) -> None:
         await bus.notify("audit", "raw text")
         for _ in range(4):
             print(await asyncio.wait_for(seen.get(), timeout=5))
-        print("metrics:", bus.metrics.snapshot())
+        snap = bus.metrics.snapshot()
+        print(f"published {snap.published}, received {snap.received}, handled {snap.handled}")
 
 
 if __name__ == "__main__":
