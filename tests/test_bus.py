@@ -12,24 +12,24 @@ import pytest
 import pgbus
 
 
-class OrderPlaced(pgbus.Event, channel="orders_t"):
-    order_id: int
-    total: Decimal
-
-
 def event_on(channel: str, name: str = "Ping") -> type[pgbus.Event]:
     """A fresh event type bound to ``channel`` (each test gets its own channel)."""
     return type(name, (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
 
 
-async def test_typed_event_round_trip(make_bus, recorder, channel):
-    """A published typed event reaches the typed handler validated and equal."""
-    Order = type(
+def order_on(channel: str) -> type[pgbus.Event]:
+    """A fresh OrderPlaced-like event type bound to ``channel``."""
+    return type(
         "Order",
         (pgbus.Event,),
         {"__annotations__": {"order_id": int, "total": Decimal}},
         channel=channel,
     )
+
+
+async def test_typed_event_round_trip(make_bus, recorder, channel):
+    """A published typed event reaches the typed handler validated and equal."""
+    Order = order_on(channel)
     bus = make_bus()
     bus.subscribe(Order)(recorder)
     async with bus:
@@ -198,12 +198,7 @@ async def test_several_event_types_share_a_channel(make_bus, channel):
 
 async def test_bare_json_decodes_against_the_channels_model(make_bus, recorder, channel, pg_conn):
     """A bare JSON object (psql NOTIFY, row_to_json) decodes against the only model."""
-    Order = type(
-        "Order",
-        (pgbus.Event,),
-        {"__annotations__": {"order_id": int, "total": Decimal}},
-        channel=channel,
-    )
+    Order = order_on(channel)
     bus = make_bus()
     bus.subscribe(Order)(recorder)
     async with bus:
