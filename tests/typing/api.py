@@ -1,0 +1,50 @@
+"""Intended usage of the public API, type-checked by ``mypy --strict`` in CI (never run)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import asyncpg
+
+import pgbus
+
+
+class OrderPlaced(pgbus.Event, channel="orders"):
+    order_id: int
+    total: Decimal
+
+
+bus = pgbus.Bus("postgresql://localhost/app", plugins=[], load_entrypoints=False)
+
+
+@bus.subscribe(OrderPlaced)
+async def on_order(event: OrderPlaced) -> None:
+    total: Decimal = event.total
+    del total
+
+
+@bus.subscribe("audit")
+async def on_audit(msg: pgbus.Message) -> None:
+    text: str = msg.payload
+    del text
+
+
+@bus.subscribe
+async def on_order_by_annotation(event: OrderPlaced) -> None: ...
+
+
+async def main(pool: asyncpg.Pool) -> None:
+    async with bus:
+        event_id: str = await bus.publish(OrderPlaced(order_id=1, total=Decimal("9.90")))
+        ids: list[str] = await bus.publish_many([OrderPlaced(order_id=2, total=Decimal(1))])
+        async with pool.acquire() as conn, conn.transaction():
+            await bus.publish(OrderPlaced(order_id=3, total=Decimal(1)), connection=conn)
+        await bus.notify("audit", "raw text")
+        sub: pgbus.Subscription = await bus.listen(OrderPlaced, on_order)
+        await bus.unlisten(sub)
+        await bus.unlisten("audit")
+        snapshot: pgbus.MetricsSnapshot = bus.metrics.snapshot()
+        del event_id, ids, snapshot
+    pgbus.configure("postgresql://localhost/app")
+    await pgbus.publish(OrderPlaced(order_id=4, total=Decimal(1)))
+    await pgbus.close()
