@@ -31,20 +31,32 @@ name, built-ins included.
 
 from __future__ import annotations
 
+from pgbus import durable  # noqa: F401 - `pgbus.durable.DurablePlugin` works after `import pgbus`
 from pgbus._api import close, configure, get_bus, notify, publish, publish_many
 from pgbus._bus import Bus, BusState
 from pgbus._events import Delivery, Event, Message
 from pgbus._markers import hookimpl
-from pgbus._subscription import Subscription
+from pgbus._metrics_publisher import MetricsPublisher
+from pgbus._status import BusStatus, Gap, ListenerState
+from pgbus._subscription import Overflow, Subscription
 from pgbus._version import __version__
+from pgbus.changes import ChangeTrigger, RowChanged
 from pgbus.default_plugins.backoff import ExponentialBackoff
-from pgbus.default_plugins.metrics import MetricsSnapshot
+from pgbus.default_plugins.dead_letters import DeadLetter
+from pgbus.default_plugins.metrics import (
+    ChannelStats,
+    HistogramSnapshot,
+    MetricsSnapshot,
+    SubscriptionStats,
+)
+from pgbus.default_plugins.retry import Retry
 from pgbus.errors import (
     BusClosed,
     ClusterError,
     ConfigError,
     DecodeError,
     InvalidChannel,
+    InvalidIdentifier,
     ListenerError,
     PayloadTooLarge,
     PgbusError,
@@ -58,23 +70,36 @@ __all__ = [
     "Bus",
     "BusClosed",
     "BusState",
+    "BusStatus",
+    "ChangeTrigger",
+    "ChannelStats",
     "ClusterError",
     "ConfigError",
+    "DeadLetter",
     "DecodeError",
     "Delivery",
     "Event",
     "ExponentialBackoff",
+    "Gap",
+    "HistogramSnapshot",
     "InvalidChannel",
+    "InvalidIdentifier",
     "ListenerError",
+    "ListenerState",
     "Message",
+    "MetricsPublisher",
     "MetricsSnapshot",
     "Outgoing",
+    "Overflow",
     "PayloadTooLarge",
     "PgbusError",
     "PluginError",
     "PublishError",
+    "Retry",
+    "RowChanged",
     "ServerNotFound",
     "Subscription",
+    "SubscriptionStats",
     "__version__",
     "close",
     "configure",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import time
@@ -13,13 +14,16 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
+from pgbus import changes as _changes
 from pgbus._channels import check_channel
 from pgbus._events import Delivery, Event, Message
 from pgbus._listener import Listener
 from pgbus._plugins import PluginManager
 from pgbus._publish import Connection, Publisher, check_size
-from pgbus._subscription import DEFAULT_MAX_PENDING, Subscription
+from pgbus._status import BusStatus, Gap, ListenerState
+from pgbus._subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
 from pgbus._util import await_all, redact_dsn
+from pgbus.default_plugins.dead_letters import DeadLetter
 from pgbus.errors import BusClosed, ConfigError
 from pgbus.types import Outgoing
 
@@ -27,12 +31,29 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
+    from pgbus._status import ResyncCallback
+    from pgbus._subscription import TimeoutAction
+    from pgbus.default_plugins.dead_letters import DeadLetters
     from pgbus.default_plugins.metrics import Metrics
-    from pgbus.types import Decoder, Encoder, Handler, Router
+    from pgbus.default_plugins.retry import Retry
+    from pgbus.errors import ListenerError
+    from pgbus.types import CallNext, Decoder, Encoder, Handler, Middleware, Router
 
 logger = logging.getLogger(__name__)
 
 H = TypeVar("H", bound="Handler")
+
+
+#: Notifications taken per dispatcher round (the list it works on stays small).
+DISPATCH_BATCH = 1_000
+#: Above this many undispatched notifications the listener stops reading its socket
+#: (PostgreSQL queues the rest), below the low mark it reads again: memory stays bounded
+#: when handlers fall behind.
+INBOUND_HIGH_WATER = 20_000
+INBOUND_LOW_WATER = 2_000
+#: How many recent event ids the receive path remembers to drop duplicates (an event
+#: published again by a publish retry whose first try had in fact committed).
+RECENT_IDS = 10_000
 
 
 class BusState(enum.Enum):
@@ -79,9 +100,18 @@ class Bus:
     :param health_check_timeout: seconds a health check may take before the connection
         is considered dead (half-open) and replaced.
     :param pool_max_size: the publish pool's size.
+    :param publish_retries: how many times a publish through the pool is retried on a
+        fresh connection after its connection broke (delays from the backoff hook).
+    :param publish_timeout: seconds a publish through the pool may take, retries
+        included; then it fails with :class:`PublishError`.
     :param max_pending: default bound of each subscription's queue.
+    :param retry: the :class:`~pgbus.Retry` policy of subscriptions that set none
+        (default: the retry plugin's, 3 attempts).
     :param connect_kwargs: extra keyword arguments for :func:`asyncpg.connect` (both the
         listener and the pool), e.g. ``ssl``.
+    :param durable: register the ``durable`` plugin (:class:`pgbus.durable.DurablePlugin`
+        with its defaults) unless one is registered: published events are journaled, and
+        ``subscribe(..., durable="name")`` works.
 
     .. versionadded:: 0.1.0
     """
@@ -99,8 +129,12 @@ class Bus:
         health_check_interval: float = 10.0,
         health_check_timeout: float = 3.0,
         pool_max_size: int = 10,
+        publish_retries: int = 3,
+        publish_timeout: float = 10.0,
         max_pending: int = DEFAULT_MAX_PENDING,
+        retry: Retry | None = None,
         connect_kwargs: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> None:
         dsn = dsn if dsn is not None else os.environ.get("PGBUS_DSN")
         if not dsn:
@@ -111,18 +145,27 @@ class Bus:
             ("stop_timeout", stop_timeout),
             ("health_check_interval", health_check_interval),
             ("health_check_timeout", health_check_timeout),
+            ("publish_timeout", publish_timeout),
         ):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, not {value!r}")
+        if publish_retries < 0:
+            raise ConfigError(f"publish_retries must be 0 or more, not {publish_retries!r}")
         self.dsn = dsn
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.max_pending = max_pending
+        self.retry = retry
         self.plugins = PluginManager(
             plugins, load_entrypoints=load_entrypoints, disable_plugins=disable_plugins
         )
         self._hook = self.plugins.hook
         kwargs = dict(connect_kwargs or {})
+        self._connect_kwargs, self._connect_timeout = kwargs, connect_timeout
+        if durable and self.plugins.get("durable") is None:
+            from pgbus.durable import DurablePlugin  # noqa: PLC0415 - an optional plugin
+
+            self.plugins.register(DurablePlugin(), name="durable")
         self._listener = Listener(
             dsn,
             self,
@@ -132,13 +175,25 @@ class Bus:
             connect_kwargs=kwargs,
         )
         self._publisher = Publisher(
-            dsn, connect_timeout=connect_timeout, pool_max_size=pool_max_size, connect_kwargs=kwargs
+            dsn,
+            connect_timeout=connect_timeout,
+            pool_max_size=pool_max_size,
+            connect_kwargs=kwargs,
+            backoff=self._backoff,
+            retries=publish_retries,
+            timeout=publish_timeout,
         )
+        self._resync: dict[str, tuple[ResyncCallback, asyncio.Event]] = {}
+        self._resync_tasks: dict[str, asyncio.Task[None]] = {}
         self._state = BusState.NEW
         self._subscriptions: dict[str, Subscription] = {}
         self._channels: dict[str, _Channel] = {}
         self._encoders: dict[type[Event], Encoder] = {}
         self._inbound: deque[Message] = deque()
+        self._recent_ids: set[str] = set()
+        self._recent_order: deque[str] = deque()
+        #: Envelopes received again with an id seen among the last RECENT_IDS, dropped.
+        self.duplicates = 0
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._draining = False
@@ -182,6 +237,41 @@ class Bus:
         return self._listener.reconnects
 
     @property
+    def status(self) -> BusStatus:
+        """The LISTEN connection's state, since when, reconnects and last error.
+
+        .. versionadded:: 0.1.0
+        """
+        listener = self._listener
+        state, since = listener.state, listener.state_since
+        if self._state is BusState.NEW:
+            state = ListenerState.STARTING
+        elif self._state is BusState.STOPPED and state is not ListenerState.FAILED:
+            state = ListenerState.STOPPED
+        return BusStatus(state, since, listener.reconnects, listener.last_error, self.channels)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the bus is running and listening: a readiness check for health endpoints.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._state is BusState.RUNNING and self._listener.state is ListenerState.CONNECTED
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        """The most recent dead letters, oldest first, kept by the ``dead_letters`` plugin.
+
+        :raises ConfigError: when that plugin was disabled.
+
+        .. versionadded:: 0.1.0
+        """
+        plugin = self.plugins.get("dead_letters")
+        if plugin is None:
+            raise ConfigError("the dead_letters plugin is disabled on this bus")
+        return typing.cast("DeadLetters", plugin).list()
+
+    @property
     def metrics(self) -> Metrics:
         """The built-in metrics plugin.
 
@@ -207,6 +297,14 @@ class Bus:
         name: str | None = None,
         concurrency: int = 1,
         max_pending: int | None = None,
+        on_resync: ResyncCallback | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        on_timeout: TimeoutAction = "cancel",
+        warn_after: float | None = None,
+        where: Callable[[Any], bool] | None = None,
+        overflow: Overflow | str = Overflow.WAIT,
+        durable: str | None = None,
     ) -> Callable[[H], H]: ...
     def subscribe(
         self,
@@ -214,6 +312,14 @@ class Bus:
         name: str | None = None,
         concurrency: int = 1,
         max_pending: int | None = None,
+        on_resync: ResyncCallback | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        on_timeout: TimeoutAction = "cancel",
+        warn_after: float | None = None,
+        where: Callable[[Any], bool] | None = None,
+        overflow: Overflow | str = Overflow.WAIT,
+        durable: str | None = None,
     ) -> Any:
         """Decorate a handler to subscribe it, before the bus starts.
 
@@ -227,17 +333,45 @@ class Bus:
         :param name: the subscription's name (default: the handler's qualified name).
         :param concurrency: how many events it handles at once (1 keeps publish order).
         :param max_pending: bound of its queue (default: the bus's ``max_pending``).
+        :param retry: its :class:`~pgbus.Retry` policy (default: the bus's ``retry``).
+        :param timeout: seconds one handler attempt may run (default: no limit).
+        :param on_timeout: ``"cancel"`` the attempt at its timeout (it fails with
+            :class:`TimeoutError`), or only ``"report"`` it.
+        :param warn_after: seconds after which a running attempt is reported as slow
+            (default: the timeouts plugin's, 10 s).
+        :param where: a predicate on the event (the message, for a channel
+            subscription); only what it accepts is routed to this handler.
+        :param overflow: what to do when its queue is full (:class:`~pgbus.Overflow`).
+        :param on_resync: called with a :class:`~pgbus.Gap` after each reconnect, once
+            LISTEN is re-issued, to catch up on what the gap lost (rebuild a cache).
+            Deliveries to this subscription wait until it returns, so none is applied
+            to the state it is rebuilding, and none that arrives meanwhile is lost.
+        :param durable: make it a durable subscription of this name (needs the
+            ``durable`` plugin: ``Bus(dsn, durable=True)``): it is fed from the journal,
+            keeps its position in the database, replays what it missed, and shares the
+            work with the other subscriptions of that name (a consumer group).
         :raises BusClosed: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.
         :raises ConfigError: for anything else it cannot subscribe to.
         """
+        options: dict[str, Any] = {
+            "retry": retry,
+            "timeout": timeout,
+            "on_timeout": on_timeout,
+            "warn_after": warn_after,
+            "where": where,
+            "overflow": overflow,
+            "durable": durable,
+        }
         if len(targets) == 1 and callable(targets[0]) and not _is_target(targets[0]):
             handler = targets[0]
-            self._add(self._make(handler, (), name, concurrency, max_pending))
+            self._add(self._make(handler, (), name, concurrency, max_pending, **options))
+            self._set_resync(handler, on_resync)
             return handler
 
         def decorate(handler: H) -> H:
-            self._add(self._make(handler, targets, name, concurrency, max_pending))
+            self._add(self._make(handler, targets, name, concurrency, max_pending, **options))
+            self._set_resync(handler, on_resync)
             return handler
 
         return decorate
@@ -250,6 +384,14 @@ class Bus:
         name: str | None = None,
         concurrency: int = 1,
         max_pending: int | None = None,
+        on_resync: ResyncCallback | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the handler's, not listen()'s
+        on_timeout: TimeoutAction = "cancel",
+        warn_after: float | None = None,
+        where: Callable[[Any], bool] | None = None,
+        overflow: Overflow | str = Overflow.WAIT,
+        durable: str | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to ``target``; while running, LISTEN before returning.
 
@@ -259,8 +401,22 @@ class Bus:
         """
         self._check_open()
         targets = tuple(target) if isinstance(target, list | tuple) else (target,)
-        sub = self._make(handler, targets, name, concurrency, max_pending)
+        sub = self._make(
+            handler,
+            targets,
+            name,
+            concurrency,
+            max_pending,
+            retry=retry,
+            timeout=timeout,
+            on_timeout=on_timeout,
+            warn_after=warn_after,
+            where=where,
+            overflow=overflow,
+            durable=durable,
+        )
         self._add(sub, running_ok=True)
+        self._set_resync(sub, on_resync)
         if self._state is BusState.RUNNING:
             self._start_subscription(sub)
             for channel in sub.channels:
@@ -272,18 +428,22 @@ class Bus:
 
         Channels left without subscriptions are UNLISTENed at once while running.
         Deliveries already queued for a removed subscription are still handled.
+
+        :raises InvalidChannel: when ``target`` is neither a valid channel name, an event
+            type nor a subscription.
         """
         self._check_open()
         if isinstance(target, Subscription):
             removed = [target] if self._subscriptions.get(target.name) is target else []
-        elif isinstance(target, str):
+        elif isinstance(target, type) and issubclass(target, Event):
+            removed = [s for s in self._subscriptions.values() if target in s.event_types]
+        else:
             channel = check_channel(target)
             removed = [s for s in self._subscriptions.values() if channel in s.channels]
-        else:
-            removed = [s for s in self._subscriptions.values() if target in s.event_types]
         channels_before = set(self._channels)
         for sub in removed:
             del self._subscriptions[sub.name]
+            self._resync.pop(sub.name, None)
         self._rebuild_channels()
         for channel in channels_before - set(self._channels):
             await self._listener.unlisten(channel)
@@ -298,9 +458,11 @@ class Bus:
         name: str | None,
         concurrency: int,
         max_pending: int | None,
+        **options: Any,
     ) -> Subscription:
         if not callable(handler):
             raise ConfigError(f"handler must be callable, not {type(handler).__name__}")
+        self._check_durable(options.get("durable"))
         if not targets:
             targets = (_annotated_event(handler),)
         channels: list[str] = []
@@ -334,7 +496,20 @@ class Bus:
             handler=handler,
             concurrency=concurrency,
             max_pending=max_pending if max_pending is not None else self.max_pending,
+            **options,
         )
+
+    def _check_durable(self, durable: object) -> None:
+        if durable is None:
+            return
+        if not isinstance(durable, str) or not durable:
+            raise ConfigError(f"durable= takes a non-empty name, not {durable!r}")
+        if self.plugins.get("durable") is None:
+            raise ConfigError(
+                "durable subscriptions need the durable plugin: Bus(dsn, durable=True)"
+            )
+        if self._state is not BusState.NEW:
+            raise BusClosed("durable subscriptions are made before the bus starts")
 
     def _add(self, sub: Subscription, *, running_ok: bool = False) -> None:
         self._check_open()
@@ -354,7 +529,9 @@ class Bus:
         by_channel: dict[str, list[Subscription]] = {}
         for sub in self._subscriptions.values():
             for channel in sub.channels:
-                by_channel.setdefault(channel, []).append(sub)
+                routed = by_channel.setdefault(channel, [])  # LISTEN even if all are durable
+                if sub.durable is None:  # durable ones are fed from the journal instead
+                    routed.append(sub)
         channels: dict[str, _Channel] = {}
         for channel, subs in by_channel.items():
             types = list(
@@ -405,6 +582,7 @@ class Bus:
             self._start_subscription(sub)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="pgbus-dispatcher")
         try:
+            await await_all(self._hook.pgbus_on_start(bus=self))
             await self._listener.start(self.start_timeout)
         except BaseException:
             await self._shutdown(0)
@@ -412,11 +590,26 @@ class Bus:
         self._state = BusState.RUNNING
         logger.info("bus listening on %d channels at %s", len(self._channels), redact_dsn(self.dsn))
 
+    def _set_resync(self, sub: Subscription | Handler, on_resync: ResyncCallback | None) -> None:
+        if on_resync is None:
+            return
+        if not isinstance(sub, Subscription):  # the handler just subscribed: its newest
+            sub = next(s for s in reversed(self._subscriptions.values()) if s.handler is sub)
+        self._resync[sub.name] = (on_resync, asyncio.Event())
+        self._resync[sub.name][1].set()
+
     def _start_subscription(self, sub: Subscription) -> None:
         middleware = [
             mw for mw in self._hook.pgbus_handler_middleware(subscription=sub) if mw is not None
         ]
-        sub.start(middleware, self._handled if self._on_handled_wanted else None, self._failed)
+        if sub.name in self._resync:  # outermost: hold deliveries while on_resync runs
+            middleware.insert(0, _resync_gate(self._resync[sub.name][1]))
+        sub.start(
+            middleware,
+            self._handled if self._on_handled_wanted else None,
+            self._failed,
+            self._dropped,
+        )
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a drain deadline
         """Stop listening, let queued and running handlers finish, close every connection.
@@ -430,6 +623,8 @@ class Bus:
             return
         if self._state is BusState.NEW:
             self._state = BusState.STOPPED
+            await self._safe_hook("pgbus_on_stop", bus=self)
+            await self._safe_hook("pgbus_on_stopped", bus=self)
             await self._publisher.close()
             return
         await self._shutdown(self.stop_timeout if timeout is None else timeout)
@@ -437,6 +632,10 @@ class Bus:
     async def _shutdown(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline
         self._state = BusState.STOPPING
         await self._listener.stop()
+        for task in self._resync_tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._resync_tasks.values(), return_exceptions=True)
+        await self._safe_hook("pgbus_on_stop", bus=self)
         deadline = time.monotonic() + timeout
         if self._dispatcher is not None:
             self._draining = True
@@ -448,6 +647,7 @@ class Bus:
                 await self._dispatcher
         for sub in self._subscriptions.values():
             await sub.stop(max(0.0, deadline - time.monotonic()))
+        await self._safe_hook("pgbus_on_stopped", bus=self)
         await self._publisher.close()
         self._state = BusState.STOPPED
         if self._closed is not None:
@@ -493,6 +693,23 @@ class Bus:
     ) -> None:
         await self.stop()
 
+    async def migrate(self) -> None:
+        """Create or upgrade the database objects of this bus's plugins (durable mode's schema).
+
+        Idempotent, and safe when several processes run it at once. Nothing else
+        creates them: ``pgbus migrate`` runs the same from the command line.
+
+        :raises ConfigError: when no plugin of this bus owns database objects.
+
+        .. versionadded:: 0.1.0
+        """
+        if not self.plugins.has_impls("pgbus_migrate"):
+            raise ConfigError(
+                "no plugin of this bus has a schema to migrate"
+                " (durable mode: Bus(dsn, durable=True))"
+            )
+        await await_all(self._hook.pgbus_migrate(bus=self))
+
     # -- publishing ----------------------------------------------------------------------
 
     def _outgoing(self, event: Event, headers: Mapping[str, str] | None) -> Outgoing:
@@ -513,8 +730,17 @@ class Bus:
             self._encoders[cls] = encode
         out = Outgoing(channel, event, uuid.uuid4().hex, time.time(), headers or {})
         out.payload = encode(out)
-        check_size(channel, out.payload)
         return out
+
+    async def _send(self, outs: Sequence[Outgoing], connection: Connection | None) -> None:
+        """Send encoded events: through a plugin that takes over (durable), else NOTIFY."""
+        taken = self._hook.pgbus_publish(bus=self, outgoing=outs, connection=connection)
+        if taken is not None:
+            await taken
+            return
+        for out in outs:
+            check_size(out.channel, out.payload)
+        await self._publisher.send([o.channel for o in outs], [o.payload for o in outs], connection)
 
     async def publish(
         self,
@@ -530,13 +756,14 @@ class Bus:
             NOTIFY on; the event is then delivered only if that transaction commits.
         :param headers: string headers carried in the envelope.
         :returns: the event's id.
-        :raises PayloadTooLarge: when the encoded event is 8000 bytes or more (nothing is sent).
+        :raises PayloadTooLarge: when the encoded event is 8000 bytes or more (nothing is
+            sent); in durable mode large events are journaled and sent by reference.
         :raises PublishError: when PostgreSQL could not be reached.
         :raises BusClosed: after :meth:`stop`.
         """
         self._check_open()
         out = self._outgoing(event, headers)
-        await self._publisher.send((out.channel,), (out.payload,), connection)
+        await self._send((out,), connection)
         self._hook.pgbus_on_published(outgoing=(out,))
         return out.id
 
@@ -558,7 +785,7 @@ class Bus:
         outs = [self._outgoing(event, headers) for event in events]
         if not outs:
             return []
-        await self._publisher.send([o.channel for o in outs], [o.payload for o in outs], connection)
+        await self._send(outs, connection)
         self._hook.pgbus_on_published(outgoing=outs)
         return [o.id for o in outs]
 
@@ -580,11 +807,103 @@ class Bus:
             outgoing=(Outgoing(channel, None, "", time.time(), {}, payload),)
         )
 
+    # -- table change triggers (pgbus.changes) ------------------------------------------
+
+    async def install_change_trigger(
+        self,
+        table: str,
+        *,
+        schema: str | None = None,
+        channel: str | None = None,
+        model: type[_changes.RowChanged[Any]] | None = None,
+        event_type: str | None = None,
+        columns: Iterable[str] | None = None,
+        operations: Iterable[str] = _changes.ALL_OPERATIONS,
+        key: Iterable[str] | None = None,
+        name: str = _changes.DEFAULT_TRIGGER_NAME,
+        durable: bool = False,
+        connection: Connection | None = None,
+    ) -> _changes.ChangeTrigger:
+        """Install a trigger that publishes every committed row change of ``table``.
+
+        See :func:`pgbus.changes.install_change_trigger` for the arguments; the DDL runs
+        on ``connection`` (in its transaction) or on the bus's publish pool.
+        ``durable=True`` writes every change into the journal of this bus's durable
+        plugin too (its ``journal=``), for durable subscriptions.
+
+        :raises ConfigError: with ``durable=True`` on a bus without the durable plugin.
+
+        .. versionadded:: 0.1.0
+        """
+        self._check_open()
+        journal = None
+        if durable:
+            journal = getattr(self.plugins.get("durable"), "schema", None)
+            if not isinstance(journal, str):
+                raise ConfigError(
+                    "durable change triggers need the durable plugin: Bus(dsn, durable=True)"
+                )
+        return await _changes.install_change_trigger(
+            self if connection is None else connection,
+            table,
+            schema=schema,
+            channel=channel,
+            model=model,
+            event_type=event_type,
+            columns=columns,
+            operations=operations,
+            key=key,
+            name=name,
+            journal=journal,
+        )
+
+    async def remove_change_trigger(
+        self,
+        table: str,
+        *,
+        schema: str | None = None,
+        name: str = _changes.DEFAULT_TRIGGER_NAME,
+        connection: Connection | None = None,
+    ) -> bool:
+        """Remove a change trigger (see :func:`pgbus.changes.remove_change_trigger`).
+
+        :returns: whether there was one.
+
+        .. versionadded:: 0.1.0
+        """
+        self._check_open()
+        return await _changes.remove_change_trigger(
+            self if connection is None else connection, table, schema=schema, name=name
+        )
+
+    async def list_change_triggers(
+        self,
+        *,
+        table: str | None = None,
+        schema: str | None = None,
+        connection: Connection | None = None,
+    ) -> list[_changes.ChangeTrigger]:
+        """List change triggers (see :func:`pgbus.changes.list_change_triggers`).
+
+        .. versionadded:: 0.1.0
+        """
+        self._check_open()
+        return await _changes.list_change_triggers(
+            self if connection is None else connection, table=table, schema=schema
+        )
+
+    async def _change_pool(self) -> Any:
+        """The publish pool (opened on first use), on which :mod:`pgbus.changes` runs SQL."""
+        return await self._publisher._get_pool()  # noqa: SLF001 - the bus's own publisher
+
     # -- the receive path ----------------------------------------------------------------
 
     def _enqueue(self, message: Message) -> None:
-        self._inbound.append(message)
+        inbound = self._inbound
+        inbound.append(message)
         self._wakeup.set()
+        if len(inbound) >= INBOUND_HIGH_WATER and not self._listener.paused:
+            self._listener.pause_reading()
 
     async def _dispatch(self) -> None:
         inbound = self._inbound
@@ -597,11 +916,12 @@ class Bus:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            batch = list(inbound)
-            inbound.clear()
+            batch = [inbound.popleft() for _ in range(min(len(inbound), DISPATCH_BATCH))]
             on_received(messages=batch)
             for message in batch:
                 await self._deliver(message)
+            if self._listener.paused and len(inbound) <= INBOUND_LOW_WATER:
+                self._listener.resume_reading()
 
     async def _deliver(self, message: Message) -> None:
         channel = self._channels.get(message.channel)
@@ -612,10 +932,27 @@ class Bus:
         except Exception as exc:
             logger.warning("%s", exc, extra={"channel": message.channel})
             await self._safe_hook("pgbus_on_decode_error", message=message, error=exc)
+            await self._dead_letter(DeadLetter.from_decode_error(message, exc))
             delivery = Delivery(message)
+        event_id = delivery.id
+        if event_id is not None:
+            if event_id in self._recent_ids:
+                # a publish retried after its first try had committed: seen already
+                self.duplicates += 1
+                logger.debug("dropped duplicate event %s on %s", event_id, message.channel)
+                return
+            self._recent_ids.add(event_id)
+            recent = self._recent_order
+            recent.append(event_id)
+            if len(recent) > RECENT_IDS:
+                self._recent_ids.discard(recent.popleft())
+        shared = False
         for sub in channel.route(delivery):
-            if not sub.offer(delivery):
-                await sub.put(delivery)
+            # each subscription gets its own Delivery: retries count attempts on it
+            own = _copy(delivery) if shared else delivery
+            shared = True
+            if not sub.offer(own):
+                await sub.put(own)
 
     def _handled(self, sub: Subscription, delivery: Delivery, duration: float) -> None:
         self._hook.pgbus_on_handled(subscription=sub, delivery=delivery, duration=duration)
@@ -632,6 +969,13 @@ class Bus:
         await self._safe_hook(
             "pgbus_on_handler_error", subscription=sub, delivery=delivery, error=error
         )
+        await self._dead_letter(DeadLetter.from_failure(sub, delivery, error))
+
+    async def _dead_letter(self, dead_letter: DeadLetter) -> None:
+        await self._safe_hook("pgbus_on_dead_letter", dead_letter=dead_letter)
+
+    def _dropped(self, sub: Subscription, delivery: Delivery, policy: Overflow) -> None:
+        self._hook.pgbus_on_dropped(subscription=sub, delivery=delivery, policy=policy)
 
     async def _safe_hook(self, name: str, **kwargs: Any) -> None:
         """Call an observer hook; a failing plugin is logged, never stops the bus."""
@@ -647,6 +991,7 @@ class Bus:
     ) -> None:
         await self._safe_hook("pgbus_on_connect", bus=self, channels=channels)
         if disconnected_at is not None:
+            self._start_resyncs(disconnected_at, reconnected_at)
             await self._safe_hook(
                 "pgbus_on_resync",
                 bus=self,
@@ -658,9 +1003,63 @@ class Bus:
     async def _on_disconnected(self, error: BaseException | None) -> None:
         await self._safe_hook("pgbus_on_disconnect", bus=self, error=error)
 
+    async def _on_terminal_error(self, error: ListenerError) -> None:
+        await self._safe_hook("pgbus_on_terminal_error", bus=self, error=error)
+
+    def _start_resyncs(self, disconnected_at: float, reconnected_at: float) -> None:
+        """Run every subscription's ``on_resync`` in a task, its deliveries held meanwhile."""
+        for name, (callback, gate) in self._resync.items():
+            sub = self._subscriptions.get(name)
+            if sub is None:
+                continue
+            gate.clear()
+            gap = Gap(sub.channels, disconnected_at, reconnected_at)
+            previous = self._resync_tasks.get(name)
+            if previous is not None:
+                previous.cancel()
+            self._resync_tasks[name] = asyncio.create_task(
+                self._resync_one(sub, callback, gate, gap), name=f"pgbus-resync-{name}"
+            )
+
+    async def _resync_one(
+        self, sub: Subscription, callback: ResyncCallback, gate: asyncio.Event, gap: Gap
+    ) -> None:
+        try:
+            result = callback(gap)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("on_resync of %s failed", sub.name)
+        finally:
+            if self._resync_tasks.get(sub.name) is asyncio.current_task():
+                del self._resync_tasks[sub.name]
+                gate.set()
+
     def _backoff(self, attempt: int, error: BaseException | None) -> float | None:
         delay: float | None = self._hook.pgbus_reconnect_backoff(attempt=attempt, error=error)
         return delay
+
+
+def _resync_gate(gate: asyncio.Event) -> Middleware:
+    """A middleware that holds deliveries while ``gate`` is closed (a resync runs)."""
+
+    async def wait_for_resync(delivery: Delivery, call_next: CallNext) -> None:
+        if not gate.is_set():
+            await gate.wait()
+        await call_next(delivery)
+
+    return wait_for_resync
+
+
+def _copy(delivery: Delivery) -> Delivery:
+    return Delivery(
+        delivery.message,
+        delivery.event,
+        delivery.id,
+        delivery.published_at,
+        delivery.headers,
+        delivery.attempt,
+    )
 
 
 def _is_target(obj: object) -> bool:

@@ -4,6 +4,21 @@ The asyncpg notification callback only appends the notification to the bus's inb
 queue. A supervisor task owns the connection: it connects, LISTENs, watches for loss
 (asyncpg's termination callback, plus a periodic health check that also catches
 half-open sockets) and reconnects after the delay the backoff hook returns.
+
+How a dead connection is found:
+
+* a closed socket (server restart, ``pg_terminate_backend``, RST or FIN from the
+  network): at once, through asyncpg's termination callback;
+* a half-open socket (the server or the network vanished without a FIN): by the health
+  check, a query with a timeout every ``health_check_interval`` seconds, so within
+  interval + timeout; TCP keepalive and ``TCP_USER_TIMEOUT`` on the socket also end it
+  at the kernel level when the peer stops acknowledging;
+* a connection that no longer LISTENs (a proxy in between that dropped it): the health
+  check compares ``pg_listening_channels()`` with the bus's channels.
+
+At start, a NOTIFY sent on the new connection must come back to it; when it does not
+(a transaction-pooling proxy such as PgBouncer makes LISTEN silently do nothing),
+``start()`` fails and says so.
 """
 
 from __future__ import annotations
@@ -11,12 +26,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import socket
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
+from asyncpg.exceptions._base import TargetServerAttributeNotMatched
 
 from pgbus._events import Message
+from pgbus._status import ListenerState
 from pgbus._util import redact_dsn
 from pgbus.errors import ListenerError
 
@@ -30,19 +50,31 @@ RETRYABLE = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection whose protocol state was broken by a FATAL
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    TargetServerAttributeNotMatched,  # no writable host right now (a failover under way)
 )
 
 #: Errors that a retry will not fix without a change of configuration.
 FATAL_AT_START = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
-    asyncpg.ClientConfigurationError,
+    ValueError,  # a DSN asyncpg cannot parse (also its ClientConfigurationError)
+    asyncpg.ReadOnlySQLTransactionError,  # "cannot execute LISTEN during recovery"
 )
+
+#: What a connection attempt (connect, LISTEN, the probe) may fail with.
+CONNECT_ERRORS = (*RETRYABLE, *FATAL_AT_START, asyncpg.PostgresError, ListenerError)
+
+#: The health check: one round trip that also tells which channels are really LISTENed.
+HEALTH_QUERY = "SELECT coalesce(array_agg(c), '{}'::text[]) FROM pg_listening_channels() AS c"
+
+#: TCP keepalive probes before the kernel declares the peer dead.
+KEEPALIVE_COUNT = 3
 
 
 class ListenerHost(Protocol):
@@ -53,7 +85,57 @@ class ListenerHost(Protocol):
         self, channels: Sequence[str], disconnected_at: float | None, reconnected_at: float
     ) -> None: ...
     async def _on_disconnected(self, error: BaseException | None) -> None: ...
+    async def _on_terminal_error(self, error: ListenerError) -> None: ...
     def _backoff(self, attempt: int, error: BaseException | None) -> float | None: ...
+
+
+def explain(error: BaseException) -> str:
+    """A hint for the log and for errors: what ``error`` probably means for a listener."""
+    if isinstance(error, asyncpg.ReadOnlySQLTransactionError):
+        return (
+            f"{error} (the server is a hot standby or read-only: LISTEN needs the primary;"
+            " point the DSN at it, or list every host and add"
+            " target_session_attrs=read-write)"
+        )
+    if isinstance(error, TargetServerAttributeNotMatched):
+        return f"{error} (no host is writable yet: a failover may be under way)"
+    return str(error) or type(error).__name__
+
+
+def set_keepalive(conn: asyncpg.Connection, interval: float, timeout: float) -> bool:
+    """Turn on TCP keepalive and ``TCP_USER_TIMEOUT`` on ``conn``'s socket.
+
+    asyncpg has no option for this (libpq's ``keepalives_*`` DSN parameters would be sent
+    to the server as settings), so it is set on the socket of the connection's transport.
+
+    :returns: whether it was set (``False`` for Unix sockets).
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    idle = max(1, math.ceil(interval))
+    probe = max(1, math.ceil(timeout / KEEPALIVE_COUNT))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), probe),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
+        # Unacknowledged data (a query in flight to a vanished peer) fails after this.
+        (
+            socket.IPPROTO_TCP,
+            getattr(socket, "TCP_USER_TIMEOUT", None),
+            math.ceil((interval + timeout) * 1000),
+        ),
+    ]
+    try:
+        for level, option, value in options:
+            if option is not None:
+                sock.setsockopt(level, option, value)
+    except OSError as exc:  # pragma: no cover - a platform without one of them
+        logger.debug("cannot set TCP keepalive on the listener socket: %s", exc)
+        return False
+    return True
 
 
 class Listener:
@@ -83,8 +165,16 @@ class Listener:
         self._ready: asyncio.Future[None] | None = None
         self.terminal_error: ListenerError | None = None
         self.reconnects = 0
+        #: Notifications received over the bus's life (the health check watches it move).
+        self.notifications = 0
+        #: Whether reading from the LISTEN socket is paused (back-pressure).
+        self.paused = False
         self.connected_since: float | None = None
         self.last_error: BaseException | None = None
+        self.state = ListenerState.STARTING
+        self.state_since = time.time()
+        #: ``(disconnected_at, reconnected_at)`` of the last reconnect.
+        self.last_gap: tuple[float, float] | None = None
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -105,7 +195,40 @@ class Listener:
         """The PostgreSQL backend pid of the LISTEN connection, while connected."""
         return self._conn.get_server_pid() if self.connected and self._conn else None
 
+    def _set_state(self, state: ListenerState) -> None:
+        if state is not self.state:
+            self.state = state
+            self.state_since = time.time()
+
+    def pause_reading(self) -> None:
+        """Stop reading notifications from the socket until :meth:`resume_reading`.
+
+        PostgreSQL keeps what is not read in its notification queue, so memory in this
+        process stays bounded while handlers catch up. asyncpg has no public API for
+        this; the connection's transport is paused directly.
+        """
+        transport = getattr(self._conn, "_transport", None)
+        if transport is not None and not self.paused:
+            transport.pause_reading()
+            self.paused = True
+            logger.info("listener paused reading: handlers are behind")
+
+    def resume_reading(self) -> None:
+        """Read notifications from the socket again."""
+        transport = getattr(self._conn, "_transport", None)
+        if self.paused:
+            self.paused = False
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+                logger.info("listener resumed reading")
+
+    async def _listening_channels(self, conn: asyncpg.Connection) -> tuple[list[str], list[str]]:
+        async with self._lock:
+            listening = await conn.fetchval(HEALTH_QUERY)
+            return list(listening or ()), list(self._channels)
+
     def _callback(self, _conn: object, pid: int, channel: str, payload: object) -> None:
+        self.notifications += 1
         self._host._enqueue(Message(channel, str(payload), pid, time.time()))  # noqa: SLF001 - the host protocol
 
     async def start(self, timeout: float) -> None:  # noqa: ASYNC109 - a start deadline the caller sets
@@ -113,7 +236,7 @@ class Listener:
 
         :raises ListenerError: when no connection could be made within ``timeout``
             seconds, or the error cannot be fixed by retrying (bad password, no such
-            database).
+            database, a hot standby, a proxy on which LISTEN does nothing).
         """
         loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
@@ -126,7 +249,7 @@ class Listener:
             cause = self.last_error
             raise ListenerError(
                 f"could not connect to {redact_dsn(self._dsn)} within {timeout:g} s"
-                + (f": {cause}" if cause else "")
+                + (f": {explain(cause)}" if cause else "")
             ) from cause
         except BaseException:
             await self.stop()
@@ -144,6 +267,7 @@ class Listener:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.resume_reading()  # the answers to UNLISTEN and close must get through
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None and not conn.is_closed():
@@ -152,6 +276,8 @@ class Listener:
                     await conn.close(timeout=self._health_timeout)
                 except (*RETRYABLE, asyncpg.PostgresError):
                     conn.terminate()
+        if self.state is not ListenerState.FAILED:
+            self._set_state(ListenerState.STOPPED)
 
     async def listen(self, channel: str) -> None:
         """Add ``channel``; LISTEN at once when connected."""
@@ -162,7 +288,12 @@ class Listener:
             conn = self._conn
             if conn is not None and not conn.is_closed():
                 try:
-                    await conn.add_listener(channel, self._callback)
+                    await asyncio.wait_for(
+                        conn.add_listener(channel, self._callback), self._health_timeout
+                    )
+                except TimeoutError:  # wedged: the watcher sees the end and reconnects
+                    logger.warning("LISTEN %s got no answer; replacing the connection", channel)
+                    conn.terminate()
                 except RETRYABLE as exc:  # the reconnect will LISTEN it
                     logger.info("LISTEN %s deferred to the reconnect: %s", channel, exc)
 
@@ -174,7 +305,12 @@ class Listener:
             conn = self._conn
             if conn is not None and not conn.is_closed():
                 try:
-                    await conn.remove_listener(channel, self._callback)
+                    await asyncio.wait_for(
+                        conn.remove_listener(channel, self._callback), self._health_timeout
+                    )
+                except TimeoutError:
+                    logger.warning("UNLISTEN %s got no answer; replacing the connection", channel)
+                    conn.terminate()
                 except RETRYABLE as exc:  # the connection is gone, and the channel with it
                     logger.info("UNLISTEN %s on a lost connection: %s", channel, exc)
 
@@ -185,16 +321,67 @@ class Listener:
             self._dsn, timeout=self._connect_timeout, **self._connect_kwargs
         )
         try:
+            set_keepalive(conn, self._health_interval, self._health_timeout)
             async with self._lock:
                 for channel in self._channels:
-                    await conn.add_listener(channel, self._callback)
+                    await asyncio.wait_for(
+                        conn.add_listener(channel, self._callback), self._connect_timeout
+                    )
+                if self._ready is not None and not self._ready.done():
+                    await self._probe(conn)
                 self._conn = conn
+                self.paused = False
         except BaseException:
             conn.terminate()
             raise
         return conn
 
+    async def _probe(self, conn: asyncpg.Connection) -> None:
+        """Check that a NOTIFY sent on ``conn`` comes back to it.
+
+        :raises ListenerError: when it does not (LISTEN does nothing on this connection).
+        """
+        came_back = asyncio.get_running_loop().create_future()
+
+        def on_probe(*_args: object) -> None:
+            if not came_back.done():
+                came_back.set_result(None)
+
+        probe = f"pgbus_probe_{uuid.uuid4().hex[:16]}"
+        timeout = self._health_timeout
+        await asyncio.wait_for(conn.add_listener(probe, on_probe), timeout)
+        try:
+            await conn.execute("SELECT pg_notify($1, '')", probe, timeout=timeout)
+            try:
+                await asyncio.wait_for(came_back, timeout)
+            except TimeoutError:
+                raise ListenerError(
+                    f"LISTEN does nothing on {redact_dsn(self._dsn)}: a NOTIFY sent on the"
+                    f" listener's own connection did not come back within {timeout:g} s."
+                    " Is a transaction-pooling proxy (PgBouncer with pool_mode=transaction"
+                    " or statement) between pgbus and PostgreSQL? The listener needs a"
+                    " session: connect it to PostgreSQL directly, or through session pooling."
+                ) from None
+        finally:
+            if not conn.is_closed():
+                await asyncio.wait_for(conn.remove_listener(probe, on_probe), timeout)
+
     async def _supervise(self) -> None:
+        try:
+            await self._reconnect_loop()
+        except Exception as exc:  # a bug: report it rather than die silently
+            logger.exception("the listener's supervisor failed")
+            await self._give_up(0, exc, prefix="the listener failed")
+        finally:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(ListenerError("the listener stopped before it started"))
+                self._ready.exception()  # mark it retrieved: start() may be gone
+
+    async def _reconnect_loop(self) -> None:
+        # ``attempt`` counts failures in a row. A connection lost before it lived through
+        # one health-check interval counts as a failure too, so that a server that
+        # accepts and then drops the listener at once gets ever longer delays (and a
+        # bounded log rate), never a tight loop.
         attempt = 0
         error: BaseException | None = None
         disconnected_at: float | None = None
@@ -202,20 +389,21 @@ class Listener:
             if attempt:
                 delay = self._host._backoff(attempt, error)  # noqa: SLF001 - the host protocol
                 if delay is None:
-                    self._give_up(attempt, error)
+                    await self._give_up(attempt, error)
                     return
                 if await self._sleep(delay):
                     return
             try:
                 conn = await self._connect()
-            except (*FATAL_AT_START, *RETRYABLE) as exc:
+            except CONNECT_ERRORS as exc:
                 if self._fail_start(exc):
                     return
                 attempt, error = attempt + 1, exc
                 self.last_error = exc
                 self._log_attempt(attempt, exc)
                 continue
-            attempt = 0
+            failures_before, attempt = attempt, 0
+            up_since = time.monotonic()
             await self._connected(disconnected_at)
             error = await self._watch(conn)
             if error is None:  # stopping
@@ -223,18 +411,23 @@ class Listener:
             self.last_error = error
             disconnected_at = time.time()
             self.connected_since = None
+            self._set_state(ListenerState.RECONNECTING)
             async with self._lock:
                 if self._conn is conn:
                     self._conn = None
-            logger.warning("listener connection lost: %s", error or "closed")
+            stable = time.monotonic() - up_since >= self._health_interval
+            attempt = 1 if stable else failures_before + 1
+            level = logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG
+            logger.log(level, "listener connection lost: %s", explain(error))
             await self._host._on_disconnected(error)  # noqa: SLF001 - the host protocol
-            attempt = 1
 
     async def _connected(self, disconnected_at: float | None) -> None:
         now = time.time()
         self.connected_since = now
+        self._set_state(ListenerState.CONNECTED)
         if disconnected_at is not None:
             self.reconnects += 1
+            self.last_gap = (disconnected_at, now)
             logger.info(
                 "listener reconnected after %.3f s; LISTEN re-issued on %d channels",
                 now - disconnected_at,
@@ -246,24 +439,30 @@ class Listener:
 
     def _fail_start(self, error: BaseException) -> bool:
         """Fail start() on an error that retrying cannot fix; ``True`` when it did."""
-        if not isinstance(error, FATAL_AT_START):
+        if not isinstance(error, (*FATAL_AT_START, ListenerError)):
             return False
         if self._ready is None or self._ready.done():
             return False  # running already: keep trying, the database may come back
-        self._ready.set_exception(
-            ListenerError(f"cannot listen on {redact_dsn(self._dsn)}: {error}")
-        )
+        self.last_error = error
+        failure = ListenerError(f"cannot listen on {redact_dsn(self._dsn)}: {explain(error)}")
+        failure.__cause__ = error
+        self._ready.set_exception(error if isinstance(error, ListenerError) else failure)
         return True
 
-    def _give_up(self, attempt: int, error: BaseException | None) -> None:
-        self.terminal_error = ListenerError(
+    async def _give_up(
+        self, attempt: int, error: BaseException | None, *, prefix: str = ""
+    ) -> None:
+        message = prefix or (
             f"gave up reconnecting to {redact_dsn(self._dsn)} after {attempt - 1} attempts"
-            + (f": {error}" if error else "")
         )
+        self.terminal_error = ListenerError(message + (f": {explain(error)}" if error else ""))
         self.terminal_error.__cause__ = error
+        self._set_state(ListenerState.FAILED)
         logger.error("%s", self.terminal_error)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(self.terminal_error)
+            return  # start() raises it; the bus never ran
+        await self._host._on_terminal_error(self.terminal_error)  # noqa: SLF001 - the host protocol
 
     def _log_attempt(self, attempt: int, error: BaseException) -> None:
         # Bounded: attempts 1, 2, 4, 8, … are warnings, the rest debug.
@@ -273,7 +472,7 @@ class Listener:
             "cannot connect the listener to %s (attempt %d): %s",
             redact_dsn(self._dsn),
             attempt,
-            error,
+            explain(error),
         )
 
     async def _sleep(self, delay: float) -> bool:
@@ -299,6 +498,8 @@ class Listener:
         if stopping is None:  # pragma: no cover - start() sets it
             return None
         try:
+            if conn.is_closed():  # lost before the listener was added
+                on_terminated(conn)
             while True:
                 waiting: list[asyncio.Future[Any]] = [lost, stopping]
                 done, _ = await asyncio.wait(
@@ -312,19 +513,60 @@ class Listener:
                     return lost.result()
                 problem = await self._health_check(conn)
                 if problem is not None:
+                    if lost.done():  # it was closed meanwhile: report why
+                        return lost.result()
                     conn.terminate()
                     return problem
         finally:
             conn.remove_termination_listener(on_terminated)
 
     async def _health_check(self, conn: asyncpg.Connection) -> BaseException | None:
+        """One round trip with a deadline; also checks that every channel is LISTENed.
+
+        The answer arrives behind every notification already in the socket, so a
+        listener that is far behind a flood would miss the deadline on a healthy
+        connection (and reconnecting would lose the backlog). While notifications keep
+        arriving the connection is alive: the deadline is extended until they stop.
+        """
+        if self.paused:  # no answer can arrive while reading is paused
+            return None
+        timeout = self._health_timeout
+        query = asyncio.ensure_future(self._listening_channels(conn))
         try:
-            await conn.fetchval("SELECT 1", timeout=self._health_timeout)
-        except TimeoutError:
-            return TimeoutError(
-                f"health check got no answer within {self._health_timeout:g} s"
-                " (half-open connection?)"
-            )
+            while True:
+                seen = self.notifications
+                done, _ = await asyncio.wait([query], timeout=timeout)
+                if done:
+                    break
+                if self.notifications == seen and not self.paused and not await _settles(query):
+                    return TimeoutError(
+                        f"health check got no answer within {timeout:g} s (half-open connection?)"
+                    )
+            listening, expected = query.result()
         except (*RETRYABLE, asyncpg.PostgresError) as exc:
             return exc
+        finally:
+            if not query.done():
+                query.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *RETRYABLE):
+                    await query
+        missing = sorted(set(expected).difference(listening or ()))
+        if missing:
+            return ListenerError(
+                f"the connection no longer LISTENs to {', '.join(missing)}"
+                " (was UNLISTEN run on it, or is a pooling proxy in between?)"
+            )
         return None
+
+
+async def _settles(task: asyncio.Future[Any]) -> bool:
+    """Whether ``task`` finishes within a few loop iterations.
+
+    On a busy loop the answer may have been read in the same iteration as the deadline
+    fired, with the task's last step still scheduled: that is not a timeout.
+    """
+    for _ in range(3):
+        if task.done():
+            return True
+        await asyncio.sleep(0)
+    return task.done()

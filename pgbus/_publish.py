@@ -3,12 +3,20 @@
 One event is ``SELECT pg_notify($1, $2)``; many are one statement,
 ``SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[])``, so a batch costs one
 round trip and is atomic. Payload sizes are checked before anything is sent.
+
+A publish through the pool that fails because its connection broke (a server restart
+left a dead connection in the pool, the network dropped) is retried on a fresh
+connection, after the delay the backoff hook gives, at most ``retries`` times and
+within ``timeout`` seconds in all; then it fails with :class:`~pgbus.PublishError`. A
+publish on the caller's connection is never retried: the caller owns the transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -18,7 +26,7 @@ from pgbus._util import redact_dsn
 from pgbus.errors import PayloadTooLarge, PublishError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +35,18 @@ NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c
 
 #: What the driver raises when a statement or a connection fails.
 DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+#: Failures of the connection rather than of the statement: a fresh connection may work.
+CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,  # "connection was closed in the middle of operation", …
+    asyncpg.InternalClientError,  # "another operation is in progress": a FATAL came in idle
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,  # the server is starting up or shutting down
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
 
 #: What a connection accepted by ``publish(..., connection=…)`` must offer.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -42,8 +62,21 @@ def check_size(channel: str, payload: str) -> None:
         raise PayloadTooLarge(channel, size, MAX_PAYLOAD_BYTES - 1)
 
 
+def _no_backoff(_attempt: int, _error: BaseException | None) -> float | None:
+    return 0.0
+
+
 class Publisher:
-    """Sends NOTIFYs through a lazily created pool of its own."""
+    """Sends NOTIFYs through a lazily created pool of its own.
+
+    :param dsn: where to connect.
+    :param connect_timeout: seconds one connection attempt may take.
+    :param pool_max_size: the pool's size.
+    :param connect_kwargs: extra :func:`asyncpg.connect` arguments.
+    :param backoff: the delay before retry ``n`` (``None``: give up).
+    :param retries: how many times a publish through the pool is retried.
+    :param timeout: seconds a publish through the pool may take, retries included.
+    """
 
     def __init__(
         self,
@@ -52,13 +85,21 @@ class Publisher:
         connect_timeout: float,
         pool_max_size: int,
         connect_kwargs: Mapping[str, Any],
+        backoff: Callable[[int, BaseException | None], float | None] = _no_backoff,
+        retries: int = 3,
+        timeout: float = 10.0,
     ) -> None:
         self._dsn = dsn
         self._connect_timeout = connect_timeout
         self._pool_max_size = pool_max_size
         self._connect_kwargs = dict(connect_kwargs)
+        self._backoff = backoff
+        self._retries = retries
+        self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self.retried = 0
+        self._failures = 0
 
     async def _get_pool(self) -> asyncpg.Pool:
         pool = self._pool
@@ -66,18 +107,15 @@ class Publisher:
             return pool
         async with self._pool_lock:
             if self._pool is None:
-                try:
-                    self._pool = await asyncpg.create_pool(
-                        self._dsn,
-                        min_size=0,
-                        max_size=self._pool_max_size,
-                        timeout=self._connect_timeout,
-                        **self._connect_kwargs,
-                    )
-                except DRIVER_ERRORS as exc:
-                    raise PublishError(
-                        f"cannot connect the publisher to {redact_dsn(self._dsn)}: {exc}"
-                    ) from exc
+                # min_size=0: nothing connects here, so this does not fail while the
+                # database is down; acquire() does, and is retried.
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=0,
+                    max_size=self._pool_max_size,
+                    timeout=self._connect_timeout,
+                    **self._connect_kwargs,
+                )
             return self._pool
 
     async def send(
@@ -86,23 +124,106 @@ class Publisher:
         payloads: Sequence[str],
         connection: Connection | None = None,
     ) -> None:
-        """NOTIFY ``payloads[i]`` on ``channels[i]``, in order, in one statement."""
+        """NOTIFY ``payloads[i]`` on ``channels[i]``, in order, in one statement.
+
+        :raises PublishError: when it failed; through the pool, after the retries.
+        """
         args: tuple[object, object]
         if len(payloads) == 1:
             query, args = NOTIFY_ONE, (channels[0], payloads[0])
         else:
             query, args = NOTIFY_MANY, (list(channels), list(payloads))
-        try:
-            if connection is not None:
+        if connection is not None:  # the caller's transaction: never retried
+            try:
                 await connection.execute(query, *args)
+            except DRIVER_ERRORS as exc:
+                raise PublishError(f"NOTIFY failed: {exc}") from exc
+            return
+        await self._send_pooled(query, args)
+
+    async def _send_pooled(self, query: str, args: tuple[object, object]) -> None:
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        while True:
+            error = await self._attempt(query, args, deadline, attempt)
+            if error is None:
+                self._failures = 0
                 return
+            attempt += 1
+            delay = self._backoff(attempt, error) if attempt <= self._retries else None
+            if delay is None or time.monotonic() + delay >= deadline:
+                raise self._failed("NOTIFY failed", attempt - 1, error) from error
+            self.retried += 1
+            if self._pool is not None:  # connections opened before a restart are all dead
+                await self._pool.expire_connections()
+            self._log_retry(attempt, error)
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, query: str, args: tuple[object, object], deadline: float, attempt: int
+    ) -> BaseException | None:
+        """Send once: ``None`` when sent, the error when a fresh connection may work.
+
+        :raises PublishError: when retrying cannot help, or the deadline passed.
+        """
+        scope = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+        pool: asyncpg.Pool | None = None
+        conn: Any = None
+        done = False
+        try:
             pool = await self._get_pool()
-            await pool.execute(query, *args)
-        except DRIVER_ERRORS as exc:
+            async with scope:
+                conn = await pool.acquire()
+                await conn.execute(query, *args)
+            done = True
+        except TimeoutError as exc:
+            if scope.expired():
+                # The statement may have run (only its answer is missing): not resent.
+                raise self._failed(
+                    f"NOTIFY did not complete within {self._timeout:g} s", attempt, exc
+                ) from exc
+            return exc  # connecting timed out: safe to retry
+        except (asyncpg.ClientConfigurationError, ValueError) as exc:  # a bad DSN: final
+            raise PublishError(f"cannot publish: {exc}") from exc
+        except CONNECTION_ERRORS as exc:
+            return exc
+        except DRIVER_ERRORS as exc:  # the statement itself failed: not retried
             raise PublishError(f"NOTIFY failed: {exc}") from exc
+        finally:
+            if pool is not None and conn is not None:
+                await self._release(pool, conn, broken=not done)
+        return None
+
+    async def _release(self, pool: asyncpg.Pool, conn: Any, *, broken: bool) -> None:
+        """Give ``conn`` back; a connection in an unknown state is closed first."""
+        # A connection the pool saw die is already detached from its proxy: the
+        # InterfaceError says so, and there is nothing left to close.
+        if broken:
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+        try:
+            await pool.release(conn, timeout=self._connect_timeout)
+        except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError):
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+
+    def _failed(self, what: str, retries: int, exc: BaseException) -> PublishError:
+        self._failures += 1
+        detail = str(exc) or type(exc).__name__
+        level = logging.WARNING if self._failures & (self._failures - 1) == 0 else logging.DEBUG
+        logger.log(level, "publish to %s failed: %s", redact_dsn(self._dsn), detail)
+        suffix = f" after {retries} retries" if retries else ""
+        return PublishError(f"{what}{suffix}: {detail}")
+
+    def _log_retry(self, attempt: int, error: BaseException) -> None:
+        level = logging.INFO if self.retried & (self.retried - 1) == 0 else logging.DEBUG
+        logger.log(level, "publish retry %d on a fresh connection after: %s", attempt, error)
 
     async def close(self) -> None:
         """Close the pool, if one was opened."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), self._connect_timeout)
+            except (TimeoutError, *CONNECTION_ERRORS):
+                pool.terminate()

@@ -5,6 +5,7 @@ The tree::
     PgbusError
     ├── ConfigError (also ValueError)        bad arguments or configuration
     │   ├── InvalidChannel                   a channel name PostgreSQL would reject or mangle
+    │   ├── InvalidIdentifier                a table or column name PostgreSQL would reject
     │   └── PluginError                      a plugin that cannot be registered as written
     ├── PayloadTooLarge (also ValueError)    an encoded payload over NOTIFY's 8000-byte limit
     ├── BusClosed (also RuntimeError)        the bus was used in a state that does not allow it
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "InvalidChannel",
+    "InvalidIdentifier",
     "ListenerError",
     "PayloadTooLarge",
     "PgbusError",
@@ -51,6 +53,18 @@ class InvalidChannel(ConfigError):  # noqa: N818 - the name the public API promi
     PostgreSQL silently truncates longer identifiers in ``LISTEN``, so a listener would
     wait on a different channel than the publisher notifies; pgbus refuses such names
     before any SQL is sent.
+    """
+
+
+class InvalidIdentifier(ConfigError):  # noqa: N818 - named like InvalidChannel
+    """A table, schema, column or trigger name PostgreSQL would reject or mangle.
+
+    It is empty, not a ``str``, contains NUL or is over 63 bytes in UTF-8.
+
+    PostgreSQL would reject or silently truncate it; pgbus refuses it before any SQL is
+    sent. Any other name is quoted, so it is never an injection vector.
+
+    .. versionadded:: 0.1.0
     """
 
 

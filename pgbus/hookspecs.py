@@ -12,8 +12,9 @@ Three kinds of hooks:
   three are ``firstresult``: the first implementation that returns something other
   than ``None`` wins, and the built-in one runs last, so registering a plugin replaces it.
 * **observer hooks** are called for every implementation. The per-event ones
-  (``pgbus_on_published``, ``pgbus_on_received``, ``pgbus_on_handled``) must be
-  synchronous and quick; the others may be ``async def`` and are awaited.
+  (``pgbus_on_published``, ``pgbus_on_received``, ``pgbus_on_handled``) and the
+  watchdog ones (``pgbus_on_slow_handler``, ``pgbus_on_dropped``) must be synchronous
+  and quick; the others may be ``async def`` and are awaited.
 * **strategy hooks** (``pgbus_reconnect_backoff``) are ``firstresult``.
 
 ``firstresult`` hooks must be synchronous: pluggy has no async, and a coroutine would
@@ -30,11 +31,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from pgbus._bus import Bus
     from pgbus._events import Delivery, Event, Message
-    from pgbus._subscription import Subscription
+    from pgbus._publish import Connection
+    from pgbus._subscription import Overflow, Subscription
+    from pgbus.default_plugins.dead_letters import DeadLetter
+    from pgbus.errors import ListenerError
     from pgbus.types import Decoder, Encoder, Middleware, Outgoing, Router
 
 hookspec = pluggy.HookspecMarker("pgbus")
@@ -129,6 +133,38 @@ def pgbus_handler_middleware(subscription: Subscription) -> Middleware | None:
 
 
 # --------------------------------------------------------------------------------------
+# Publishing (a strategy hook, called per publish)
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def pgbus_publish(
+    bus: Bus, outgoing: Sequence[Outgoing], connection: Connection | None
+) -> Awaitable[None] | None:
+    """Take over sending encoded events, instead of the built-in ``NOTIFY``.
+
+    Called by :meth:`Bus.publish <pgbus.Bus.publish>` and
+    :meth:`Bus.publish_many <pgbus.Bus.publish_many>` once the events are encoded (their
+    ``payload`` is set), before anything is sent. Return an awaitable that sends them
+    (the bus awaits it; it raises :class:`pgbus.PublishError` on failure), or ``None`` to
+    leave them to the next plugin and, at last, to the built-in ``NOTIFY``. Only the
+    built-in path refuses payloads of 8000 bytes or more: a plugin that takes over
+    decides. Stops at the first non-``None`` result; implement it as a plain ``def``
+    that returns a coroutine. The ``durable`` plugin uses it to journal events and
+    notify in one transaction.
+
+    :param bus: the bus publishing.
+    :param outgoing: the events, in order, encoded.
+    :param connection: the caller's connection (``publish(..., connection=conn)``), on
+        which the events must be sent so they commit with the caller's transaction; or
+        ``None``.
+    :returns: an awaitable that sends them, or ``None``.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+# --------------------------------------------------------------------------------------
 # Observers of the data path (called for every implementation)
 # --------------------------------------------------------------------------------------
 
@@ -200,6 +236,139 @@ def pgbus_on_handler_error(
     """
 
 
+@hookspec
+def pgbus_on_retry(
+    subscription: Subscription, delivery: Delivery, attempt: int, delay: float, error: BaseException
+) -> Any:
+    """Called when a handler attempt failed and will be retried; may be ``async def``.
+
+    Called by the built-in retry plugin before it waits ``delay`` seconds; the next
+    attempt is number ``attempt + 1``. A slow implementation delays the retry.
+
+    :param subscription: whose handler failed.
+    :param delivery: the delivery; its ``attempt`` is still the failed attempt's number.
+    :param attempt: the number of the attempt that failed (1 for the first call).
+    :param delay: seconds until the next attempt.
+    :param error: what the attempt raised.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def pgbus_on_dead_letter(dead_letter: DeadLetter) -> Any:
+    """Called for every notification given up on; may be ``async def``.
+
+    The bus makes a :class:`~pgbus.DeadLetter` when a notification cannot be decoded
+    (``subscription`` is ``None``) and when a handler failed for good (after its
+    retries, if any). It holds the raw payload, the error and the number of attempts.
+    The built-in ``dead_letters`` plugin keeps the most recent ones in memory
+    (``bus.dead_letters``) and logs them; a plugin that persists them implements this
+    hook (an ``async def`` implementation is awaited before the next delivery of that
+    subscription is handled).
+
+    :param dead_letter: what was given up on, and why.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def pgbus_on_slow_handler(subscription: Subscription, delivery: Delivery, elapsed: float) -> None:
+    """Called when a handler attempt is still running past a threshold (sync; keep it quick).
+
+    Called by the built-in ``timeouts`` plugin's watchdog, once per attempt and
+    threshold: when it passes ``warn_after`` (default 10 s), and, for a subscription with
+    ``on_timeout="report"``, when it passes its ``timeout``. The handler keeps running.
+
+    :param subscription: whose handler is slow.
+    :param delivery: what it is working on (``delivery.attempt`` is the attempt).
+    :param elapsed: seconds it has been running.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def pgbus_on_dropped(subscription: Subscription, delivery: Delivery, policy: Overflow) -> None:
+    """Called when a subscription's full queue dropped a delivery (sync; keep it quick).
+
+    Only the ``drop_oldest`` and ``drop_newest`` :class:`~pgbus.Overflow` policies drop;
+    ``wait`` never does.
+
+    :param subscription: whose queue was full.
+    :param delivery: the delivery that was dropped (the oldest queued one, or the new
+        one).
+    :param policy: the policy that dropped it.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Bus lifecycle
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def pgbus_on_start(bus: Bus) -> Any:
+    """Called by :meth:`Bus.start <pgbus.Bus.start>` before it connects; may be ``async def``.
+
+    The subscriptions' handlers are ready; the LISTEN connection is not up yet
+    (:func:`pgbus_on_connect` follows). Unlike the observer hooks, an exception raised
+    here is not swallowed: it fails ``start()`` (after :func:`pgbus_on_stop` ran), so a
+    plugin can refuse to run, e.g. when its tables are missing.
+
+    :param bus: the bus starting.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def pgbus_on_stop(bus: Bus) -> Any:
+    """Called by :meth:`Bus.stop <pgbus.Bus.stop>`; may be ``async def``.
+
+    Runs once the LISTEN connection is closed and before the subscriptions' queues are
+    drained, so a plugin that feeds deliveries can stop feeding and wait for what it
+    handed over. Also called when ``start()`` fails, and when a bus that never started
+    is stopped. Errors are logged, never raised.
+
+    :param bus: the bus stopping.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def pgbus_on_stopped(bus: Bus) -> Any:
+    """Called by :meth:`Bus.stop <pgbus.Bus.stop>` once all handlers finished; may be ``async def``.
+
+    Follows :func:`pgbus_on_stop` after the subscriptions' queues were drained, before
+    the publish pool is closed: the moment to release what a plugin holds (its own
+    connections). Also called when ``start()`` fails, and when a bus that never started
+    is stopped. Errors are logged, never raised.
+
+    :param bus: the bus stopping.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def pgbus_migrate(bus: Bus) -> Any:
+    """Create or upgrade the database objects a plugin owns; may be ``async def``.
+
+    Called by :meth:`Bus.migrate <pgbus.Bus.migrate>` (and so by ``pgbus migrate``),
+    never implicitly: a plugin must not change a database the user did not ask to
+    change. Must be idempotent and safe when several processes run it at once.
+
+    :param bus: the bus whose database to migrate (it need not be started).
+
+    .. versionadded:: 0.1.0
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Connection lifecycle
 # --------------------------------------------------------------------------------------
@@ -245,6 +414,24 @@ def pgbus_on_resync(
     """
 
 
+@hookspec
+def pgbus_on_terminal_error(bus: Bus, error: ListenerError) -> Any:
+    """Called when the bus stopped trying to reconnect; may be ``async def``.
+
+    The backoff strategy (:func:`pgbus_reconnect_backoff`) returned ``None``, so the
+    bus no longer listens. :meth:`~pgbus.Bus.wait_closed` and
+    :meth:`~pgbus.Bus.run_forever` raise ``error``, and :attr:`~pgbus.Bus.status`
+    reports ``failed``. Use it to alert, or to exit the process so that a supervisor
+    (systemd, Kubernetes) restarts it. Not called when :meth:`~pgbus.Bus.start` fails:
+    ``start()`` raises instead.
+
+    :param bus: the bus.
+    :param error: the terminal error; ``error.__cause__`` is the last connection error.
+
+    .. versionadded:: 0.1.0
+    """
+
+
 @hookspec(firstresult=True)
 def pgbus_reconnect_backoff(attempt: int, error: BaseException | None) -> float | None:
     """Return how many seconds to wait before connection attempt number ``attempt``.
@@ -252,7 +439,11 @@ def pgbus_reconnect_backoff(attempt: int, error: BaseException | None) -> float 
     Stops at the first non-``None`` result. The built-in strategy (capped exponential
     with full jitter) runs last, so any registered strategy replaces it. When every
     implementation returns ``None`` the bus gives up and reports a
-    :class:`pgbus.ListenerError`.
+    :class:`pgbus.ListenerError` (see :func:`pgbus_on_terminal_error`).
+
+    The same hook paces the retries of a publish whose pool connection broke; there
+    ``None`` means the publish fails with :class:`pgbus.PublishError`. See
+    ``docs/how-to/replace-backoff.md`` for complete strategies.
 
     :param attempt: 1 for the first retry after a failure, then 2, 3, …
     :param error: the error that ended the previous attempt or connection.

@@ -270,6 +270,8 @@ async def test_invalid_channels_are_rejected_before_sql(bad):
         await bus.notify(bad, "x")
     with pytest.raises(pgbus.InvalidChannel):
         bus.subscribe(bad)(lambda m: None)
+    with pytest.raises(pgbus.InvalidChannel):
+        await bus.unlisten(bad)
     if bad is not None:  # channel=None means "not bound", which is allowed
         with pytest.raises(pgbus.InvalidChannel):
             type("Bad", (pgbus.Event,), {}, channel=bad)
@@ -471,3 +473,36 @@ def test_bad_configuration_is_a_config_error():
         bus.subscribe("c", concurrency=0)(lambda e: None)
     with pytest.raises(pgbus.ConfigError, match="positive"):
         pgbus.Bus(UNREACHABLE, connect_timeout=0)
+
+
+async def test_an_unparsable_dsn_is_a_clear_pgbus_error():
+    """A DSN asyncpg cannot parse fails publish and start with pgbus errors, not ValueError."""
+    dsn = "postgresql://postgres@127.0.0.1:notaport/postgres"
+    bus = pgbus.Bus(dsn, load_entrypoints=False)
+    with pytest.raises(pgbus.PublishError, match="notaport"):
+        await bus.notify("c", "x")
+    await bus.stop()
+    bus = pgbus.Bus(dsn, load_entrypoints=False, start_timeout=10)
+    bus.subscribe("c")(lambda m: None)
+    with pytest.raises(pgbus.ListenerError, match="notaport"):
+        await bus.start()
+
+
+async def test_an_event_sent_twice_is_handled_once(make_bus, recorder, channel, pg_conn):
+    """An envelope arriving again with the same id (a retried publish) is dropped."""
+    Ping = event_on(channel)
+    sent: list[str] = []
+
+    class Capture:
+        @pgbus.hookimpl
+        def pgbus_on_published(self, outgoing):
+            sent.extend(o.payload for o in outgoing)
+
+    bus = make_bus(plugins=[Capture()])
+    bus.subscribe(Ping)(recorder)
+    async with bus:
+        await bus.publish(Ping(n=1))
+        await pg_conn.execute("SELECT pg_notify($1, $2)", channel, sent[0])  # the same again
+        await bus.publish(Ping(n=2))
+        assert [await recorder.next(), await recorder.next()] == [Ping(n=1), Ping(n=2)]
+        assert bus.duplicates == 1

@@ -1,24 +1,54 @@
-"""The built-in plugins: ordinary plugins that use only the public :data:`pgbus.hookimpl`.
+"""The built-in plugins: ordinary plugins, each registered under its name.
 
-Each is registered under its name and can be blocked by it (``Bus(disable_plugins=[…])``
-or ``PGBUS_DISABLE_PLUGINS``) or replaced by registering a plugin that implements the
-same hooks.
+Each can be blocked by name (``Bus(disable_plugins=[…])`` or ``PGBUS_DISABLE_PLUGINS``)
+or replaced by registering a plugin that implements the same hooks.
+
+A handler call goes through ``retry`` (``tryfirst``: always outermost) → other
+middleware, last-registered outermost (``metrics``, your plugins) → ``timeouts``
+(``trylast``: always innermost) → the handler. So every attempt is counted and bounded
+by the timeout, and a timed-out attempt can be retried, even when one of them is
+replaced.
+
+Modules are imported when a Bus registers them, so that the core can import the types
+they define (:class:`~pgbus.Retry`, :class:`~pgbus.DeadLetter`) without a cycle.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
-
-from pgbus.default_plugins import backoff, codec, metrics, routing
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+
+def _module(name: str) -> Callable[[], object]:
+    """A factory returning the module ``name`` itself (a stateless plugin)."""
+
+    def load() -> object:
+        return importlib.import_module(f"{__name__}.{name}")
+
+    return load
+
+
+def _instance(name: str, attr: str) -> Callable[[], object]:
+    """A factory returning a new instance of class ``attr`` of module ``name``."""
+
+    def make() -> object:
+        cls: Callable[[], object] = getattr(importlib.import_module(f"{__name__}.{name}"), attr)
+        return cls()
+
+    return make
+
+
 #: ``(name, factory)`` for every built-in plugin, in registration order. A factory is
 #: called once per Bus, so plugins with state (metrics) are not shared between buses.
 DEFAULT_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
-    ("codec", lambda: codec),
-    ("routing", lambda: routing),
-    ("backoff", backoff.ExponentialBackoff),
-    ("metrics", metrics.Metrics),
+    ("codec", _module("codec")),
+    ("routing", _module("routing")),
+    ("backoff", _instance("backoff", "ExponentialBackoff")),
+    ("timeouts", _instance("timeouts", "Timeouts")),
+    ("metrics", _instance("metrics", "Metrics")),
+    ("dead_letters", _instance("dead_letters", "DeadLetters")),
+    ("retry", _instance("retry", "RetryPlugin")),
 )

@@ -5,6 +5,12 @@ The delay before attempt ``n`` is uniform in ``[0, min(cap, base * 2 ** (n - 1))
 back in lockstep. It runs last (``trylast``): register any plugin implementing
 :func:`~pgbus.hookspecs.pgbus_reconnect_backoff` to replace it, or register a configured
 instance, ``Bus(dsn, plugins=[ExponentialBackoff(base=1.0, cap=60.0)])``.
+
+The bus asks it before each reconnect of the listener and before each retry of a publish
+whose pool connection broke. ``None`` (``max_attempts`` exhausted) means give up: the
+listener reports a terminal error (:func:`~pgbus.hookspecs.pgbus_on_terminal_error`), a
+publish raises :class:`~pgbus.PublishError`. ``docs/how-to/replace-backoff.md`` shows
+complete replacements (a fixed interval, a circuit breaker).
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ class ExponentialBackoff:
         self.base = base
         self.cap = cap
         self.max_attempts = max_attempts
+
+    def __repr__(self) -> str:
+        return (
+            f"ExponentialBackoff(base={self.base!r}, cap={self.cap!r},"
+            f" max_attempts={self.max_attempts!r})"
+        )
 
     def delay(self, attempt: int) -> float | None:
         """The delay before ``attempt``, or ``None`` once ``max_attempts`` is exhausted."""

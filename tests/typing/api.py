@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from decimal import Decimal
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 import pgbus
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 class OrderPlaced(pgbus.Event, channel="orders"):
