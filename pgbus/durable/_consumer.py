@@ -1,0 +1,386 @@
+"""The durable consumer: one per durable subscription of a Bus, a member of its group.
+
+Its loop, woken by NOTIFY on the subscription's channels (and after every reconnect,
+and every ``poll_interval`` as a safety net):
+
+1. **pump**: move what committed in the journal since the subscription's snapshot into
+   the subscription's inbox (one member at a time: ``FOR UPDATE SKIP LOCKED`` on the
+   subscription row);
+2. **claim**: take the next rows of the inbox, in order, with a lease
+   (``FOR UPDATE SKIP LOCKED``, so the members of a group never take the same row);
+3. hand the deliveries to the subscription's queue (its middleware, retries, timeouts
+   and ``concurrency`` apply) and wait for each outcome;
+4. **ack**: delete the handled and the dead-lettered rows from the inbox.
+
+A member that dies leaves its claims; after the lease they go to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from pgbus._events import Delivery, Event, Message
+from pgbus.default_plugins.dead_letters import DeadLetter
+
+if TYPE_CHECKING:
+    from pgbus._bus import Bus
+    from pgbus._subscription import Subscription
+    from pgbus.durable._plugin import DurablePlugin
+    from pgbus.types import Decoder
+
+logger = logging.getLogger(__name__)
+
+#: What the driver raises when a statement or a connection fails.
+DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+#: Outcomes of one delivery.
+OK, DEAD, AGAIN = "ok", "dead", "again"
+
+
+def member_id() -> str:
+    """A name for one consumer, unique across processes and machines."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Inflight:
+    """A delivery handed to a subscription, waiting for its outcome."""
+
+    __slots__ = ("future", "journal_id")
+
+    def __init__(self, journal_id: int) -> None:
+        self.journal_id = journal_id
+        self.future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def resolve(self, outcome: str) -> None:
+        """Set the outcome (the first one wins)."""
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+
+class Consumer:
+    """Feeds one durable subscription from the journal."""
+
+    def __init__(self, plugin: DurablePlugin, bus: Bus, sub: Subscription) -> None:
+        self.plugin = plugin
+        self.bus = bus
+        self.sub = sub
+        self.group: str = sub.durable  # type: ignore[assignment]  # only durable subs get one
+        self.member = member_id()
+        self.types = sorted({t.pgbus_type for t in sub.event_types}) if sub.event_types else None
+        self.wakeup = asyncio.Event()
+        self.handled = 0
+        self.duplicates = 0
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._decoders: dict[str, Decoder] = {}
+        self._stopping = False
+        self._need_pump = True
+        self._inbox_low = True
+        self._acks: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+        self._claimed: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.group!r} member {self.member}>"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop."""
+        self._task = asyncio.create_task(self._run(), name=f"pgbus-durable-{self.group}")
+
+    def wake(self) -> None:
+        """Look for work now (a NOTIFY arrived, or the listener reconnected)."""
+        self._need_pump = True
+        self.wakeup.set()
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline
+        """Finish the batch in hand (up to ``timeout`` s), ack it, release the rest."""
+        self._stopping = True
+        self.wakeup.set()
+        task = self._task
+        if task is None:
+            return
+        try:
+            if not task.done():
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            logger.warning(
+                "durable subscription %s: batch not finished within %.1f s of stop()",
+                self.group,
+                timeout,
+            )
+            task.cancel()
+        if not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        elif not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "durable subscription %s: consumer died", self.group, exc_info=task.exception()
+            )
+        await self._flush_acks()  # if the loop was cancelled before it could
+        if self._claimed:  # handed back at once rather than after the lease
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await asyncio.wait_for(
+                    self._execute(self.plugin.sql.release, self.group, self.member, self._claimed),
+                    timeout=5.0,
+                )
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            self.wakeup.clear()
+            try:
+                busy = await self._step()
+            except DRIVER_ERRORS as exc:
+                attempt += 1
+                delay = self.bus._backoff(attempt, exc)  # noqa: SLF001 - the bus's backoff hook
+                delay = self.plugin.poll_interval if delay is None else delay
+                level = logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG
+                logger.log(
+                    level,
+                    "durable subscription %s: %s (attempt %d, next in %.2f s)",
+                    self.group,
+                    exc,
+                    attempt,
+                    delay,
+                )
+                await self._wait(delay)
+                continue
+            except Exception:
+                logger.exception("durable subscription %s: consumer failed", self.group)
+                await self._wait(self.plugin.poll_interval)
+                continue
+            attempt = 0
+            if not busy:
+                await self._wait(self.plugin.poll_interval)
+                self._need_pump = True  # woken, or the safety-net poll
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        """Ack what is handled and not yet acked (a claim usually does it)."""
+        if self._acks:
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await asyncio.wait_for(
+                    self._execute(self.plugin.sql.ack, self.group, self._acks), timeout=5.0
+                )
+                self._acks.clear()
+
+    async def _wait(self, timeout: float) -> None:  # noqa: ASYNC109 - an idle wait
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wakeup.wait(), timeout)
+
+    async def _step(self) -> bool:
+        """Pump, claim and handle one batch; ``True`` when there may be more to do now."""
+        if self.sub not in self.bus.subscriptions:  # unsubscribed: this member leaves
+            self._stopping = True
+            return False
+        pumped: int | None = 0
+        # Refill the inbox only when woken (or a pump left more behind) and when the
+        # inbox runs low: it stays small, so claiming from it stays cheap.
+        if self._need_pump and self._inbox_low:
+            self._need_pump = False
+            pumped = await self._pump()
+            # Pump until a pump finds nothing: one that finished a batch begun earlier
+            # used that batch's snapshot, and what committed since is still to come.
+            if pumped is None or pumped > 0:
+                self._need_pump = True
+        if self._stopping:
+            return False
+        rows = await self._fetch(self.plugin.sql.claim, self.plugin.batch_size)
+        self._inbox_low = len(rows) < self.plugin.batch_size
+        if rows:
+            await self._handle(rows)
+            return True
+        if pumped is None:  # another member is pumping: look again in a moment
+            await self._wait(self.plugin.busy_retry)
+            return True
+        return self._need_pump
+
+    async def _pump(self) -> int | None:
+        """Move newly committed journal rows into the inbox; ``None`` when another member is."""
+        pool = await self.plugin.pool()
+        sql = self.plugin.sql
+        async with pool.acquire() as conn, conn.transaction():
+            low = await conn.fetchval(sql.lock_subscription, self.group)
+            if low is None:
+                return None
+            n: int | None = await conn.fetchval(
+                sql.pump,
+                self.group,
+                list(self.sub.channels),
+                self.types,
+                self.plugin.pump_size,
+                low,
+            )
+        return n or 0
+
+    async def _fetch(self, query: str, limit: int) -> list[Any]:
+        """Claim the next rows; the same statement acks the rows handled since the last."""
+        pool = await self.plugin.pool()
+        acks = list(self._acks)
+        async with pool.acquire() as conn:
+            rows: list[Any] = await conn.fetch(
+                query, self.group, self.member, limit, self.plugin.lease, acks
+            )
+        del self._acks[: len(acks)]
+        return rows
+
+    async def _execute(self, query: str, *args: Any) -> None:
+        pool = await self.plugin.pool()
+        async with pool.acquire() as conn:
+            await conn.execute(query, *args)
+
+    # -- handling a batch ----------------------------------------------------------------
+
+    async def _handle(self, rows: list[Any]) -> None:
+        self._claimed = [row["journal_id"] for row in rows]
+        acks: list[int] = []
+        waiting: list[tuple[int, str, Inflight]] = []
+        failure: BaseException | None = None
+        for row in rows:
+            journal_id: int = row["journal_id"]
+            try:
+                inflight = await self._offer(row)
+            except DRIVER_ERRORS as exc:  # the rest stays claimed by us: taken again next
+                failure = exc
+                break
+            if inflight is None:
+                acks.append(journal_id)
+            else:
+                waiting.append((journal_id, row["event_id"], inflight))
+        await self._wait_outcomes([w[2] for w in waiting])
+        again: list[int] = []
+        for journal_id, event_id, inflight in waiting:
+            self.plugin.forget(self.group, event_id)
+            outcome = inflight.future.result() if inflight.future.done() else AGAIN
+            if outcome == AGAIN:
+                again.append(journal_id)
+                continue
+            acks.append(journal_id)
+            if outcome == OK:
+                self.handled += 1
+                self._remember(event_id)
+        self._acks.extend(acks)  # deleted by the next claim, in the same statement
+        if again:
+            await self._execute(self.plugin.sql.release, self.group, self.member, again)
+        self._claimed = []
+        if failure is not None:
+            raise failure
+
+    async def _offer(self, row: Any) -> Inflight | None:
+        """Hand one claimed row to the subscription; ``None`` when it needs no handler."""
+        journal_id: int = row["journal_id"]
+        event_id: str | None = row["event_id"]
+        payload: str | None = row["payload"]
+        if payload is None or event_id is None:  # pruned by age meanwhile
+            return None
+        if event_id in self._recent:
+            self.duplicates += 1
+            logger.debug("durable subscription %s: skipping duplicate %s", self.group, event_id)
+            return None
+        channel: str = row["channel"]
+        message = Message(channel, payload, row["pid"], time.time())
+        if row["deliveries"] > self.plugin.max_deliveries:
+            error = RuntimeError(
+                f"delivered {row['deliveries'] - 1} times without an outcome (did the"
+                " process die while handling it?)"
+            )
+            return await self._give_up(message, event_id, journal_id, error)
+        try:
+            delivery = self._decoder(channel)(message)
+        except Exception as exc:
+            logger.warning("durable subscription %s: %s", self.group, exc)
+            await self.bus._safe_hook("pgbus_on_decode_error", message=message, error=exc)  # noqa: SLF001 - reporting like the bus does
+            return await self._give_up(message, event_id, journal_id, exc)
+        if not self._wanted(delivery):
+            return None
+        if delivery.id is None:
+            delivery.id = event_id
+        inflight = self.plugin.track(self.group, delivery.id, journal_id)
+        await self.sub.put(delivery)
+        return inflight
+
+    async def _give_up(
+        self, message: Message, event_id: str, journal_id: int, error: BaseException
+    ) -> Inflight:
+        """Dead-letter an event without its handler, through the bus's dead-letter hook.
+
+        The durable plugin's own hook stores it (and resolves the outcome); the other
+        implementations (the in-memory list, the log) see it like any dead letter.
+        """
+        inflight = self.plugin.track(self.group, event_id, journal_id)
+        dead = DeadLetter(message.channel, message.payload, error, 0, self.sub.name, id=event_id)
+        try:
+            await self.bus._dead_letter(dead)  # noqa: SLF001 - reporting like the bus does
+        finally:
+            self.plugin.forget(self.group, event_id)
+        inflight.resolve(AGAIN)  # unless the durable plugin stored it: then it is DEAD
+        return inflight
+
+    def _decoder(self, channel: str) -> Decoder:
+        decoder = self._decoders.get(channel)
+        if decoder is None:
+            types = [t for t in self.sub.event_types if t.pgbus_channel == channel]
+            decoder = self.bus._hook.pgbus_decoder(channel=channel, event_types=types)  # noqa: SLF001 - the bus's decoder hook
+            if decoder is None:  # pragma: no cover - the built-in codec always answers
+                msg = f"no plugin provides a decoder for channel {channel!r}"
+                raise RuntimeError(msg)
+            self._decoders[channel] = decoder
+        return decoder
+
+    def _wanted(self, delivery: Delivery) -> bool:
+        sub = self.sub
+        event = delivery.event
+        if sub.event_types and not isinstance(event, sub.event_types):
+            return False
+        where = getattr(sub, "where", None)
+        if where is None:
+            return True
+        try:
+            return bool(where(event if isinstance(event, Event) else delivery.message))
+        except Exception:
+            logger.exception("durable subscription %s: where= raised; skipping", self.group)
+            return False
+
+    async def _wait_outcomes(self, inflights: list[Inflight]) -> None:
+        """Wait for every outcome, renewing the lease of the claims meanwhile."""
+        pending = {i.future for i in inflights if not i.future.done()}
+        renew_every = max(self.plugin.lease / 3, 0.05)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=renew_every)
+            if pending and self.sub not in self.bus.subscriptions:  # unsubscribed meanwhile
+                for inflight in inflights:
+                    inflight.resolve(AGAIN)
+                self._stopping = True
+                return
+            if pending:
+                try:
+                    await self._execute(
+                        self.plugin.sql.renew,
+                        self.group,
+                        self.member,
+                        self.plugin.lease,
+                        self._claimed,
+                    )
+                except DRIVER_ERRORS as exc:
+                    logger.warning("durable subscription %s: lease renewal: %s", self.group, exc)
+
+    def _remember(self, event_id: str) -> None:
+        recent = self._recent
+        recent[event_id] = None
+        if len(recent) > self.plugin.dedup_window:
+            recent.popitem(last=False)

@@ -1,0 +1,503 @@
+"""The ``durable`` plugin: journal on publish, durable subscriptions, dead letters, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from pgbus._markers import hookimpl
+from pgbus._util import redact_dsn
+from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
+from pgbus.durable._schema import (
+    DEFAULT_SCHEMA,
+    Sql,
+    check_schema,
+    is_missing_relation,
+    migrate,
+    missing_schema_error,
+)
+from pgbus.errors import ConfigError, PublishError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Sequence
+
+    from pgbus._bus import Bus
+    from pgbus._events import Delivery, Message
+    from pgbus._publish import Connection
+    from pgbus._subscription import Overflow, Subscription
+    from pgbus.default_plugins.dead_letters import DeadLetter
+    from pgbus.types import Outgoing
+
+logger = logging.getLogger(__name__)
+
+#: Seven days: journal rows older than this are pruned even if a subscription lags.
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+
+
+class DurablePlugin:
+    """Durable delivery: at-least-once, de-duplicated, replayed after any gap.
+
+    Registered as ``"durable"`` by ``Bus(dsn, durable=True)``, or passed as
+    ``Bus(plugins=[DurablePlugin(schema="pgbus")])``. One instance serves one bus.
+    With it:
+
+    * ``publish``/``publish_many`` (also with ``connection=``) write each event into the
+      journal table and NOTIFY in the same transaction; an event of 8000 bytes or more
+      is notified as a reference and read from the journal;
+    * ``subscribe(..., durable="name")`` makes a durable subscription: its position is
+      kept in the database and moves only once the handler succeeded or the event was
+      dead-lettered, so what it missed (disconnected, restarted) is replayed in order;
+      processes with the same durable name share the work (a consumer group);
+    * dead letters are also stored in the ``dead_letters`` table;
+    * handled journal rows are pruned in the background.
+
+    The schema must exist: ``pgbus migrate`` or ``await bus.migrate()`` creates it.
+
+    :param schema: the PostgreSQL schema of pgbus's tables.
+    :param lease: seconds a member's claim on an event lasts (renewed while its handler
+        runs); after that a dead member's events go to the other members.
+    :param poll_interval: seconds between looks at the journal when nothing woke the
+        consumer (a safety net: NOTIFY and reconnects wake it at once).
+    :param batch_size: events a member claims at once.
+    :param pump_size: journal rows moved into a subscription's inbox per statement.
+    :param max_deliveries: claims of one event after which it is dead-lettered unhandled
+        (a poison event that kills its process every time).
+    :param retention: seconds after which journal rows are pruned even when a durable
+        subscription has not handled them (``None``: never).
+    :param prune_interval: seconds between pruning runs (``None``: no pruning here).
+    :param prune_batch: rows deleted per pruning statement (each its own short transaction).
+    :param persist_dead_letters: also store the bus's plain dead letters in the table.
+    :param dedup_window: event ids a consumer remembers to skip redeliveries.
+    :param pool_max_size: connections of the plugin's pool.
+    :raises ConfigError: for an invalid value.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        lease: float = 30.0,
+        poll_interval: float = 5.0,
+        batch_size: int = 100,
+        pump_size: int = 1000,
+        max_deliveries: int = 10,
+        retention: float | None = DEFAULT_RETENTION,
+        prune_interval: float | None = 60.0,
+        prune_batch: int = 1000,
+        persist_dead_letters: bool = True,
+        dedup_window: int = 10_000,
+        pool_max_size: int = 4,
+    ) -> None:
+        for name, value in (
+            ("lease", lease),
+            ("poll_interval", poll_interval),
+            ("batch_size", batch_size),
+            ("pump_size", pump_size),
+            ("max_deliveries", max_deliveries),
+            ("retention", retention),
+            ("prune_interval", prune_interval),
+            ("prune_batch", prune_batch),
+            ("dedup_window", dedup_window),
+            ("pool_max_size", pool_max_size),
+        ):
+            if value is not None and value <= 0:
+                raise ConfigError(f"DurablePlugin: {name} must be positive, not {value!r}")
+        self.__name__ = "durable"  # the name pluggy registers it under
+        self.sql = Sql(schema)
+        self.schema = schema
+        self.lease = float(lease)
+        self.poll_interval = float(poll_interval)
+        self.busy_retry = 0.02
+        self.batch_size = batch_size
+        self.pump_size = pump_size
+        self.max_deliveries = max_deliveries
+        self.retention = retention
+        self.prune_interval = prune_interval
+        self.prune_batch = prune_batch
+        self.persist_dead_letters = persist_dead_letters
+        self.dedup_window = dedup_window
+        self.pool_max_size = pool_max_size
+        self.consumers: dict[str, Consumer] = {}
+        self.pruned = 0
+        self._bus: Bus | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._publish_pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._inflight: dict[tuple[str, str], Inflight] = {}
+        self._by_channel: dict[str, list[Consumer]] = {}
+        self._pruner: asyncio.Task[None] | None = None
+        self._running = False
+
+    def __repr__(self) -> str:
+        return f"<DurablePlugin schema={self.schema!r} consumers={len(self.consumers)}>"
+
+    # -- the connection pool -------------------------------------------------------------
+
+    async def pool(self) -> asyncpg.Pool:
+        """The consumers' pool (created on first use).
+
+        Its sessions commit with ``synchronous_commit=off``: a crash of the server can
+        lose only the last moments of consumer progress (a suffix of the WAL), which
+        means redelivery, never loss, so waiting for each flush would buy nothing.
+
+        :returns: the pool.
+        :raises ConfigError: when the plugin is not registered with a bus.
+        """
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await self._create_pool(asynchronous=True)
+        return self._pool
+
+    async def publish_pool(self) -> asyncpg.Pool:
+        """The pool durable publishes go through (the server's commit settings).
+
+        :returns: the pool.
+        :raises ConfigError: when the plugin is not registered with a bus.
+        """
+        if self._publish_pool is None:
+            async with self._pool_lock:
+                if self._publish_pool is None:
+                    self._publish_pool = await self._create_pool(asynchronous=False)
+        return self._publish_pool
+
+    async def _create_pool(self, *, asynchronous: bool) -> asyncpg.Pool:
+        bus = self._bus
+        if bus is None:
+            raise ConfigError("the durable plugin is not registered with a Bus")
+        kwargs = dict(getattr(bus, "_connect_kwargs", {}))
+        if asynchronous:
+            settings = dict(kwargs.get("server_settings") or {})
+            settings.setdefault("synchronous_commit", "off")
+            # Plan each pump for its own xid bound: a generic plan would scan the journal.
+            settings.setdefault("plan_cache_mode", "force_custom_plan")
+            kwargs["server_settings"] = settings
+            # Consumer statements are bounded; one that hangs (a half-open connection)
+            # fails, and the consumer retries after the backoff.
+            kwargs.setdefault("command_timeout", max(60.0, 2 * self.lease))
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            bus.dsn,
+            min_size=0,
+            max_size=self.pool_max_size,
+            timeout=getattr(bus, "_connect_timeout", 5.0),
+            **kwargs,
+        )
+        return pool
+
+    async def _close_pool(self) -> None:
+        for pool in (self._pool, self._publish_pool):
+            if pool is not None:
+                await pool.close()
+        self._pool = self._publish_pool = None
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def migrate(self) -> tuple[int, int]:
+        """Create or upgrade the schema (what ``bus.migrate()`` runs).
+
+        :returns: ``(version before, version after)``.
+        """
+        bus = self._bus
+        if bus is None:
+            raise ConfigError("the durable plugin is not registered with a Bus")
+        conn = await asyncpg.connect(
+            bus.dsn,
+            timeout=getattr(bus, "_connect_timeout", 5.0),
+            **getattr(bus, "_connect_kwargs", {}),
+        )
+        try:
+            return await migrate(conn, self.schema)
+        finally:
+            await conn.close()
+
+    # -- hooks: lifecycle ----------------------------------------------------------------
+
+    @hookimpl
+    def pgbus_configure(self, bus: Bus) -> None:
+        """Bind the plugin to its bus."""
+        if self._bus is not None and self._bus is not bus:
+            raise ConfigError("a DurablePlugin serves one Bus; create one per bus")
+        self._bus = bus
+
+    @hookimpl
+    async def pgbus_migrate(self, bus: Bus) -> None:
+        """Create or upgrade the durable schema."""
+        if bus is self._bus:
+            before, after = await self.migrate()
+            logger.info("durable schema %s: version %d -> %d", self.schema, before, after)
+
+    @hookimpl
+    async def pgbus_on_start(self, bus: Bus) -> None:
+        """Check the schema, register the durable subscriptions, start their consumers."""
+        if bus is not self._bus:
+            return
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            await check_schema(conn, self.schema)
+            for sub in bus.subscriptions:
+                await self._register(conn, sub)
+        self._running = True
+        for consumer in self.consumers.values():
+            consumer.start()
+        if self.prune_interval is not None:
+            self._pruner = asyncio.create_task(self._prune_loop(), name="pgbus-durable-prune")
+        logger.info(
+            "durable delivery on %s (schema %s): %d durable subscriptions",
+            redact_dsn(bus.dsn),
+            self.schema,
+            len(self.consumers),
+        )
+
+    async def _register(self, conn: Connection, sub: Subscription) -> None:
+        group = getattr(sub, "durable", None)
+        if group is None:
+            return
+        if group in self.consumers:
+            raise ConfigError(
+                f"durable name {group!r} is used by two subscriptions of one bus; a group"
+                " has one member per bus"
+            )
+        bus = self._bus
+        if bus is None:  # pragma: no cover - configured before start
+            return
+        consumer = Consumer(self, bus, sub)
+        await conn.execute(self.sql.ensure_subscription, group, list(sub.channels), consumer.types)
+        self.consumers[group] = consumer
+        for channel in sub.channels:
+            self._by_channel.setdefault(channel, []).append(consumer)
+
+    @hookimpl
+    async def pgbus_on_stop(self, bus: Bus) -> None:
+        """Stop the consumers (their batches finish and are acked) and the pruning."""
+        if bus is not self._bus:
+            return
+        await asyncio.gather(*(c.stop(bus.stop_timeout) for c in self.consumers.values()))
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+
+    @hookimpl
+    async def pgbus_on_stopped(self, bus: Bus) -> None:
+        """Close the pools once the handlers (and their dead letters) are done."""
+        if bus is not self._bus:
+            return
+        self._running = False
+        for inflight in self._inflight.values():
+            inflight.resolve(AGAIN)
+        await self._close_pool()
+
+    # -- hooks: wake-ups -----------------------------------------------------------------
+
+    @hookimpl
+    def pgbus_on_received(self, messages: Sequence[Message]) -> None:
+        """Wake the consumers of the channels that got a NOTIFY."""
+        by_channel = self._by_channel
+        if not by_channel:
+            return
+        for channel in {m.channel for m in messages}:
+            for consumer in by_channel.get(channel, ()):
+                consumer.wake()
+
+    @hookimpl
+    def pgbus_on_connect(self, bus: Bus, channels: Sequence[str]) -> None:  # noqa: ARG002 - hook signature
+        """Catch up once LISTEN is in place (the first connect and every reconnect)."""
+        if bus is self._bus:
+            for consumer in self.consumers.values():
+                consumer.wake()
+
+    @hookimpl
+    def pgbus_on_resync(
+        self,
+        bus: Bus,
+        channels: Sequence[str],  # noqa: ARG002 - hook signature
+        disconnected_at: float,  # noqa: ARG002 - hook signature
+        reconnected_at: float,  # noqa: ARG002 - hook signature
+    ) -> None:
+        """Replay what the gap missed: wake every consumer."""
+        if bus is self._bus:
+            for consumer in self.consumers.values():
+                consumer.wake()
+
+    # -- hooks: publishing ---------------------------------------------------------------
+
+    @hookimpl
+    def pgbus_publish(
+        self, bus: Bus, outgoing: Sequence[Outgoing], connection: Connection | None
+    ) -> Awaitable[None] | None:
+        """Journal and notify in one statement (the caller's transaction, if given)."""
+        if bus is not self._bus or not all(o.event is not None for o in outgoing):
+            return None
+        return self._publish(outgoing, connection)
+
+    async def _publish(self, outgoing: Sequence[Outgoing], connection: Connection | None) -> None:
+        args = (
+            [o.channel for o in outgoing],
+            [o.id for o in outgoing],
+            [o.event.pgbus_type if o.event is not None else "" for o in outgoing],
+            [o.payload for o in outgoing],
+        )
+        try:
+            if connection is not None:
+                await connection.execute(self.sql.publish, *args)
+                return
+            pool = await self.publish_pool()
+            await pool.execute(self.sql.publish, *args)
+        except DRIVER_ERRORS as exc:
+            if is_missing_relation(exc):
+                raise missing_schema_error(self.schema) from exc
+            raise PublishError(f"durable publish failed: {exc}") from exc
+
+    # -- hooks: outcomes -----------------------------------------------------------------
+
+    def track(self, group: str, event_id: str, journal_id: int) -> Inflight:
+        """Start waiting for the outcome of ``event_id`` in ``group``."""
+        inflight = Inflight(journal_id)
+        self._inflight[group, event_id] = inflight
+        return inflight
+
+    def forget(self, group: str, event_id: str) -> None:
+        """Stop waiting for the outcome of ``event_id`` in ``group``."""
+        self._inflight.pop((group, event_id), None)
+
+    def _find(
+        self, subscription: Subscription | str | None, event_id: str | None
+    ) -> Inflight | None:
+        if subscription is None or event_id is None or not self._inflight:
+            return None
+        name = subscription if isinstance(subscription, str) else subscription.durable
+        if name is None:
+            return None
+        return self._inflight.get((name, event_id))
+
+    @hookimpl
+    def pgbus_on_handled(
+        self,
+        subscription: Subscription,
+        delivery: Delivery,
+        duration: float,  # noqa: ARG002 - hook signature
+    ) -> None:
+        """A durable delivery succeeded: it will be acked."""
+        inflight = self._find(subscription, delivery.id)
+        if inflight is not None:
+            inflight.resolve(OK)
+
+    @hookimpl
+    def pgbus_on_dropped(
+        self,
+        subscription: Subscription,
+        delivery: Delivery,
+        policy: Overflow,  # noqa: ARG002 - hook signature
+    ) -> None:
+        """A durable delivery was dropped by an overflow policy: deliver it again later."""
+        inflight = self._find(subscription, delivery.id)
+        if inflight is not None:
+            inflight.resolve(AGAIN)
+
+    @hookimpl
+    async def pgbus_on_dead_letter(self, dead_letter: DeadLetter) -> None:
+        """Store the dead letter; a durable one is then acked (or retried if storing failed)."""
+        durable_name = None
+        if dead_letter.subscription is not None and self._bus is not None:
+            for sub in self._bus.subscriptions:
+                if sub.name == dead_letter.subscription:
+                    durable_name = getattr(sub, "durable", None)
+                    break
+        inflight = self._find(durable_name, dead_letter.id)
+        if inflight is None and not (self.persist_dead_letters and self._running):
+            return
+        try:
+            await self._insert_dead_letter(
+                subscription=durable_name or dead_letter.subscription,
+                channel=dead_letter.channel,
+                event_id=dead_letter.id,
+                journal_id=inflight.journal_id if inflight is not None else None,
+                payload=dead_letter.payload,
+                error=dead_letter.error,
+                attempts=dead_letter.attempts,
+            )
+        except DRIVER_ERRORS as exc:
+            logger.warning("cannot store a dead letter of %s: %s", dead_letter.channel, exc)
+            if inflight is not None:
+                inflight.resolve(AGAIN)
+            return
+        if inflight is not None:
+            inflight.resolve(DEAD)
+
+    async def _insert_dead_letter(
+        self,
+        *,
+        subscription: str | None,
+        channel: str,
+        event_id: str | None,
+        journal_id: int | None,
+        payload: str,
+        error: BaseException,
+        attempts: int,
+    ) -> None:
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            await conn.execute(
+                self.sql.dead_letter,
+                subscription,
+                channel,
+                event_id,
+                journal_id,
+                payload,
+                f"{type(error).__name__}: {error}",
+                attempts,
+            )
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def prune(self) -> int:
+        """Delete journal rows no durable subscription needs any more, in bounded batches.
+
+        Rows every subscription has taken in and handled go first; rows older than
+        ``retention`` go whatever the subscriptions. Each batch is its own short
+        transaction with a lock timeout, and only one process prunes at a time.
+
+        :returns: how many journal rows were deleted.
+        """
+        pool = await self.pool()
+        total = 0
+        async with pool.acquire() as conn:
+            horizon = await conn.fetchval(self.sql.prune_horizon)
+        for query, args in (
+            (self.sql.prune_done, (self.prune_batch, horizon)),
+            (self.sql.prune_old, (self.prune_batch, self.retention)),
+        ):
+            if args[-1] is None:
+                continue
+            while True:
+                async with pool.acquire() as conn, conn.transaction():
+                    if not await conn.fetchval(self.sql.prune_lock, self.schema):
+                        return total
+                    await conn.execute("SET LOCAL lock_timeout = '2s'")
+                    if query is self.sql.prune_old:
+                        n = int(await conn.fetchval(query, *args))
+                    else:
+                        status = await conn.execute(query, *args)
+                        n = int(status.rsplit(" ", 1)[-1])
+                total += n
+                if n < self.prune_batch:
+                    break
+        self.pruned += total
+        if total:
+            logger.info("durable schema %s: pruned %d journal rows", self.schema, total)
+        return total
+
+    async def _prune_loop(self) -> None:
+        interval = self.prune_interval or 60.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.prune()
+            except DRIVER_ERRORS as exc:
+                logger.warning("durable schema %s: pruning failed: %s", self.schema, exc)

@@ -1,0 +1,369 @@
+"""The durable schema: versioned migrations, the check at start, and every SQL statement.
+
+Everything lives in one PostgreSQL schema of pgbus's own (``pgbus`` unless configured).
+:func:`migrate` creates and upgrades it; nothing else ever creates it, so a database
+the user did not ask to change is never changed. Migrations run in one transaction under
+an advisory lock, so several processes may run them at once: the first applies what is
+missing, the others find it done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from pgbus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pgbus._publish import Connection
+
+logger = logging.getLogger(__name__)
+
+#: The schema name used unless ``DurablePlugin(schema=...)`` says otherwise.
+DEFAULT_SCHEMA = "pgbus"
+
+#: NOTIFY refuses payloads of this many bytes or more; bigger events travel by reference.
+NOTIFY_LIMIT = 8000
+
+# Each migration is (version, statements); ``{s}`` is the quoted schema name. Never edit
+# a released migration: append a new one.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            # The journal: every durably published event, in the publishing transaction.
+            # ``xid`` is the publishing transaction's id: consumers compare it with
+            # snapshots, never trust the id order alone (see docs/durable.md).
+            """CREATE TABLE {s}.journal (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+                channel text NOT NULL,
+                event_id text NOT NULL,
+                type text NOT NULL,
+                payload text NOT NULL,
+                pid integer NOT NULL DEFAULT pg_backend_pid(),
+                created_at timestamptz NOT NULL DEFAULT now()
+            )""",
+            "CREATE UNIQUE INDEX journal_event_id ON {s}.journal (event_id)",
+            "CREATE INDEX journal_xid ON {s}.journal (xid)",
+            # One row per durable subscription (a consumer group): what it has taken in.
+            # Every journal row visible in ``snap`` has been moved to its inbox (or did
+            # not match); ``batch_snap``/``batch_cursor`` page through the next batch.
+            """CREATE TABLE {s}.subscriptions (
+                name text PRIMARY KEY,
+                channels text[] NOT NULL,
+                types text[],
+                snap pg_snapshot NOT NULL,
+                batch_snap pg_snapshot,
+                batch_cursor bigint NOT NULL DEFAULT 0,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                pumped_at timestamptz
+            )""",
+            # Events taken in by a subscription and not yet handled, in delivery order
+            # (``seq``). Members claim rows with a lease; a handled row is deleted.
+            """CREATE TABLE {s}.inbox (
+                subscription text NOT NULL,
+                journal_id bigint NOT NULL,
+                seq bigint GENERATED ALWAYS AS IDENTITY,
+                claimed_by text,
+                claimed_until timestamptz,
+                deliveries integer NOT NULL DEFAULT 0,
+                PRIMARY KEY (subscription, journal_id)
+            ) WITH (fillfactor = 50)""",  # room for HOT updates of claims
+            "CREATE INDEX inbox_order ON {s}.inbox (subscription, seq)",
+            "CREATE INDEX inbox_journal ON {s}.inbox (journal_id)",
+            # Events given up on, with the raw payload, for `pgbus dead-letters`.
+            """CREATE TABLE {s}.dead_letters (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                subscription text,
+                channel text NOT NULL,
+                event_id text,
+                journal_id bigint,
+                payload text NOT NULL,
+                error text NOT NULL,
+                attempts integer NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                redelivered_at timestamptz
+            )""",
+            "CREATE INDEX dead_letters_subscription ON {s}.dead_letters (subscription, id)",
+        ),
+    ),
+)
+
+#: The schema version this pgbus works with.
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class SchemaError(ConfigError):
+    """The durable schema is missing, older or newer than this pgbus.
+
+    The message names the command that fixes it (``pgbus migrate``).
+
+    .. versionadded:: 0.1.0
+    """
+
+
+def check_schema_name(schema: object) -> str:
+    """Return ``schema`` if PostgreSQL takes it unchanged as a schema name.
+
+    :param schema: the candidate name.
+    :returns: the same name.
+    :raises ConfigError: when it is not a non-empty ``str`` of at most 63 bytes without NUL.
+    """
+    if not isinstance(schema, str) or not schema:
+        raise ConfigError(f"schema must be a non-empty str, not {schema!r}")
+    if "\x00" in schema or len(schema.encode()) > 63:  # noqa: PLR2004 - NAMEDATALEN - 1
+        raise ConfigError(f"schema name {schema!r} is not a valid PostgreSQL identifier")
+    return schema
+
+
+def quote_ident(name: str) -> str:
+    """Quote ``name`` as a PostgreSQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _missing(schema: str) -> SchemaError:
+    return SchemaError(
+        f"the pgbus durable schema {schema!r} does not exist in this database; create it"
+        f" with `pgbus migrate --schema {schema}` (or `await bus.migrate()`)"
+    )
+
+
+async def schema_version(conn: Connection, schema: str) -> int | None:
+    """Return the version of the durable schema, or ``None`` when it does not exist.
+
+    :param conn: an asyncpg connection.
+    :param schema: the schema name.
+    :returns: the applied version, or ``None``.
+    """
+    exists = await conn.fetchval(
+        "SELECT to_regclass(quote_ident($1) || '.schema_version') IS NOT NULL", schema
+    )
+    if not exists:
+        return None
+    version: int | None = await conn.fetchval(
+        f"SELECT max(version) FROM {quote_ident(schema)}.schema_version"  # noqa: S608 - quoted identifier
+    )
+    return version or 0
+
+
+async def check_schema(conn: Connection, schema: str) -> None:
+    """Raise :class:`SchemaError` unless the durable schema is at :data:`SCHEMA_VERSION`.
+
+    :param conn: an asyncpg connection.
+    :param schema: the schema name.
+    :raises SchemaError: when it is missing, older (run ``pgbus migrate``) or newer.
+    """
+    version = await schema_version(conn, schema)
+    if version is None:
+        raise _missing(schema)
+    if version < SCHEMA_VERSION:
+        raise SchemaError(
+            f"the pgbus durable schema {schema!r} is at version {version}; this pgbus needs"
+            f" {SCHEMA_VERSION}: upgrade it with `pgbus migrate --schema {schema}`"
+            " (or `await bus.migrate()`)"
+        )
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the pgbus durable schema {schema!r} is at version {version}, newer than this"
+            f" pgbus understands ({SCHEMA_VERSION}): upgrade pgbus"
+        )
+
+
+async def migrate(conn: Connection, schema: str = DEFAULT_SCHEMA) -> tuple[int, int]:
+    """Create or upgrade the durable schema; safe to run from many processes at once.
+
+    Runs in one transaction under an advisory lock (keyed by the schema name), so
+    concurrent callers wait for each other and each migration is applied once.
+
+    :param conn: an asyncpg connection (not inside a transaction of yours: it commits).
+    :param schema: the schema name.
+    :returns: ``(version before, version after)``; equal when there was nothing to do.
+    :raises SchemaError: when the schema is newer than this pgbus.
+
+    .. versionadded:: 0.1.0
+    """
+    check_schema_name(schema)
+    s = quote_ident(schema)
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('pgbus.durable.migrate:' || $1))", schema
+        )
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {s}.schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        before: int = await conn.fetchval(
+            f"SELECT coalesce(max(version), 0) FROM {s}.schema_version"  # noqa: S608 - quoted identifier
+        )
+        if before > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the pgbus durable schema {schema!r} is at version {before}, newer than"
+                f" this pgbus understands ({SCHEMA_VERSION}): upgrade pgbus"
+            )
+        for version, statements in MIGRATIONS:
+            if version <= before:
+                continue
+            for statement in statements:
+                await conn.execute(statement.format(s=s))
+            await conn.execute(
+                f"INSERT INTO {s}.schema_version (version) VALUES ($1)",  # noqa: S608 - quoted identifier
+                version,
+            )
+            logger.info("durable schema %s: applied migration %d", schema, version)
+    return before, SCHEMA_VERSION
+
+
+def is_missing_relation(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table or schema of the durable schema does not exist."""
+    return isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError)
+
+
+def missing_schema_error(schema: str) -> SchemaError:
+    """The error raised when a statement found the durable schema missing."""
+    return _missing(schema)
+
+
+class Sql:
+    """Every statement of the durable machinery, for one schema."""
+
+    def __init__(self, schema: str) -> None:
+        s = quote_ident(check_schema_name(schema))
+        self.schema = schema
+        # One statement, so one implicit transaction when autocommitting: the journal
+        # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
+        # a reference envelope (type "pgbus.ref"); durable consumers read the journal.
+        self.publish = f"""
+            WITH input AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                    WITH ORDINALITY AS t(channel, event_id, type, payload, ord)
+            ), ins AS (
+                INSERT INTO {s}.journal (channel, event_id, type, payload)
+                SELECT channel, event_id, type, payload FROM input ORDER BY ord
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING id, channel, event_id, type, payload
+            )
+            SELECT count(pg_notify(channel, CASE
+                WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
+                ELSE json_build_object(
+                    'v', 1, 'id', event_id, 'type', 'pgbus.ref',
+                    'ts', extract(epoch FROM clock_timestamp()),
+                    'data', json_build_object(
+                        'journal_id', id, 'type', type, 'bytes', octet_length(payload))
+                )::text END))
+            FROM (SELECT * FROM ins ORDER BY id) AS s"""  # noqa: S608 - quoted identifier
+        self.ensure_subscription = f"""
+            INSERT INTO {s}.subscriptions (name, channels, types, snap)
+            VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
+            ON CONFLICT (name) DO UPDATE SET channels = excluded.channels, types = excluded.types
+        """  # noqa: S608 - quoted identifier
+        # Locks the row (or finds it locked: another member is pumping) and returns the
+        # lower bound of the xids to look at, passed back to ``pump`` as a parameter so
+        # the planner can range-scan the xid index.
+        self.lock_subscription = (
+            f"SELECT pg_snapshot_xmin(snap) FROM {s}.subscriptions"  # noqa: S608 - quoted identifier
+            " WHERE name = $1 FOR UPDATE SKIP LOCKED"
+        )
+        # Runs after lock_subscription in the same transaction, so its snapshot is newer
+        # than any earlier pump's commit and ``snap`` only ever moves forward.
+        self.pump = f"""
+            WITH s AS (
+                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
+                       batch_cursor
+                FROM {s}.subscriptions WHERE name = $1
+            ), picked AS (
+                SELECT j.id FROM s, {s}.journal j
+                WHERE j.xid >= $5::xid8
+                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
+                  AND pg_visible_in_snapshot(j.xid, s.target)
+                  AND j.id > s.batch_cursor
+                  AND j.channel = ANY($2::text[])
+                  AND ($3::text[] IS NULL OR j.type = ANY($3::text[]))
+                ORDER BY j.id LIMIT $4
+            ), ins AS (
+                INSERT INTO {s}.inbox (subscription, journal_id)
+                SELECT $1, id FROM picked ORDER BY id
+                ON CONFLICT DO NOTHING
+            ), agg AS (
+                SELECT count(*) AS n, max(id) AS last FROM picked
+            )
+            UPDATE {s}.subscriptions u SET
+                snap = CASE WHEN agg.n < $4 THEN s.target ELSE u.snap END,
+                batch_snap = CASE WHEN agg.n < $4 THEN NULL ELSE s.target END,
+                batch_cursor = CASE WHEN agg.n < $4 THEN 0 ELSE agg.last END,
+                pumped_at = now()
+            FROM s, agg WHERE u.name = $1
+            RETURNING agg.n"""  # noqa: S608 - quoted identifier
+        # Also acks ($5): deletes the rows handled since the previous claim.
+        self.claim = f"""
+            WITH acked AS (
+                DELETE FROM {s}.inbox
+                WHERE subscription = $1 AND journal_id = ANY($5::bigint[])
+            ), c AS (
+                SELECT journal_id FROM {s}.inbox
+                WHERE subscription = $1 AND journal_id <> ALL($5::bigint[])
+                  AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)
+                ORDER BY seq LIMIT $3
+                FOR UPDATE SKIP LOCKED
+            ), u AS (
+                UPDATE {s}.inbox i
+                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $4),
+                    deliveries = i.deliveries + 1
+                FROM c WHERE i.subscription = $1 AND i.journal_id = c.journal_id
+                RETURNING i.seq, i.journal_id, i.deliveries
+            )
+            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid
+            FROM u LEFT JOIN {s}.journal j ON j.id = u.journal_id
+            ORDER BY u.seq"""  # noqa: S608 - quoted identifier
+        self.ack = (
+            f"DELETE FROM {s}.inbox WHERE subscription = $1 AND journal_id = ANY($2::bigint[])"  # noqa: S608 - quoted identifier
+        )
+        self.release = f"""
+            UPDATE {s}.inbox SET claimed_by = NULL, claimed_until = NULL
+            WHERE subscription = $1 AND claimed_by = $2 AND journal_id = ANY($3::bigint[])
+        """  # noqa: S608 - quoted identifier
+        self.renew = f"""
+            UPDATE {s}.inbox SET claimed_until = now() + make_interval(secs => $3)
+            WHERE subscription = $1 AND claimed_by = $2 AND journal_id = ANY($4::bigint[])
+        """  # noqa: S608 - quoted identifier
+        self.dead_letter = f"""
+            INSERT INTO {s}.dead_letters
+                (subscription, channel, event_id, journal_id, payload, error, attempts)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)"""  # noqa: S608 - quoted identifier
+        # Retention: rows every subscription has taken in and handled, in bounded batches.
+        # A row is done for a subscription once it is visible in its ``snap`` (taken in)
+        # and gone from its inbox (handled). Nothing at or above the smallest ``xmax`` of
+        # those snapshots can be visible in all of them: that bounds the index scan.
+        self.prune_horizon = f"""
+            SELECT coalesce(min(pg_snapshot_xmax(snap)),
+                            pg_snapshot_xmin(pg_current_snapshot()))
+            FROM {s}.subscriptions"""  # noqa: S608 - quoted identifier
+        self.prune_done = f"""
+            WITH doomed AS (
+                SELECT j.id FROM {s}.journal j
+                WHERE j.xid < $2::xid8
+                  AND NOT EXISTS (
+                      SELECT 1 FROM {s}.subscriptions s
+                      WHERE NOT pg_visible_in_snapshot(j.xid, s.snap))
+                  AND NOT EXISTS (SELECT 1 FROM {s}.inbox i WHERE i.journal_id = j.id)
+                ORDER BY j.xid LIMIT $1
+            )
+            DELETE FROM {s}.journal WHERE id IN (SELECT id FROM doomed)"""  # noqa: S608 - quoted identifier
+        # ... and, whatever the subscriptions, rows older than the retention age. Only
+        # the head of the journal is looked at, so the scan stays bounded.
+        self.prune_old = f"""
+            WITH doomed AS (
+                SELECT id FROM (
+                    SELECT id, created_at FROM {s}.journal ORDER BY id LIMIT $1
+                ) AS head
+                WHERE created_at < now() - make_interval(secs => $2)
+            ), d AS (
+                DELETE FROM {s}.journal WHERE id IN (SELECT id FROM doomed) RETURNING id
+            ), i AS (
+                DELETE FROM {s}.inbox WHERE journal_id IN (SELECT id FROM d)
+            )
+            SELECT count(*) FROM d"""  # noqa: S608 - quoted identifier
+        self.prune_lock = "SELECT pg_try_advisory_xact_lock(hashtext('pgbus.durable.prune:' || $1))"

@@ -1,0 +1,66 @@
+"""Fixtures of the durable tests: a fresh, migrated schema per test, and durable buses."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+
+import pgbus
+from pgbus.durable import DurablePlugin, migrate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+
+@pytest.fixture
+def schema_name() -> str:
+    """A schema name no other test uses."""
+    return f"pgbus_t_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def schema(pg_dsn: str, schema_name: str) -> AsyncIterator[str]:
+    """A migrated durable schema, dropped after the test."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, schema_name)
+        yield schema_name
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
+        await conn.close()
+
+
+@pytest.fixture
+async def durable_bus(pg_dsn: str, schema: str) -> AsyncIterator[Callable[..., pgbus.Bus]]:
+    """Build durable buses on the test schema; all are stopped at teardown.
+
+    ``durable_bus(dsn=None, plugin=dict(...), **bus_options)``. The safety-net poll is
+    off (60 s) unless asked for, so tests exercise NOTIFY and resync wake-ups.
+    """
+    buses: list[pgbus.Bus] = []
+
+    def make(
+        dsn: str | None = None, plugin: dict[str, Any] | None = None, **options: Any
+    ) -> pgbus.Bus:
+        settings: dict[str, Any] = {"poll_interval": 60.0, "prune_interval": None}
+        settings.update(plugin or {})
+        options.setdefault("load_entrypoints", False)
+        options.setdefault("stop_timeout", 5.0)
+        bus = pgbus.Bus(dsn or pg_dsn, plugins=[DurablePlugin(schema, **settings)], **options)
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        await bus.stop()
+
+
+@pytest.fixture
+async def sql(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for SQL the test runs itself."""
+    conn = await asyncpg.connect(pg_dsn)
+    yield conn
+    await conn.close()

@@ -1,0 +1,155 @@
+"""Consumer groups: members with one durable name share the work, and survive a member's death."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pgbus
+
+MEMBER = Path(__file__).with_name("_member.py")
+
+
+def ticket_type(channel: str) -> type[pgbus.Event]:
+    class Ticket(pgbus.Event, channel=channel):
+        n: int
+        blob: str = ""
+
+    return Ticket
+
+
+async def test_two_members_handle_each_event_once(durable_bus, channel: str):
+    """Two buses with the same durable name: every event is handled by exactly one of them."""
+    ticket = ticket_type(channel)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    done = asyncio.Event()
+    total = 2000
+
+    def handler(member: str) -> Any:
+        async def handle(event: Any) -> None:
+            seen[member].append(event.n)
+            await asyncio.sleep(0)
+            if len(seen["a"]) + len(seen["b"]) >= total:
+                done.set()
+
+        return handle
+
+    a: pgbus.Bus = durable_bus(plugin={"batch_size": 10})
+    b: pgbus.Bus = durable_bus(plugin={"batch_size": 10})
+    a.subscribe(ticket, durable="workers")(handler("a"))
+    b.subscribe(ticket, durable="workers")(handler("b"))
+    async with a, b:
+        for start in range(0, total, 50):
+            await a.publish_many([ticket(n=i) for i in range(start, start + 50)])
+        await asyncio.wait_for(done.wait(), 30)
+    assert sorted(seen["a"] + seen["b"]) == list(range(total))
+    assert seen["a"]
+    assert seen["b"]
+    assert seen["a"] == sorted(seen["a"])  # each member's share is in order
+    assert seen["b"] == sorted(seen["b"])
+
+
+class Member:
+    """A group member in its own process; what it handled arrives on stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.handled: list[int] = []
+        self.changed = asyncio.Event()
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def spawn(cls, *args: str) -> Member:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(MEMBER),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line == b"ready\n", line
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.handled.append(int(line))
+            self.changed.set()
+
+    async def wait_for(self, n: int, timeout: float = 30.0) -> None:
+        async def until() -> None:
+            while len(self.handled) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+    async def close(self) -> None:
+        if self.proc.returncode is None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        await asyncio.wait_for(self.proc.wait(), 30)
+        await self.reader
+
+
+async def test_killed_member_work_goes_to_the_other(durable_bus, pg_dsn, schema, channel):
+    """SIGKILL one of two member processes midway: the other handles the rest after the lease."""
+    ticket = ticket_type(channel)
+    total = 2000
+    a = await Member.spawn(pg_dsn, schema, channel, "group")
+    b = await Member.spawn(pg_dsn, schema, channel, "group")
+    try:
+        publisher: pgbus.Bus = durable_bus()
+        for start in range(0, total, 100):
+            await publisher.publish_many([ticket(n=i) for i in range(start, start + 100)])
+        await a.wait_for(200)
+        a.proc.send_signal(signal.SIGKILL)
+        await a.proc.wait()
+        await a.reader
+
+        async def all_handled() -> None:
+            while set(a.handled) | set(b.handled) != set(range(total)):
+                b.changed.clear()
+                await b.changed.wait()
+
+        await asyncio.wait_for(all_handled(), 60)
+    finally:
+        for member in (a, b):
+            if member.proc.returncode is None:
+                await member.close()
+    counts_b = collections.Counter(b.handled)
+    assert max(counts_b.values()) == 1  # the survivor never handled one twice
+    assert max(collections.Counter(a.handled).values()) == 1
+    # The only events handled by both are those the killed member had handled but not yet
+    # acked: at most one claimed batch (batch_size=20 in _member.py).
+    assert len(set(a.handled) & set(b.handled)) <= 20
+
+
+async def test_lease_is_renewed_while_a_handler_runs(durable_bus, channel: str):
+    """A handler that runs longer than the lease keeps its claim: no other member takes it."""
+    ticket = ticket_type(channel)
+    handled: list[str] = []
+    finished = asyncio.Event()
+    settings = {"lease": 0.3, "poll_interval": 0.05}
+
+    def member(name: str) -> Any:
+        async def handle(event: Any) -> None:
+            handled.append(name)
+            await asyncio.sleep(1.5)  # five leases
+            finished.set()
+
+        return handle
+
+    a: pgbus.Bus = durable_bus(plugin=settings)
+    b: pgbus.Bus = durable_bus(plugin=settings)
+    a.subscribe(ticket, durable="slow")(member("a"))
+    b.subscribe(ticket, durable="slow")(member("b"))
+    async with a, b:
+        await a.publish(ticket(n=1))
+        await asyncio.wait_for(finished.wait(), 10)
+    assert len(handled) == 1
