@@ -1,0 +1,179 @@
+"""What every command shares: the DSN, model loading, consoles and one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+import click
+import pydantic
+from rich.console import Console
+
+from pgbus._events import Event
+from pgbus._util import redact_dsn
+from pgbus.errors import PgbusError
+from pgbus.server import ClusterError, ServerNotFound
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine, Iterable
+    from types import ModuleType
+
+T = TypeVar("T")
+
+#: Errors a command turns into one line on stderr and exit status 1, never a traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    PgbusError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    pydantic.ValidationError,
+    ValueError,  # asyncpg raises it for a malformed DSN (e.g. a port that is not a number)
+    ServerNotFound,
+    ClusterError,
+)
+
+
+#: What connecting (or talking) to PostgreSQL may raise; ValueError for a malformed DSN.
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    ValueError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+class CliError(click.ClickException):
+    """Bad input: reported in one line on stderr, exit status 1."""
+
+
+class State:
+    """What the ``pgbus`` group passes on to its commands (``ctx.obj``)."""
+
+    def __init__(self, dsn: str | None, timeout: float) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+
+    def require_dsn(self) -> str:
+        """The DSN, or a one-line usage error when there is none."""
+        if not self.dsn:
+            raise CliError("no database: pass --dsn or set PGBUS_DSN")
+        return self.dsn
+
+
+def stdout() -> Console:
+    """A console on stdout (colour only on a terminal)."""
+    return Console(highlight=False, soft_wrap=True)
+
+
+def stderr() -> Console:
+    """A console on stderr for progress and status lines."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def one_line(error: BaseException) -> str:
+    """Describe ``error`` in one line, the way the CLI reports it."""
+    if isinstance(error, pydantic.ValidationError):
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "input"
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        return f"invalid {error.title}: {where}: {first['msg']}{more}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError | TimeoutError | asyncpg.InterfaceError):
+        return f"cannot reach PostgreSQL: {text}"
+    if isinstance(error, asyncpg.PostgresError):
+        return f"PostgreSQL: {text}"
+    return text
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion; expected errors become a :class:`click.ClickException`."""
+    try:
+        return asyncio.run(coro)
+    except BrokenPipeError:
+        raise
+    except EXPECTED_ERRORS as exc:
+        raise click.ClickException(one_line(exc)) from exc
+
+
+def show_dsn(dsn: str) -> str:
+    """The DSN with its password hidden."""
+    return redact_dsn(dsn)
+
+
+def import_module(module_name: str) -> ModuleType:
+    """Import ``module_name``, from the current directory too (like ``python -m``).
+
+    :raises CliError: when it cannot be imported.
+    """
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise CliError(f"importing {module_name!r} failed: {exc!r}") from exc
+
+
+def load_model(path: str) -> type[Event]:
+    """Import ``module:Class`` and check that it is a :class:`pgbus.Event` with a channel.
+
+    :raises CliError: when it cannot be imported or is not an event type.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"{path!r} is not of the form module:Class")
+    obj: Any = import_module(module_name)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CliError(f"{module_name!r} has no attribute {attr!r}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Event)):
+        raise CliError(f"{path} is not a pgbus.Event subclass")
+    if obj.pgbus_channel is None:
+        raise CliError(f"{path} has no channel (class keyword channel=...)")
+    return obj
+
+
+def load_models(targets: Iterable[str]) -> list[type[Event]]:
+    """Event types named by ``module:Class`` targets, or every one defined in a ``module``.
+
+    :raises CliError: when a target names nothing usable.
+    """
+    found: dict[type[Event], None] = {}
+    for target in targets:
+        if ":" in target:
+            found[load_model(target)] = None
+            continue
+        module = import_module(target)
+        events = [
+            value
+            for value in vars(module).values()
+            if isinstance(value, type)
+            and issubclass(value, Event)
+            and value is not Event
+            and value.pgbus_channel is not None
+        ]
+        if not events:
+            raise CliError(f"module {target!r} defines no pgbus.Event with a channel")
+        found.update(dict.fromkeys(events))
+    return list(found)
+
+
+def model_path(model: type[Event]) -> str:
+    """``module:QualifiedName`` of an event type."""
+    return f"{model.__module__}:{model.__qualname__}"
+
+
+def dumps(obj: object) -> str:
+    """Compact JSON for ``--json`` output (one line)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
