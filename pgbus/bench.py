@@ -1,0 +1,1692 @@
+"""``pgbus bench``: pgbus measured side by side with raw asyncpg, in the same run.
+
+Every pgbus figure has a baseline written with asyncpg alone (and pydantic where the
+scenario decodes), measured in the same process, against the same server, with the same
+payloads. Repetitions of pgbus and of its baseline are interleaved (the order rotates
+from one repetition to the next), and the table reports the median with the min and max,
+because the machine's speed drifts between runs while the ratio does not.
+
+Scenarios:
+
+``publish``
+    one event per call: ``await bus.publish(event)`` against
+    ``pool.execute("SELECT pg_notify($1, $2)", channel, event.model_dump_json())``.
+``publish_many``
+    100 typed events per call, ``bus.publish_many(events)``, against one
+    ``SELECT pg_notify($1, x) FROM unnest($2::text[])`` of 100 payloads encoded
+    beforehand (the ``raw + model_dump_json`` peer encodes them in the loop).
+``receive``
+    typed events decoded, routed and handled by an ``async def`` handler with every
+    default plugin on, against a raw listener whose sync callback validates the same
+    pydantic model; ``broadcaster`` is a peer when it is installed. The events are made
+    by PostgreSQL itself (``generate_series``), so the publisher costs this process
+    nothing. Every event must arrive: ``lost`` counts those that did not.
+``receive_metrics``
+    the same pgbus receive with the metrics plugin on, against it blocked.
+``latency_1k`` and ``latency_5k``
+    publish to handler entry at a paced rate, p99 (p50 and max in the details).
+``fanout``
+    100 ``Bus`` instances against 100 raw listener connections, one process,
+    deliveries per second. When the server has too few free connections a throwaway
+    cluster (``max_connections=400``) is started for it, or the count is scaled down.
+``memory``
+    the RSS of a listener process (``/proc/<pid>/status``) after 10k events and after
+    1M; the figure is the growth in MB.
+``durable_publish`` and ``durable_receive``
+    the durable mode against plain NOTIFY (``publish_many``; publish to handled), when
+    :mod:`pgbus.durable` is installed.
+
+The baseline is raw asyncpg everywhere except ``receive_metrics`` (pgbus with the
+metrics plugin blocked) and the durable scenarios (pgbus with plain NOTIFY).
+
+Run it as ``pgbus bench`` or ``python -m pgbus.bench``; ``--quick`` runs every scenario
+with small counts (well under a minute) and asserts only that nothing was lost.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+import pydantic
+
+from pgbus._bus import Bus
+from pgbus._events import Event
+from pgbus._version import __version__
+from pgbus.server import ClusterError, ServerNotFound, TempCluster, find_bindirs, local_server
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+
+__all__ = [
+    "BENCHES",
+    "SCENARIOS",
+    "Config",
+    "Measure",
+    "Result",
+    "Series",
+    "main",
+    "markdown",
+    "run",
+    "run_benches",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The single-publish statement both sides use.
+NOTIFY_ONE: Final = "SELECT pg_notify($1, $2)"
+#: The raw batch statement (one channel, many payloads).
+NOTIFY_UNNEST: Final = "SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x"
+#: Events made by the server: ``format($2, i)`` for ``i`` in ``[$3, $4]``.
+NOTIFY_SERIES: Final = (
+    "SELECT count(pg_notify($1, format($2, i))) FROM generate_series($3::int, $4::int) AS i"
+)
+#: Events per server-side statement (one transaction) when filling a listener.
+SERIES_BATCH: Final = 10_000
+#: Seconds without a new arrival after which the missing events count as lost.
+STALL_SECONDS: Final = 10.0
+#: How often a wait for arrivals looks at the count.
+POLL_SECONDS: Final = 0.25
+#: Seconds a wait for arrivals may take in all.
+MAX_WAIT_SECONDS: Final = 600.0
+#: Events the memory scenario lets its listener process have outstanding.
+MEMORY_WINDOW: Final = 20_000
+#: Connections a scenario keeps besides its listeners (publisher, pools, headroom).
+SPARE_CONNECTIONS: Final = 20
+
+SCENARIOS: Final = (
+    "publish",
+    "publish_many",
+    "receive",
+    "receive_metrics",
+    "latency_1k",
+    "latency_5k",
+    "fanout",
+    "memory",
+    "durable_publish",
+    "durable_receive",
+)
+
+
+class BenchData(pydantic.BaseModel):
+    """The fields of the benchmark's event (the raw side validates this model)."""
+
+    seq: int
+    name: str
+    value: float
+    tags: list[str]
+    sent: float
+
+
+class BenchEvent(Event):
+    """The benchmark's typed event (without a channel; each run binds its own)."""
+
+    seq: int
+    name: str
+    value: float
+    tags: list[str]
+    sent: float
+
+
+class RawEnvelope(pydantic.BaseModel):
+    """The pgbus envelope as a plain pydantic model: what a raw listener validates."""
+
+    v: int
+    id: str
+    type: str
+    ts: float
+    data: BenchData
+
+
+def event_class(channel: str) -> type[BenchEvent]:
+    """A :class:`BenchEvent` subclass bound to ``channel`` (a fresh one per scenario)."""
+
+    class Bench(BenchEvent, channel=channel, event_type="BenchEvent"):
+        pass
+
+    return Bench
+
+
+def new_channel(tag: str) -> str:
+    """A channel name no other run uses."""
+    return f"pgbus_bench_{tag}_{uuid.uuid4().hex[:10]}"
+
+
+def envelope_template(ts: float | None = None) -> str:
+    """A ``format()`` template of the pgbus envelope; ``%1$s`` becomes the sequence number.
+
+    It is exactly what the built-in codec writes, so pgbus decodes it as an event. Event
+    ids are unique per template (a fresh prefix), as a publisher's are: the receive path
+    drops an id it has seen recently.
+    """
+    stamp = time.time() if ts is None else ts
+    prefix = uuid.uuid4().hex[:12]
+    data = '{"seq":%1$s,"name":"bench","value":1.5,"tags":["a","b"],"sent":0.0}'
+    return f'{{"v":1,"type":"BenchEvent","id":"{prefix}%1$s","ts":{stamp!r},"data":{data}}}'
+
+
+def make_event(cls: type[BenchEvent], seq: int, sent: float = 0.0) -> BenchEvent:
+    """One event with the benchmark's payload."""
+    return cls(seq=seq, name="bench", value=1.5, tags=["a", "b"], sent=sent)
+
+
+async def publish_series(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    channel: str,
+    template: str,
+    first: int,
+    last: int,
+    *,
+    batch: int = SERIES_BATCH,
+) -> None:
+    """Let the server NOTIFY ``template`` for each seq in ``[first, last]``, batch per commit."""
+    start = first
+    while start <= last:
+        end = min(last, start + batch - 1)
+        await conn.fetchval(NOTIFY_SERIES, channel, template, start, end)
+        start = end + 1
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(slots=True)
+class Measure:
+    """One repetition of one side: its figure, what it lost, and any details."""
+
+    value: float
+    lost: int | None = 0
+    details: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
+class Series:
+    """Every repetition of one side of a scenario."""
+
+    measures: list[Measure] = dataclasses.field(default_factory=list)
+
+    @property
+    def values(self) -> list[float]:
+        """The figures, in run order."""
+        return [m.value for m in self.measures]
+
+    @property
+    def median(self) -> float | None:
+        """The median figure."""
+        return statistics.median(self.values) if self.measures else None
+
+    @property
+    def lost(self) -> int | None:
+        """Events lost over every repetition (``None``: this side receives nothing)."""
+        counts = [m.lost for m in self.measures if m.lost is not None]
+        return sum(counts) if counts else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The series as JSON: median, min, max, every value, lost, median details."""
+        values = self.values
+        keys = dict.fromkeys(k for m in self.measures for k in m.details)
+        details = {
+            k: statistics.median([m.details[k] for m in self.measures if k in m.details])
+            for k in keys
+        }
+        return {
+            "median": _round(self.median),
+            "min": _round(min(values)) if values else None,
+            "max": _round(max(values)) if values else None,
+            "values": [_round(v) for v in values],
+            "lost": self.lost,
+            "details": {k: _round(v) for k, v in details.items()},
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class Result:
+    """One scenario: pgbus, its baseline, peers, and whether the target was met."""
+
+    name: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    target: str
+    pgbus: Series = dataclasses.field(default_factory=Series)
+    baseline: Series = dataclasses.field(default_factory=Series)
+    peers: dict[str, Series] = dataclasses.field(default_factory=dict)
+    check: Callable[[float, float], bool] | None = None
+    #: whether pgbus / baseline means something (not for growths near zero)
+    has_ratio: bool = True
+    notes: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    skipped: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """The median of pgbus divided by the median of the baseline."""
+        p, b = self.pgbus.median, self.baseline.median
+        if not self.has_ratio or p is None or b is None or b == 0:
+            return None
+        return p / b
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target holds for the medians and pgbus lost nothing.
+
+        ``None`` when there is no target or no figures to judge.
+        """
+        p, b = self.pgbus.median, self.baseline.median
+        if self.check is None or p is None or b is None:
+            return None
+        return self.check(p, b) and not self.pgbus.lost
+
+    @property
+    def lost(self) -> int | None:
+        """Events lost by pgbus, the baseline and the peers together."""
+        counts = [s.lost for s in (self.pgbus, self.baseline, *self.peers.values())]
+        known = [c for c in counts if c is not None]
+        return sum(known) if known else None
+
+    @property
+    def ok(self) -> bool:
+        """Whether it ran (or was skipped on purpose) without errors or losses."""
+        return self.error is None and not self.lost
+
+    def to_json(self) -> dict[str, Any]:
+        """The scenario as one JSON object."""
+        ratio = self.ratio
+        return {
+            "name": self.name,
+            "title": self.title,
+            "unit": self.unit,
+            "higher_is_better": self.higher_is_better,
+            "pgbus": _round(self.pgbus.median),
+            "baseline": _round(self.baseline.median),
+            "ratio": round(ratio, 3) if ratio is not None else None,
+            "target": self.target,
+            "met": self.met,
+            "lost": self.lost,
+            "reps": len(self.pgbus.measures),
+            "pgbus_stats": self.pgbus.to_json(),
+            "baseline_stats": self.baseline.to_json(),
+            "peers": {name: s.to_json() for name, s in self.peers.items()},
+            "notes": self.notes,
+            "error": self.error,
+            "skipped": self.skipped,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if value == 0 or not math.isfinite(value):
+        return value
+    digits = max(0, 3 - math.floor(math.log10(abs(value))))
+    return round(value, digits)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass(slots=True)
+class Config:
+    """Counts and repetitions of one run."""
+
+    dsn: str
+    quick: bool
+    reps: int
+    publish_events: int
+    publish_many_calls: int
+    batch: int
+    receive_events: int
+    latency_seconds: float
+    fanout_listeners: int
+    fanout_events: int
+    memory_small: int
+    memory_large: int
+    memory_reps: int
+    durable_events: int
+    progress: Callable[[str], None]
+
+    @classmethod
+    def make(
+        cls,
+        dsn: str,
+        *,
+        quick: bool,
+        reps: int | None,
+        progress: Callable[[str], None],
+    ) -> Config:
+        """The counts of a full run, or of a quick one."""
+        if quick:
+            return cls(
+                dsn=dsn,
+                quick=True,
+                reps=reps or 1,
+                publish_events=200,
+                publish_many_calls=20,
+                batch=100,
+                receive_events=5_000,
+                latency_seconds=0.3,
+                fanout_listeners=10,
+                fanout_events=100,
+                memory_small=2_000,
+                memory_large=20_000,
+                memory_reps=1,
+                durable_events=200,
+                progress=progress,
+            )
+        return cls(
+            dsn=dsn,
+            quick=False,
+            reps=reps or 5,
+            publish_events=3_000,
+            publish_many_calls=500,
+            batch=100,
+            receive_events=100_000,
+            latency_seconds=2.0,
+            fanout_listeners=100,
+            fanout_events=2_000,
+            memory_small=10_000,
+            memory_large=1_000_000,
+            memory_reps=min(reps or 3, 3),
+            durable_events=2_000,
+            progress=progress,
+        )
+
+
+# ------------------------------------------------------------------------- machinery
+
+
+class Stopwatch:
+    """Wall-clock and CPU time (of this process) since it was made."""
+
+    __slots__ = ("cpu", "wall")
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def measure(self, events: int, lost: int | None, until: float | None = None) -> Measure:
+        """Events per wall-clock second, with this process's CPU µs per event.
+
+        The CPU time per event barely depends on what else runs on the machine, so it
+        is the steadier figure on a shared machine. When events were lost, the rate is
+        that of the events that arrived, up to the last arrival (``until``).
+
+        :param events: the events sent.
+        :param lost: how many of them did not arrive (``None``: nothing was received).
+        :param until: when the last one arrived (``time.perf_counter()``; default: now).
+        """
+        end = until if until is not None and lost else time.perf_counter()
+        arrived = events - (lost or 0)
+        wall = max(end - self.wall, 1e-9)
+        cpu = time.process_time() - self.cpu
+        per_event = cpu / max(arrived, 1) * 1e6
+        return Measure(arrived / wall, lost, {"cpu_us_per_event": per_event})
+
+
+class Counter:
+    """Counts arrivals and resolves a future when the expected number is reached."""
+
+    __slots__ = ("count", "done", "expected", "last_arrival")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.expected = 0
+        self.done: asyncio.Future[None] | None = None
+        #: ``time.perf_counter()`` when the count last grew, as seen by :meth:`wait`
+        self.last_arrival = 0.0
+
+    def arm(self, expected: int) -> asyncio.Future[None]:
+        """Start counting towards ``expected``."""
+        self.count = 0
+        self.expected = expected
+        self.done = asyncio.get_running_loop().create_future()
+        return self.done
+
+    def hit(self) -> None:
+        """Count one arrival."""
+        self.count += 1
+        if self.count >= self.expected:
+            done = self.done
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def wait(self, stall: float = STALL_SECONDS) -> int:
+        """Wait for the expected count while events keep arriving; return how many are missing.
+
+        It gives up once nothing arrived for ``stall`` seconds (or after
+        :data:`MAX_WAIT_SECONDS` in all): a slow machine is slow, not lossy. When it
+        gives up, :attr:`last_arrival` tells when the last event came (within
+        :data:`POLL_SECONDS`), so that a rate can leave out the wait.
+        """
+        done = self.done
+        if done is None:
+            return 0
+        now = time.perf_counter()
+        deadline = now + MAX_WAIT_SECONDS
+        seen, self.last_arrival = self.count, now
+        while not done.done() and now - self.last_arrival < stall and now < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), POLL_SECONDS)
+            now = time.perf_counter()
+            if self.count != seen:
+                seen, self.last_arrival = self.count, now
+        if done.done():
+            self.last_arrival = time.perf_counter()
+        return max(0, self.expected - self.count)
+
+
+async def interleave(
+    result: Result,
+    reps: int,
+    sides: Sequence[tuple[str, Callable[[], Awaitable[Measure]]]],
+    progress: Callable[[str], None],
+) -> None:
+    """Run every side ``reps`` times, rotating their order each repetition."""
+    for rep in range(reps):
+        shift = rep % len(sides)
+        order = [*sides[shift:], *sides[:shift]]
+        for name, run in order:
+            progress(f"{result.name}: {name} ({rep + 1}/{reps})")
+            measure = await run()
+            gc.collect()
+            if name == "pgbus":
+                result.pgbus.measures.append(measure)
+            elif name == "baseline":
+                result.baseline.measures.append(measure)
+            else:
+                result.peers.setdefault(name, Series()).measures.append(measure)
+
+
+@contextlib.asynccontextmanager
+async def raw_listener(
+    dsn: str, channel: str, callback: Callable[..., None]
+) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection LISTENing on ``channel`` with ``callback``."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        await conn.add_listener(channel, callback)
+        yield conn
+    finally:
+        await conn.close()
+
+
+# ------------------------------------------------------------------- 1. publish (one)
+
+
+async def bench_publish(cfg: Config) -> Result:
+    """One event per call: pgbus ``publish`` against ``pg_notify`` on a pool connection."""
+    result = Result(
+        "publish",
+        "publish, one event per call",
+        "events/s",
+        higher_is_better=True,
+        target="ratio >= 0.85",
+        check=lambda p, b: p >= 0.85 * b,
+    )
+    cls = event_class(new_channel("pub"))
+    channel = cls.pgbus_channel or ""
+    events = [make_event(cls, i) for i in range(cfg.publish_events)]
+    n = len(events)
+    pool = await asyncpg.create_pool(cfg.dsn, min_size=1, max_size=10)
+    try:
+        async with Bus(cfg.dsn, load_entrypoints=False) as bus:
+
+            async def run_pgbus() -> Measure:
+                publish = bus.publish
+                watch = Stopwatch()
+                for event in events:
+                    await publish(event)
+                return watch.measure(n, None)
+
+            async def run_raw() -> Measure:
+                execute = pool.execute
+                watch = Stopwatch()
+                for event in events:
+                    await execute(NOTIFY_ONE, channel, event.model_dump_json())
+                return watch.measure(n, None)
+
+            for event in events[:50]:  # warm up both paths (prepared statements, pools)
+                await bus.publish(event)
+                await pool.execute(NOTIFY_ONE, channel, event.model_dump_json())
+            await interleave(
+                result, cfg.reps, [("pgbus", run_pgbus), ("baseline", run_raw)], cfg.progress
+            )
+    finally:
+        await pool.close()
+    result.notes.append("raw: pool.execute('SELECT pg_notify($1, $2)', ch, e.model_dump_json())")
+    return result
+
+
+# ---------------------------------------------------------------- 2. publish_many
+
+
+async def bench_publish_many(cfg: Config) -> Result:
+    """``publish_many`` of 100 typed events against one raw ``unnest`` statement."""
+    result = Result(
+        "publish_many",
+        f"publish_many, {cfg.batch} events per call",
+        "events/s",
+        higher_is_better=True,
+        target="ratio >= 0.5",
+        check=lambda p, b: p >= 0.5 * b,
+    )
+    cls = event_class(new_channel("many"))
+    channel = cls.pgbus_channel or ""
+    events = [make_event(cls, i) for i in range(cfg.batch)]
+    # unique within the batch: identical NOTIFYs in one transaction are delivered once
+    payloads = [e.model_dump_json() for e in events]
+    calls = cfg.publish_many_calls
+    total = calls * len(events)
+    pool = await asyncpg.create_pool(cfg.dsn, min_size=1, max_size=10)
+    try:
+        async with Bus(cfg.dsn, load_entrypoints=False) as bus:
+
+            async def run_pgbus() -> Measure:
+                publish_many = bus.publish_many
+                watch = Stopwatch()
+                for _ in range(calls):
+                    await publish_many(events)
+                return watch.measure(total, None)
+
+            async def run_raw() -> Measure:
+                execute = pool.execute
+                watch = Stopwatch()
+                for _ in range(calls):
+                    await execute(NOTIFY_UNNEST, channel, payloads)
+                return watch.measure(total, None)
+
+            async def run_raw_encoding() -> Measure:
+                execute = pool.execute
+                watch = Stopwatch()
+                for _ in range(calls):
+                    await execute(NOTIFY_UNNEST, channel, [e.model_dump_json() for e in events])
+                return watch.measure(total, None)
+
+            for _ in range(5):
+                await bus.publish_many(events)
+                await pool.execute(NOTIFY_UNNEST, channel, payloads)
+            await interleave(
+                result,
+                cfg.reps,
+                [
+                    ("pgbus", run_pgbus),
+                    ("baseline", run_raw),
+                    ("raw + model_dump_json", run_raw_encoding),
+                ],
+                cfg.progress,
+            )
+    finally:
+        await pool.close()
+    result.notes.append(
+        "raw: one 'SELECT pg_notify($1, x) FROM unnest($2::text[])' of payloads encoded"
+        " beforehand; the 'raw + model_dump_json' peer encodes them in the loop"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------- 3. receive
+
+
+async def _receive_pgbus(
+    cfg: Config, *, disable: Sequence[str] = ()
+) -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
+    """A running Bus with an async handler, and a runner that fills and times it."""
+    cls = event_class(new_channel("recv"))
+    channel = cls.pgbus_channel or ""
+    counter = Counter()
+    bus = Bus(cfg.dsn, load_entrypoints=False, disable_plugins=disable)
+
+    @bus.subscribe(cls)
+    async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - the event is what is handled
+        counter.hit()
+
+    template = envelope_template()
+    pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+    try:
+        async with bus:
+
+            async def run() -> Measure:
+                n = cfg.receive_events
+                counter.arm(n)
+                watch = Stopwatch()
+                await publish_series(pub, channel, envelope_template(), 1, n)
+                lost = await counter.wait()
+                return watch.measure(n, lost, counter.last_arrival)
+
+            counter.arm(2_000)  # warm up
+            await publish_series(pub, channel, template, 1, 2_000)
+            await counter.wait()
+            yield run
+    finally:
+        await pub.close()
+
+
+async def _receive_raw(cfg: Config) -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
+    """A raw listener whose sync callback validates the envelope with pydantic."""
+    channel = new_channel("raw")
+    counter = Counter()
+    validate = RawEnvelope.model_validate_json
+    hit = counter.hit
+
+    def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        validate(payload)
+        hit()
+
+    template = envelope_template()
+    pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+    try:
+        async with raw_listener(cfg.dsn, channel, callback):
+
+            async def run() -> Measure:
+                n = cfg.receive_events
+                counter.arm(n)
+                watch = Stopwatch()
+                await publish_series(pub, channel, envelope_template(), 1, n)
+                lost = await counter.wait()
+                return watch.measure(n, lost, counter.last_arrival)
+
+            counter.arm(2_000)
+            await publish_series(pub, channel, template, 1, 2_000)
+            await counter.wait()
+            yield run
+    finally:
+        await pub.close()
+
+
+async def _receive_broadcaster(cfg: Config) -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
+    """The postgres backend of broadcaster, its subscriber validating the same model."""
+    from broadcaster import Broadcast  # noqa: PLC0415 - an optional peer
+
+    channel = new_channel("bcast")
+    counter = Counter()
+    validate = RawEnvelope.model_validate_json
+    ready = asyncio.get_running_loop().create_future()
+    broadcast = Broadcast(cfg.dsn)
+    await broadcast.connect()
+
+    async def consume() -> None:
+        async with broadcast.subscribe(channel) as subscriber:
+            ready.set_result(None)
+            while True:
+                item = await subscriber.get()
+                validate(item.message)
+                counter.hit()
+
+    task = asyncio.create_task(consume())
+    template = envelope_template()
+    pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+    try:
+        await asyncio.wait_for(ready, 30)
+
+        async def run() -> Measure:
+            n = cfg.receive_events
+            counter.arm(n)
+            watch = Stopwatch()
+            await publish_series(pub, channel, envelope_template(), 1, n)
+            lost = await counter.wait()
+            return watch.measure(n, lost, counter.last_arrival)
+
+        counter.arm(2_000)
+        await publish_series(pub, channel, template, 1, 2_000)
+        await counter.wait()
+        yield run
+    finally:
+        await pub.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await broadcast.disconnect()
+
+
+def broadcaster_installed() -> bool:
+    """Whether the optional peer ``broadcaster`` can be imported."""
+    return importlib.util.find_spec("broadcaster") is not None
+
+
+async def bench_receive(cfg: Config) -> Result:
+    """Receive throughput: pgbus with every default plugin against a raw listener."""
+    result = Result(
+        "receive",
+        "receive: decode + route + async handler, all default plugins",
+        "events/s",
+        higher_is_better=True,
+        target="ratio >= 0.6, lost = 0",
+        check=lambda p, b: p >= 0.6 * b,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        sides: list[tuple[str, Callable[[], Awaitable[Measure]]]] = [
+            ("pgbus", await stack.enter_async_context(_as_cm(_receive_pgbus(cfg)))),
+            ("baseline", await stack.enter_async_context(_as_cm(_receive_raw(cfg)))),
+        ]
+        if broadcaster_installed():
+            bcast = await stack.enter_async_context(_as_cm(_receive_broadcaster(cfg)))
+            sides.append(("broadcaster", bcast))
+        else:
+            result.notes.append("broadcaster is not installed (pip install 'pgbus[bench]')")
+        await interleave(result, cfg.reps, sides, cfg.progress)
+    result.notes.append(
+        "raw: asyncpg listener, sync callback RawEnvelope.model_validate_json(payload);"
+        " events made by the server (generate_series), 10k per commit"
+    )
+    return result
+
+
+async def bench_receive_metrics(cfg: Config) -> Result:
+    """The cost of the metrics plugin: pgbus receive with it on, against it blocked."""
+    result = Result(
+        "receive_metrics",
+        "receive: metrics plugin on (pgbus) vs blocked (baseline)",
+        "events/s",
+        higher_is_better=True,
+        target="ratio >= 0.9",
+        check=lambda p, b: p >= 0.9 * b,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        on = await stack.enter_async_context(_as_cm(_receive_pgbus(cfg)))
+        off = await stack.enter_async_context(_as_cm(_receive_pgbus(cfg, disable=["metrics"])))
+        await interleave(result, cfg.reps, [("pgbus", on), ("baseline", off)], cfg.progress)
+    return result
+
+
+def _as_cm(
+    gen: AsyncIterator[Callable[[], Awaitable[Measure]]],
+) -> contextlib.AbstractAsyncContextManager[Callable[[], Awaitable[Measure]]]:
+    """Turn a one-yield async generator into an async context manager."""
+
+    @contextlib.asynccontextmanager
+    async def cm() -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
+        run = await anext(gen)
+        try:
+            yield run
+        finally:
+            with contextlib.suppress(StopAsyncIteration):
+                await anext(gen)
+
+    return cm()
+
+
+# ------------------------------------------------------------------------- 4. latency
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+async def paced(rate: float, count: int, send: Callable[[int], Awaitable[None]]) -> None:
+    """Call ``send(i)`` ``count`` times at ``rate`` per second, catching up after late wake-ups.
+
+    The event loop sleeps with millisecond resolution, so above 1000/s the sends come
+    in short bursts, each at its due time or just after.
+    """
+    interval = 1.0 / rate
+    started = time.perf_counter()
+    for i in range(count):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send(i)
+
+
+def _latency_measure(samples: list[float], expected: int, sent_per_s: float) -> Measure:
+    if not samples:
+        return Measure(math.inf, expected)
+    micro = [s * 1e6 for s in samples]
+    return Measure(
+        percentile(micro, 0.99),
+        expected - len(samples),
+        {
+            "p50": percentile(micro, 0.50),
+            "p99": percentile(micro, 0.99),
+            "max": max(micro),
+            "sent_per_s": sent_per_s,
+        },
+    )
+
+
+async def _latency_run(
+    rate: float,
+    count: int,
+    send: Callable[[int], Awaitable[None]],
+    samples: list[float],
+    counter: Counter,
+) -> Measure:
+    """Send ``count`` events at ``rate``, wait for them, measure the latencies."""
+    samples.clear()
+    counter.arm(count)
+    sending = time.perf_counter()
+    await paced(rate, count, send)
+    sent_per_s = count / (time.perf_counter() - sending)
+    await counter.wait()
+    return _latency_measure(samples, count, sent_per_s)
+
+
+async def bench_latency(cfg: Config, rate: int) -> Result:
+    """Publish to handler entry at ``rate`` events/s: pgbus against a raw callback."""
+    name = f"latency_{rate // 1000}k"
+    result = Result(
+        name,
+        f"latency publish -> handler entry at {rate:,} events/s (p99)",
+        "µs",
+        higher_is_better=False,
+        target="p99 <= raw p99 + 500 µs",
+        check=lambda p, b: p <= b + 500,
+    )
+    count = max(50, int(rate * cfg.latency_seconds))
+    clock = time.perf_counter
+
+    cls = event_class(new_channel("lat"))
+    samples: list[float] = []
+    counter = Counter()
+    bus = Bus(cfg.dsn, load_entrypoints=False)
+
+    @bus.subscribe(cls)
+    async def handle(event: BenchEvent) -> None:
+        samples.append(clock() - event.sent)
+        counter.hit()
+
+    raw_channel = new_channel("rawlat")
+    raw_samples: list[float] = []
+    raw_counter = Counter()
+    validate = BenchData.model_validate_json
+
+    def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        data = validate(payload)
+        raw_samples.append(clock() - data.sent)
+        raw_counter.hit()
+
+    pool = await asyncpg.create_pool(cfg.dsn, min_size=1, max_size=10)
+    try:
+        async with bus, raw_listener(cfg.dsn, raw_channel, callback):
+
+            async def send_pgbus(i: int) -> None:
+                await bus.publish(make_event(cls, i, clock()))
+
+            async def send_raw(i: int) -> None:
+                data = BenchData(seq=i, name="bench", value=1.5, tags=["a", "b"], sent=clock())
+                await pool.execute(NOTIFY_ONE, raw_channel, data.model_dump_json())
+
+            async def run_pgbus() -> Measure:
+                return await _latency_run(rate, count, send_pgbus, samples, counter)
+
+            async def run_raw() -> Measure:
+                return await _latency_run(rate, count, send_raw, raw_samples, raw_counter)
+
+            counter.arm(50)
+            raw_counter.arm(50)
+            await paced(rate, 50, send_pgbus)
+            await paced(rate, 50, send_raw)
+            await counter.wait()
+            await raw_counter.wait()
+            await interleave(
+                result, cfg.reps, [("pgbus", run_pgbus), ("baseline", run_raw)], cfg.progress
+            )
+    finally:
+        await pool.close()
+    result.notes.append(
+        f"{count} events per repetition, one process; raw: pg_notify on a pool connection,"
+        " sync callback validating BenchData"
+    )
+    return result
+
+
+# -------------------------------------------------------------------------- 5. fan-out
+
+
+@contextlib.asynccontextmanager
+async def fanout_server(cfg: Config, listeners: int) -> AsyncIterator[tuple[str, int, str]]:
+    """A server with room for ``listeners`` connections: ``(dsn, listeners, where)``.
+
+    The configured server when it has the room; else a throwaway cluster with
+    ``max_connections=400``; else the configured server with fewer listeners.
+    """
+    conn: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+    try:
+        limit = int(await conn.fetchval("SHOW max_connections"))
+        reserved = int(await conn.fetchval("SHOW superuser_reserved_connections"))
+        used = int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity"))
+    finally:
+        await conn.close()
+    free = limit - reserved - used
+    if free >= listeners + SPARE_CONNECTIONS:
+        yield cfg.dsn, listeners, f"the configured server ({free} connections free)"
+        return
+    cluster = _start_cluster(max(400, 2 * listeners + 50)) if find_bindirs() else None
+    if cluster is not None:
+        try:
+            yield (
+                cluster.dsn,
+                listeners,
+                (
+                    f"a throwaway cluster with max_connections={max(400, 2 * listeners + 50)}"
+                    f" (the configured server had {free} connections free)"
+                ),
+            )
+        finally:
+            cluster.destroy()
+        return
+    scaled = max(1, free - SPARE_CONNECTIONS)
+    yield cfg.dsn, scaled, f"the configured server, scaled down to {scaled} listeners"
+
+
+def _start_cluster(max_connections: int) -> TempCluster | None:
+    cluster = TempCluster(max_connections=max_connections)
+    try:
+        cluster.start()
+    except (ClusterError, OSError) as exc:
+        logger.warning("cannot start a throwaway cluster for the fan-out: %s", exc)
+        cluster.destroy()
+        return None
+    return cluster
+
+
+async def bench_fanout(cfg: Config) -> Result:
+    """``N`` Bus instances against ``N`` raw listener connections, in one process."""
+    result = Result(
+        "fanout",
+        f"fan-out: {cfg.fanout_listeners} Bus instances vs raw listener connections",
+        "deliveries/s",
+        higher_is_better=True,
+        target="ratio >= 0.5",
+        check=lambda p, b: p >= 0.5 * b,
+    )
+    async with fanout_server(cfg, cfg.fanout_listeners) as (dsn, listeners, where):
+        result.notes.append(f"{listeners} listeners on {where}")
+        result.title = f"fan-out: {listeners} Bus instances vs {listeners} raw listeners"
+        m = cfg.fanout_events
+        expected = listeners * m
+        template = envelope_template()
+        batch = 100
+        pub: asyncpg.Connection = await asyncpg.connect(dsn)
+        try:
+
+            async def run_pgbus() -> Measure:
+                cls = event_class(new_channel("fan"))
+                channel = cls.pgbus_channel or ""
+                counter = Counter()
+
+                async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - counted only
+                    counter.hit()
+
+                buses = [
+                    Bus(dsn, load_entrypoints=False, pool_max_size=1) for _ in range(listeners)
+                ]
+                for bus in buses:
+                    bus.subscribe(cls)(handle)
+                try:
+                    await asyncio.gather(*(b.start() for b in buses))
+                    counter.arm(expected)
+                    watch = Stopwatch()
+                    await publish_series(pub, channel, template, 1, m, batch=batch)
+                    lost = await counter.wait()
+                    return watch.measure(expected, lost, counter.last_arrival)
+                finally:
+                    await asyncio.gather(*(b.stop() for b in buses))
+
+            async def run_raw() -> Measure:
+                channel = new_channel("rawfan")
+                counter = Counter()
+                validate = RawEnvelope.model_validate_json
+                hit = counter.hit
+
+                def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+                    validate(payload)
+                    hit()
+
+                async with contextlib.AsyncExitStack() as stack:
+                    await asyncio.gather(
+                        *(
+                            stack.enter_async_context(raw_listener(dsn, channel, callback))
+                            for _ in range(listeners)
+                        )
+                    )
+                    counter.arm(expected)
+                    watch = Stopwatch()
+                    await publish_series(pub, channel, template, 1, m, batch=batch)
+                    lost = await counter.wait()
+                    return watch.measure(expected, lost, counter.last_arrival)
+
+            reps = min(cfg.reps, 3)
+            await interleave(
+                result, reps, [("pgbus", run_pgbus), ("baseline", run_raw)], cfg.progress
+            )
+        finally:
+            await pub.close()
+    result.notes.append(
+        f"{m} events per repetition, {batch} per commit, made by the server;"
+        " raw callbacks validate RawEnvelope"
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- 6. memory
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of process ``pid`` in KiB (``VmRSS`` in ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise OSError(f"no VmRSS for process {pid}")
+
+
+class _ChildProgress:
+    """What the listener process reports on its stdout: ``count N`` and ``at N`` lines."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.count = 0
+        self.marks: set[int] = set()
+        self.exited = False
+        self._changed = asyncio.Event()
+        self._stream = stream
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while line := await self._stream.readline():
+            word, _, number = line.decode().strip().partition(" ")
+            if number.isdigit():
+                self.count = max(self.count, int(number))
+                if word == "at":
+                    self.marks.add(int(number))
+            self._changed.set()
+        self.exited = True
+        self._changed.set()
+
+    async def until(self, count: int, *, mark: bool = False) -> int:
+        """Wait until the process counted ``count`` (and reported it as a milestone).
+
+        :returns: its count, when it got there or when it stalled for
+            :data:`STALL_SECONDS`.
+        """
+        while not self.exited and (self.count < count or (mark and count not in self.marks)):
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), STALL_SECONDS)
+            except TimeoutError:
+                break
+        if self.exited and self.count < count:
+            raise RuntimeError("the listener process exited early")
+        return self.count
+
+    async def close(self) -> None:
+        """Stop reading."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def _memory_run(cfg: Config, impl: str) -> Measure:
+    """Start a listener process, feed it events, read its RSS at the milestones.
+
+    The events are sent ten thousand per commit, with at most :data:`MEMORY_WINDOW`
+    not yet handled: the figure is the listener's memory in a steady state, not the
+    size of a backlog in the socket.
+    """
+    channel = new_channel("mem")
+    small, large = cfg.memory_small, cfg.memory_large
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pgbus.bench",
+        "--memory-child",
+        impl,
+        "--dsn",
+        cfg.dsn,
+        "--channel",
+        channel,
+        "--milestones",
+        f"{small},{large}",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stdout = proc.stdout
+    if stdout is None:  # pragma: no cover - stdout=PIPE
+        raise RuntimeError("no pipe to the listener process")
+    template = envelope_template()
+    pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+    progress: _ChildProgress | None = None
+    try:
+        line = await asyncio.wait_for(stdout.readline(), 60)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the listener process did not start: {line!r}")
+        progress = tracker = _ChildProgress(stdout)
+
+        async def feed(first: int, last: int) -> None:
+            for start in range(first, last + 1, SERIES_BATCH):
+                await tracker.until(start - 1 - MEMORY_WINDOW)
+                end = min(last, start + SERIES_BATCH - 1)
+                await publish_series(pub, channel, template, start, end)
+
+        await feed(1, small)
+        await tracker.until(small, mark=True)
+        rss_small = rss_kib(proc.pid)
+        await feed(small + 1, large)
+        got_large = await tracker.until(large, mark=True)
+        rss_large = rss_kib(proc.pid)
+    finally:
+        await pub.close()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if progress is not None:
+            await progress.close()
+    growth = (rss_large - rss_small) / 1024
+    return Measure(
+        growth,
+        large - got_large,
+        {"rss_small_mb": rss_small / 1024, "rss_large_mb": rss_large / 1024},
+    )
+
+
+async def bench_memory(cfg: Config) -> Result:
+    """RSS growth of a listener process between ``memory_small`` and ``memory_large`` events."""
+    result = Result(
+        "memory",
+        f"memory: listener RSS growth from {cfg.memory_small:,} to {cfg.memory_large:,} events",
+        "MB",
+        higher_is_better=False,
+        target="growth <= 5 MB, lost = 0",
+        check=lambda p, _b: p <= 5,  # noqa: PLR2004 - the target
+        has_ratio=False,
+    )
+    if not sys.platform.startswith("linux"):
+        result.skipped = "needs /proc (Linux) to read a process's RSS"
+        return result
+
+    async def run_pgbus() -> Measure:
+        return await _memory_run(cfg, "pgbus")
+
+    async def run_raw() -> Measure:
+        return await _memory_run(cfg, "raw")
+
+    await interleave(
+        result, cfg.memory_reps, [("pgbus", run_pgbus), ("baseline", run_raw)], cfg.progress
+    )
+    result.notes.append(
+        "a listener in its own process (pgbus: Bus, default plugins, async handler;"
+        " raw: asyncpg callback validating RawEnvelope); RSS from /proc/<pid>/status"
+    )
+    return result
+
+
+async def memory_child(impl: str, dsn: str, channel: str, milestones: Sequence[int]) -> None:
+    """The listener process of the memory scenario: report each milestone on stdout."""
+    marks = sorted(milestones)
+    counter = Counter()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def hit() -> None:
+        counter.hit()
+        if marks and counter.count == marks[0]:
+            marks.pop(0)
+            gc.collect()
+            sys.stdout.write(f"at {counter.count}\n")
+            sys.stdout.flush()
+
+    async def report_progress() -> None:
+        reported = 0
+        while True:
+            await asyncio.sleep(0.5)
+            if counter.count != reported:
+                reported = counter.count
+                sys.stdout.write(f"count {reported}\n")
+                sys.stdout.flush()
+
+    progress = asyncio.create_task(report_progress())
+    try:
+        await _serve(impl, dsn, channel, hit, stop)
+    finally:
+        progress.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await progress
+
+
+async def _serve(
+    impl: str, dsn: str, channel: str, hit: Callable[[], None], stop: asyncio.Event
+) -> None:
+    """Listen on ``channel`` (with pgbus or raw asyncpg) until ``stop`` is set."""
+    if impl == "pgbus":
+        cls = event_class(channel)
+        bus = Bus(dsn, load_entrypoints=False)
+
+        @bus.subscribe(cls)
+        async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - counted only
+            hit()
+
+        async with bus:
+            sys.stdout.write("ready\n")
+            sys.stdout.flush()
+            await stop.wait()
+        return
+    validate = RawEnvelope.model_validate_json
+
+    def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        validate(payload)
+        hit()
+
+    async with raw_listener(dsn, channel, callback):
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        await stop.wait()
+
+
+# -------------------------------------------------------------------------- 7. durable
+
+
+def durable_available() -> bool:
+    """Whether the durable mode (:mod:`pgbus.durable`) is installed."""
+    try:
+        return hasattr(importlib.import_module("pgbus.durable"), "DurablePlugin")
+    except ImportError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def _durable_schema(dsn: str) -> AsyncIterator[str]:
+    """A schema name of its own for the durable tables, dropped afterwards."""
+    schema = f"pgbus_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        yield schema
+    finally:
+        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+async def bench_durable(cfg: Config, *, receive: bool) -> Result:
+    """The durable mode against plain NOTIFY: ``publish_many``, or publish to handled."""
+    what = "publish_many to handled, one process" if receive else "publish_many"
+    result = Result(
+        "durable_receive" if receive else "durable_publish",
+        f"durable mode (pgbus) vs plain NOTIFY (baseline): {what}, {cfg.batch} per call",
+        "events/s",
+        higher_is_better=True,
+        target="(reported)",
+    )
+    if not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable")
+    n = max(cfg.batch, cfg.durable_events - cfg.durable_events % cfg.batch)
+    async with _durable_schema(cfg.dsn) as schema:
+
+        def bus_for(*, durable_mode: bool) -> tuple[Bus, type[BenchEvent], Counter]:
+            cls = event_class(new_channel("dur" if durable_mode else "plain"))
+            counter = Counter()
+            plugins = [durable.DurablePlugin(schema=schema)] if durable_mode else []
+            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
+
+            async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - counted only
+                counter.hit()
+
+            if receive and durable_mode:
+                bus.subscribe(cls, durable="bench")(handle)
+            elif receive:
+                bus.subscribe(cls)(handle)
+            return bus, cls, counter
+
+        durable_bus, durable_cls, durable_counter = bus_for(durable_mode=True)
+        plain_bus, plain_cls, plain_counter = bus_for(durable_mode=False)
+        await durable_bus.migrate()
+
+        def runner(
+            bus: Bus, cls: type[BenchEvent], counter: Counter
+        ) -> Callable[[], Awaitable[Measure]]:
+            batches = [
+                [make_event(cls, i) for i in range(start, start + cfg.batch)]
+                for start in range(0, n, cfg.batch)
+            ]
+
+            async def run() -> Measure:
+                counter.arm(n)
+                watch = Stopwatch()
+                for events in batches:
+                    await bus.publish_many(events)
+                if not receive:
+                    return watch.measure(n, None)
+                lost = await counter.wait()
+                return watch.measure(n, lost, counter.last_arrival)
+
+            return run
+
+        async with durable_bus, plain_bus:
+            run_durable = runner(durable_bus, durable_cls, durable_counter)
+            run_plain = runner(plain_bus, plain_cls, plain_counter)
+            await interleave(
+                result, cfg.reps, [("pgbus", run_durable), ("baseline", run_plain)], cfg.progress
+            )
+    result.notes.append(
+        f"{n} events per repetition; durable: DurablePlugin with a schema of its own"
+        + (", a durable subscription; plain: an ordinary one" if receive else ", no subscribers")
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------ run
+
+
+BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
+    "publish": bench_publish,
+    "publish_many": bench_publish_many,
+    "receive": bench_receive,
+    "receive_metrics": bench_receive_metrics,
+    "latency_1k": lambda cfg: bench_latency(cfg, 1_000),
+    "latency_5k": lambda cfg: bench_latency(cfg, 5_000),
+    "fanout": bench_fanout,
+    "memory": bench_memory,
+    "durable_publish": lambda cfg: bench_durable(cfg, receive=False),
+    "durable_receive": lambda cfg: bench_durable(cfg, receive=True),
+}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "asyncpg": asyncpg.__version__,
+        "pydantic": pydantic.VERSION,
+        "pgbus": __version__,
+    }
+
+
+async def run_benches(cfg: Config, names: Sequence[str]) -> dict[str, Any]:
+    """Run the scenarios ``names`` in order and return the report as JSON data."""
+    report: dict[str, Any] = {"machine": machine(), "quick": cfg.quick, "reps": cfg.reps}
+    conn: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+    try:
+        report["machine"]["postgresql"] = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    results: list[Result] = []
+    started = time.perf_counter()
+    for name in names:
+        cfg.progress(f"{name}: starting")
+        try:
+            result = await BENCHES[name](cfg)
+        except Exception as exc:
+            logger.exception("scenario %s failed", name)
+            result = Result(name, name, "", higher_is_better=True, target="")
+            result.error = f"{type(exc).__name__}: {exc}"
+        results.append(result)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["scenarios"] = [r.to_json() for r in results]
+    report["ok"] = all(r.ok for r in results)
+    return report
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) >= 1000:  # noqa: PLR2004 - thousands separators from here
+        return f"{value:,.0f}"
+    if abs(value) >= 10:  # noqa: PLR2004
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _cell(stats: dict[str, Any]) -> str:
+    if stats["median"] is None:
+        return "-"
+    text = _fmt(stats["median"])
+    if len(stats["values"]) > 1:
+        text += f" [{_fmt(stats['min'])} - {_fmt(stats['max'])}]"
+    return text
+
+
+#: How the table labels the details of a scenario: ``key: (label, unit)``.
+DETAILS: Final = {
+    "cpu_us_per_event": ("CPU per event", "µs"),
+    "p50": ("p50", "µs"),
+    "p99": ("p99", "µs"),
+    "max": ("max", "µs"),
+    "sent_per_s": ("rate achieved", "events/s"),
+    "rss_small_mb": ("RSS after the small count", "MB"),
+    "rss_large_mb": ("RSS after the large count", "MB"),
+}
+
+
+def render(report: dict[str, Any]) -> None:
+    """Print the report as a table on stdout."""
+    from rich.console import Console  # noqa: PLC0415 - only the table needs rich
+    from rich.table import Table  # noqa: PLC0415
+
+    m = report["machine"]
+    console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 130)
+    console.print(
+        f"pgbus {m['pgbus']} bench: PostgreSQL {m['postgresql']}, Python {m['python']},"
+        f" asyncpg {m['asyncpg']}, pydantic {m['pydantic']}, {m['cpus']} CPUs;"
+        f" {report['reps']} interleaved repetitions{' (quick)' if report['quick'] else ''},"
+        " median [min - max]"
+    )
+    table = Table(show_lines=False)
+    table.add_column("scenario")
+    table.add_column("unit")
+    table.add_column("pgbus", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("target")
+    table.add_column("lost", justify="right")
+    for s in report["scenarios"]:
+        if s["error"] or s["skipped"]:
+            table.add_row(s["name"], s["unit"], "-", "-", "-", s["error"] or s["skipped"], "-")
+            continue
+        met = {True: " (met)", False: " (MISSED)", None: ""}[s["met"]]
+        table.add_row(
+            s["name"],
+            s["unit"],
+            _cell(s["pgbus_stats"]),
+            _cell(s["baseline_stats"]),
+            "-" if s["ratio"] is None else f"{s['ratio']:.2f}",
+            s["target"] + met,
+            "-" if s["lost"] is None else str(s["lost"]),
+        )
+        pd, bd = s["pgbus_stats"]["details"], s["baseline_stats"]["details"]
+        for key in pd:
+            if key in bd and key != "p99":  # p99 is the scenario's own figure
+                label, unit = DETAILS.get(key, (key, ""))
+                ratio = pd[key] / bd[key] if bd[key] else None
+                table.add_row(
+                    f"  {label}",
+                    unit,
+                    _fmt(pd[key]),
+                    _fmt(bd[key]),
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    "",
+                    "",
+                )
+        for name, peer in s["peers"].items():
+            median = peer["median"]
+            ratio = s["pgbus"] / median if s["pgbus"] and median else None
+            table.add_row(
+                f"  vs {name}",
+                s["unit"],
+                "",
+                _cell(peer),
+                "-" if ratio is None else f"{ratio:.2f}",
+                "(peer)",
+                "-" if peer["lost"] is None else str(peer["lost"]),
+            )
+    console.print(table)
+    for s in report["scenarios"]:
+        console.print(f"{s['name']}: {s['title']}")
+        for note in s["notes"]:
+            console.print(f"    {note}")
+    console.print(f"{report['seconds']} s; {'ok' if report['ok'] else 'FAILED'}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (what ``docs/performance.md`` shows).
+
+    :param report: what :func:`run_benches` returned.
+    :returns: the table, one scenario per row, details and peers on rows of their own.
+    """
+    rows = [
+        "| scenario | unit | pgbus | baseline | ratio | target | lost |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for s in report["scenarios"]:
+        if s["error"] or s["skipped"]:
+            rows.append(
+                f"| {s['name']} | {s['unit']} | - | - | - | {s['error'] or s['skipped']} | - |"
+            )
+            continue
+        met = {True: " (met)", False: " (**missed**)", None: ""}[s["met"]]
+        lost = "-" if s["lost"] is None else str(s["lost"])
+        ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}"
+        rows.append(
+            f"| **{s['name']}** | {s['unit']} | {_cell(s['pgbus_stats'])}"
+            f" | {_cell(s['baseline_stats'])} | {ratio} | {s['target']}{met} | {lost} |"
+        )
+        pd, bd = s["pgbus_stats"]["details"], s["baseline_stats"]["details"]
+        for key in pd:
+            if key in bd and key != "p99":
+                label, unit = DETAILS.get(key, (key, ""))
+                r = f"{pd[key] / bd[key]:.2f}" if bd[key] else "-"
+                rows.append(f"| ↳ {label} | {unit} | {_fmt(pd[key])} | {_fmt(bd[key])} | {r} | | |")
+        for name, peer in s["peers"].items():
+            r = f"{s['pgbus'] / peer['median']:.2f}" if s["pgbus"] and peer["median"] else "-"
+            plost = "-" if peer["lost"] is None else str(peer["lost"])
+            rows.append(f"| ↳ vs {name} | {s['unit']} | | {_cell(peer)} | {r} | (peer) | {plost} |")
+    return "\n".join(rows) + "\n"
+
+
+@contextlib.contextmanager
+def _server(dsn: str | None) -> Iterator[str]:
+    if dsn:
+        yield dsn
+        return
+    with local_server() as found:
+        yield found
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m pgbus.bench``."""
+    p = argparse.ArgumentParser(
+        prog="python -m pgbus.bench",
+        description="Measure pgbus side by side with raw asyncpg (medians of interleaved reps).",
+    )
+    p.add_argument("--dsn", help="the database (default: $PGBUS_DSN, a local or throwaway server)")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke test")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--reps", type=int, help="repetitions per scenario (default 5; quick 1)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable)",
+    )
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--channel", help=argparse.SUPPRESS)
+    p.add_argument("--milestones", help=argparse.SUPPRESS)
+    return p
+
+
+def run(
+    *,
+    dsn: str | None = None,
+    quick: bool = False,
+    as_json: bool = False,
+    as_markdown: bool = False,
+    reps: int | None = None,
+    scenarios: Sequence[str] | None = None,
+) -> int:
+    """Run the benchmark and print the table (or the JSON object).
+
+    :param dsn: the database; by default ``$PGBUS_DSN``, a server on
+        ``127.0.0.1:5432``, or a throwaway cluster (:func:`pgbus.server.local_server`).
+    :param quick: small counts, one repetition: a smoke test of every scenario.
+    :param as_json: print ``{"scenarios": [...], ...}`` instead of a table.
+    :param as_markdown: print a Markdown table instead.
+    :param reps: repetitions per scenario.
+    :param scenarios: the scenarios to run (default: all, in order).
+    :returns: the exit status: 0 when every scenario ran and lost nothing, else 1.
+    :raises ServerNotFound: when no server was given or found.
+
+    .. versionadded:: 0.1.0
+    """
+    names = list(dict.fromkeys(scenarios)) if scenarios else list(SCENARIOS)
+
+    def progress(message: str) -> None:
+        sys.stderr.write(f"\r\x1b[K{message}" if sys.stderr.isatty() else f"{message}\n")
+        sys.stderr.flush()
+
+    with _server(dsn or os.environ.get("PGBUS_DSN")) as found:
+        cfg = Config.make(found, quick=quick, reps=reps, progress=progress)
+        report = asyncio.run(run_benches(cfg, names))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    elif as_markdown:
+        sys.stdout.write(markdown(report))
+    else:
+        render(report)
+    return 0 if report["ok"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point of ``python -m pgbus.bench``.
+
+    :param argv: the arguments (default: ``sys.argv[1:]``).
+    :returns: the exit status.
+
+    .. versionadded:: 0.1.0
+    """
+    args = parser().parse_args(argv)
+    if args.memory_child:
+        milestones = [int(x) for x in (args.milestones or "").split(",") if x]
+        asyncio.run(memory_child(args.memory_child, args.dsn, args.channel, milestones))
+        return 0
+    try:
+        return run(
+            dsn=args.dsn,
+            quick=args.quick,
+            as_json=args.json,
+            as_markdown=args.markdown,
+            reps=args.reps,
+            scenarios=args.scenario,
+        )
+    except ServerNotFound as exc:
+        sys.stderr.write(f"pgbus bench: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

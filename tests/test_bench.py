@@ -1,0 +1,122 @@
+"""``pgbus bench`` runs every scenario and loses nothing (no assertions about speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from pgbus import bench
+from pgbus.cli._common import State
+from pgbus.cli.bench import bench as bench_command
+
+RECEIVING = {
+    "receive",
+    "receive_metrics",
+    "latency_1k",
+    "latency_5k",
+    "fanout",
+    "memory",
+    "durable_receive",
+}
+
+
+@pytest.mark.timeout(600)
+def test_quick_json_runs_every_scenario_and_loses_nothing(pg_dsn: str) -> None:
+    """`python -m pgbus.bench --quick --json` runs every scenario against a baseline; lost = 0."""
+    env = {**os.environ, "PGBUS_DSN": pg_dsn}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgbus.bench", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=540,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    assert report["quick"] is True
+    assert {"python", "asyncpg", "postgresql", "cpus"} <= set(report["machine"])
+    scenarios = report["scenarios"]
+    assert [s["name"] for s in scenarios] == list(bench.SCENARIOS)
+    for s in scenarios:
+        assert {"name", "unit", "pgbus", "baseline", "ratio", "lost", "target"} <= set(s), s
+        assert s["error"] is None, s
+        if s["skipped"]:
+            assert s["name"].startswith("durable"), s  # only the optional durable mode
+            continue
+        for side in ("pgbus_stats", "baseline_stats"):
+            stats = s[side]
+            assert stats["min"] <= stats["median"] <= stats["max"], s
+            assert len(stats["values"]) == s["reps"], s
+        assert s["pgbus"] == s["pgbus_stats"]["median"]
+        assert s["baseline"] == s["baseline_stats"]["median"]
+        if s["name"] == "memory":
+            assert s["ratio"] is None  # a growth near zero has no meaningful ratio
+        else:
+            assert s["pgbus"] > 0
+            assert s["baseline"] > 0
+            assert s["ratio"] == pytest.approx(s["pgbus"] / s["baseline"], rel=1e-2)
+        if s["name"] in RECEIVING:
+            assert s["lost"] == 0, s
+        else:
+            assert s["lost"] is None, s  # publishing only: nothing to lose here
+        for peer in s["peers"].values():
+            assert peer["lost"] in (0, None), s
+    by_name = {s["name"]: s for s in scenarios}
+    assert {"p50", "p99", "max"} <= set(by_name["latency_1k"]["pgbus_stats"]["details"])
+    assert {"rss_small_mb", "rss_large_mb"} <= set(by_name["memory"]["baseline_stats"]["details"])
+
+
+@pytest.mark.timeout(300)
+def test_cli_command_prints_a_table_of_the_chosen_scenarios(pg_dsn: str) -> None:
+    """`pgbus bench --quick --scenario ...` prints a table of those scenarios and exits 0."""
+    result = CliRunner().invoke(
+        bench_command,
+        ["--quick", "--reps", "2", "--scenario", "publish", "--scenario", "receive"],
+        obj=State(pg_dsn, 5.0),
+    )
+    assert result.exit_code == 0, result.output
+    assert "publish" in result.output
+    assert "receive" in result.output
+    assert "publish_many" not in result.output
+    assert "ok" in result.output.splitlines()[-1]
+
+
+def test_failed_scenario_makes_the_exit_status_1(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scenario that raises is reported with its error, and the run exits with status 1."""
+
+    async def broken(cfg: bench.Config) -> bench.Result:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(bench.BENCHES, "publish", broken)
+    status = bench.main(["--dsn", pg_dsn, "--quick", "--json", "--scenario", "publish"])
+    assert status == 1
+    (scenario,) = json.loads(capsys.readouterr().out)["scenarios"]
+    assert scenario["name"] == "publish"
+    assert scenario["error"] == "RuntimeError: boom"
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """The latency percentiles use the nearest rank: p50 of 1..100 is 50, p99 is 99."""
+    values = [float(v) for v in range(100, 0, -1)]
+    assert bench.percentile(values, 0.5) == 50
+    assert bench.percentile(values, 0.99) == 99
+    assert bench.percentile(values, 1.0) == 100
+
+
+def test_pgbus_bench_is_a_subcommand_of_the_cli() -> None:
+    """`pgbus bench --help` is served by the root command group."""
+    from pgbus.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--quick" in result.output
+    assert "versionadded" not in result.output
