@@ -8,13 +8,9 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
+from _helpers import event_on
 
 import pgbus
-
-
-def event_on(channel: str, name: str = "Ping") -> type[pgbus.Event]:
-    """A fresh event type bound to ``channel`` (each test gets its own channel)."""
-    return type(name, (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
 
 
 def order_on(channel: str) -> type[pgbus.Event]:

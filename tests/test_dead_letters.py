@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
 import uuid
-from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
+from _helpers import event_on, logged
 
 import pgbus
 from pgbus.default_plugins.dead_letters import DeadLetters
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-
-def event_on(channel: str) -> type[pgbus.Event]:
-    return type("Order", (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
-
-
-@contextlib.contextmanager
-def logged(name: str) -> Iterator[list[logging.LogRecord]]:
-    """The records of logger ``name``, whatever logging setup earlier tests left behind."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 class Letters:

@@ -7,15 +7,13 @@ import inspect
 import re
 from pathlib import Path
 
+from _helpers import event_on
+
 import pgbus
 from pgbus import hookspecs
 
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("pgbus_"))
 TESTS = Path(__file__).parent
-
-
-def event_on(channel: str) -> type[pgbus.Event]:
-    return type("Ping", (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
 
 
 def test_every_hook_is_documented():

@@ -6,13 +6,10 @@ import asyncio
 import math
 
 import pytest
+from _helpers import event_on
 
 import pgbus
 from pgbus.default_plugins.metrics import BUCKETS
-
-
-def event_on(channel: str) -> type[pgbus.Event]:
-    return type("Sale", (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
 
 
 class Letters:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from _helpers import event_on
 
 import pgbus
 from pgbus.default_plugins.retry import DEFAULT_RETRY, RetryPlugin
 
 NO_DELAY = pgbus.Retry(attempts=5, backoff=0)
-
-
-def event_on(channel: str) -> type[pgbus.Event]:
-    return type("Order", (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
 
 
 async def test_handler_failing_twice_then_succeeding_is_called_three_times(make_bus, channel):

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from typing import TYPE_CHECKING
+
+from _helpers import logged
 
 import pgbus
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 
 def models(channel: str) -> tuple[type[pgbus.Event], type[pgbus.Event]]:
@@ -28,23 +24,6 @@ def models(channel: str) -> tuple[type[pgbus.Event], type[pgbus.Event]]:
 
 async def take(queue: asyncio.Queue, n: int) -> list:
     return [await asyncio.wait_for(queue.get(), 5) for _ in range(n)]
-
-
-@contextlib.contextmanager
-def logged(name: str) -> Iterator[list[logging.LogRecord]]:
-    """The records of logger ``name``, whatever logging setup earlier tests left behind."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 async def test_where_filters_on_payload_content(make_bus, channel):

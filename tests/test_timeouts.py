@@ -3,38 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from typing import TYPE_CHECKING
 
 import pytest
+from _helpers import event_on, logged
 
 import pgbus
 from pgbus.default_plugins.timeouts import DEFAULT_WARN_AFTER, Timeouts
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-
-def event_on(channel: str) -> type[pgbus.Event]:
-    return type("Job", (pgbus.Event,), {"__annotations__": {"n": int}}, channel=channel)
-
-
-@contextlib.contextmanager
-def logged(name: str) -> Iterator[list[logging.LogRecord]]:
-    """The records of logger ``name``, whatever logging setup earlier tests left behind."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 class Slow:
