@@ -20,7 +20,7 @@ from pgbus.errors import PgbusError
 from pgbus.server import ClusterError, ServerNotFound
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable
     from types import ModuleType
 
 T = TypeVar("T")
@@ -100,6 +100,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise
     except EXPECTED_ERRORS as exc:
         raise click.ClickException(one_line(exc)) from exc
+
+
+def with_connection(state: State, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run ``work`` on a fresh connection to the command's database, then close it."""
+
+    async def go() -> T:
+        conn = await asyncpg.connect(state.require_dsn(), timeout=state.timeout)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return run(go())
 
 
 def show_dsn(dsn: str) -> str:

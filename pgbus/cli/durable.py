@@ -14,13 +14,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import click
 from rich.table import Table
 
-from pgbus.cli._common import CliError, State, dumps, run, stdout
+from pgbus.cli._common import CliError, State, dumps, stdout, with_connection
 from pgbus.durable import (
     DEFAULT_SCHEMA,
     SCHEMA_VERSION,
@@ -29,9 +27,6 @@ from pgbus.durable import (
     redeliver,
     schema_version,
 )
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
 
 __all__ = ["dead_letters", "migrate_command"]
 
@@ -49,17 +44,6 @@ def _state(ctx: click.Context) -> State:
     return state if state is not None else State(None, 5.0)
 
 
-def _with_connection(state: State, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        conn = await asyncpg.connect(state.require_dsn(), timeout=state.timeout)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    return run(go())
-
-
 @click.command("migrate")
 @_SCHEMA
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 unless up to date.")
@@ -68,7 +52,7 @@ def migrate_command(ctx: click.Context, schema: str, check: bool) -> None:
     """Create or upgrade the durable mode's schema (idempotent, safe to run concurrently)."""
     state = _state(ctx)
     if check:
-        version = _with_connection(state, lambda conn: schema_version(conn, schema))
+        version = with_connection(state, lambda conn: schema_version(conn, schema))
         if version != SCHEMA_VERSION:
             found = "missing" if version is None else f"at version {version}"
             raise CliError(
@@ -77,7 +61,7 @@ def migrate_command(ctx: click.Context, schema: str, check: bool) -> None:
             )
         click.echo(f"durable schema {schema!r} is up to date (version {SCHEMA_VERSION})")
         return
-    before, after = _with_connection(state, lambda conn: migrate(conn, schema))
+    before, after = with_connection(state, lambda conn: migrate(conn, schema))
     if before == after:
         click.echo(f"durable schema {schema!r} is up to date (version {after})")
     else:
@@ -109,7 +93,7 @@ def list_command(
 ) -> None:
     """List dead letters, oldest first."""
     schema = ctx.meta.get("pgbus.schema", DEFAULT_SCHEMA)
-    rows = _with_connection(
+    rows = with_connection(
         _state(ctx),
         lambda conn: list_dead_letters(
             conn,
@@ -147,7 +131,7 @@ def list_command(
 def redeliver_command(ctx: click.Context, ids: tuple[int, ...]) -> None:
     """Deliver the dead letters IDS again (durable ones to their subscription only)."""
     schema = ctx.meta.get("pgbus.schema", DEFAULT_SCHEMA)
-    outcome: dict[int, str] = _with_connection(
+    outcome: dict[int, str] = with_connection(
         _state(ctx), lambda conn: redeliver(conn, ids, schema)
     )
     failed = False

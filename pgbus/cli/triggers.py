@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import asyncpg
 import click
 from rich.table import Table
 
 from pgbus import changes
-from pgbus.cli._common import State, dumps, load_model, run, stdout
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+from pgbus.cli._common import State, dumps, load_model, stdout, with_connection
 
 __all__ = ["triggers"]
 
@@ -49,17 +45,6 @@ def triggers(ctx: click.Context, dsn: str | None) -> None:
         dsn = parent.dsn if parent is not None else os.environ.get("PGBUS_DSN")
     timeout = parent.timeout if parent is not None else 5.0
     ctx.obj = State(dsn, timeout)
-
-
-def _with_connection(state: State, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        conn = await asyncpg.connect(state.require_dsn(), timeout=state.timeout)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    return run(go())
 
 
 def _row(trigger: changes.ChangeTrigger) -> dict[str, Any]:
@@ -128,7 +113,7 @@ def install(
             raise click.BadParameter(
                 f"{model} is not a pgbus.RowChanged subclass", param_hint="--model"
             )
-    trigger: changes.ChangeTrigger = _with_connection(
+    trigger: changes.ChangeTrigger = with_connection(
         state,
         lambda conn: changes.install_change_trigger(
             conn,
@@ -161,7 +146,7 @@ def install(
 @click.pass_obj
 def list_(state: State, table: str | None, schema: str | None, as_json: bool) -> None:
     """List the change triggers in the database."""
-    found: list[changes.ChangeTrigger] = _with_connection(
+    found: list[changes.ChangeTrigger] = with_connection(
         state, lambda conn: changes.list_change_triggers(conn, table=table, schema=schema)
     )
     if as_json:
@@ -205,7 +190,7 @@ def list_(state: State, table: str | None, schema: str | None, as_json: bool) ->
 @click.pass_obj
 def remove(state: State, table: str, schema: str | None, name: str) -> None:
     """Remove the change trigger from TABLE (and the trigger function, once unused)."""
-    removed: bool = _with_connection(
+    removed: bool = with_connection(
         state, lambda conn: changes.remove_change_trigger(conn, table, schema=schema, name=name)
     )
     where = f"{schema}.{table}" if schema is not None else table
