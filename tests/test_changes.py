@@ -597,6 +597,7 @@ async def test_durable_trigger_journals_changes_for_durable_subscriptions(
     async def ignore(change: Any) -> None:
         pass
 
+    second: pgbus.Bus | None = None
     try:
         first = durable_bus(ignore)
         await first.start()  # registers the durable subscription's position
@@ -609,12 +610,15 @@ async def test_durable_trigger_journals_changes_for_durable_subscriptions(
         big = "x" * 9000
         await pg_conn.execute(f"INSERT INTO {orders} VALUES (1, 'new', 1)")
         await pg_conn.execute(f"INSERT INTO {orders} VALUES (2, $1, 2)", big)
-        await durable_bus(recorder).start()
+        second = durable_bus(recorder)
+        await second.start()
         small, large = await recorder.take(2)
         assert (small.op, small.new) == ("INSERT", Order(id=1, status="new", total=Decimal(1)))
         assert not large.row_omitted
         assert large.new == Order(id=2, status=big, total=Decimal(2))
     finally:
+        if second is not None:  # its consumer must be gone before the journal is dropped
+            await second.stop()
         await pg_conn.execute(f'DROP SCHEMA "{journal}" CASCADE')
 
 

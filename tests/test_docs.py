@@ -133,7 +133,8 @@ def _pytest(block: Block, workdir: Path) -> None:
     plugin = [] if installed else ["-p", "pgbus.pytest_plugin"]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugin,
-         "-o", "asyncio_mode=auto", "-W", "error", block.file],
+         "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function",
+         "-W", "error", block.file],
         cwd=workdir,
         env={**os.environ, "PGBUS_TEST_DSN": os.environ["PGBUS_DSN"]},
         capture_output=True,

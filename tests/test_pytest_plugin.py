@@ -188,7 +188,10 @@ async def test_fixtures_test_a_handler_against_real_postgres(
 ) -> None:
     """A user's suite gets a database of its own (dropped at the end), a Bus and wait_for."""
     monkeypatch.setenv("PGBUS_TEST_DSN", pg_dsn)
-    pytester.makeini("[pytest]\nasyncio_mode = auto\nfilterwarnings = error\n")
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        "filterwarnings = error\n"
+    )
     pytester.makepyfile(test_user=textwrap.dedent(USER_TESTS))
     result = await asyncio.to_thread(pytester.runpytest_subprocess, "-s", *_plugin_args())
     result.assert_outcomes(passed=2)
@@ -210,7 +213,9 @@ def test_bus_options_fixture_can_be_overridden(
 ) -> None:
     """Overriding pgbus_bus_options configures the Bus the pgbus_bus fixture builds."""
     monkeypatch.setenv("PGBUS_TEST_DSN", pg_dsn)
-    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
     pytester.makeconftest(
         "import pytest\n\n"
         "@pytest.fixture\n"

@@ -382,7 +382,7 @@ def publish(
     if headers and event_type is None:
         raise click.UsageError("--header needs --model (raw payloads have no envelope)")
     if payload == "-":
-        payload = click.get_text_stream("stdin").read()
+        payload = sys.stdin.read()
         if event_type is None:
             payload = payload.removesuffix("\n")
     if payload is None:
