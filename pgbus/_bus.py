@@ -46,9 +46,9 @@ H = TypeVar("H", bound="Handler")
 
 #: Notifications taken per dispatcher round (the list it works on stays small).
 DISPATCH_BATCH = 1_000
-#: Above this many undispatched notifications the listener stops reading its socket
-#: (PostgreSQL queues the rest), below the low mark it reads again: memory stays bounded
-#: when handlers fall behind.
+#: Above this many notifications waiting in the process (not yet dispatched, or behind a
+#: full subscription queue) the listener stops reading its socket (PostgreSQL queues the
+#: rest); below the low mark it reads again: memory stays bounded when handlers fall behind.
 INBOUND_HIGH_WATER = 20_000
 INBOUND_LOW_WATER = 2_000
 #: How many recent event ids the receive path remembers to drop duplicates (an event
@@ -190,6 +190,7 @@ class Bus:
         self._channels: dict[str, _Channel] = {}
         self._encoders: dict[type[Event], Encoder] = {}
         self._inbound: deque[Message] = deque()
+        self._backlogged = 0
         self._recent_ids: set[str] = set()
         self._recent_order: deque[str] = deque()
         #: Envelopes received again with an id seen among the last RECENT_IDS, dropped.
@@ -609,6 +610,7 @@ class Bus:
             self._handled if self._on_handled_wanted else None,
             self._failed,
             self._dropped,
+            self._backlog_changed,
         )
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a drain deadline
@@ -902,7 +904,7 @@ class Bus:
         inbound = self._inbound
         inbound.append(message)
         self._wakeup.set()
-        if len(inbound) >= INBOUND_HIGH_WATER and not self._listener.paused:
+        if len(inbound) + self._backlogged >= INBOUND_HIGH_WATER and not self._listener.paused:
             self._listener.pause_reading()
 
     async def _dispatch(self) -> None:
@@ -920,8 +922,21 @@ class Bus:
             on_received(messages=batch)
             for message in batch:
                 await self._deliver(message)
-            if self._listener.paused and len(inbound) <= INBOUND_LOW_WATER:
+            self._check_pressure()
+
+    def _backlog_changed(self, delta: int) -> None:
+        """A subscription's backlog (deliveries behind its full queue) grew or shrank."""
+        self._backlogged += delta
+        self._check_pressure()
+
+    def _check_pressure(self) -> None:
+        """Pause or resume reading the LISTEN socket by what waits in this process."""
+        waiting = len(self._inbound) + self._backlogged
+        if self._listener.paused:
+            if waiting <= INBOUND_LOW_WATER:
                 self._listener.resume_reading()
+        elif waiting >= INBOUND_HIGH_WATER:
+            self._listener.pause_reading()
 
     async def _deliver(self, message: Message) -> None:
         channel = self._channels.get(message.channel)
@@ -951,8 +966,7 @@ class Bus:
             # each subscription gets its own Delivery: retries count attempts on it
             own = _copy(delivery) if shared else delivery
             shared = True
-            if not sub.offer(own):
-                await sub.put(own)
+            sub.offer(own)
 
     def _handled(self, sub: Subscription, delivery: Delivery, duration: float) -> None:
         self._hook.pgbus_on_handled(subscription=sub, delivery=delivery, duration=duration)

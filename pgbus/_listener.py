@@ -167,8 +167,9 @@ class Listener:
         self.reconnects = 0
         #: Notifications received over the bus's life (the health check watches it move).
         self.notifications = 0
-        #: Whether reading from the LISTEN socket is paused (back-pressure).
+        #: Whether reading from the LISTEN socket is paused (back-pressure), and how often.
         self.paused = False
+        self.pauses = 0
         self.connected_since: float | None = None
         self.last_error: BaseException | None = None
         self.state = ListenerState.STARTING
@@ -211,6 +212,7 @@ class Listener:
         if transport is not None and not self.paused:
             transport.pause_reading()
             self.paused = True
+            self.pauses += 1
             logger.info("listener paused reading: handlers are behind")
 
     def resume_reading(self) -> None:

@@ -9,6 +9,7 @@ import inspect
 import logging
 import math
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
 from pgbus.errors import ConfigError
@@ -150,6 +151,9 @@ class Subscription:
         self._workers: list[asyncio.Task[None]] = []
         self._invoke: Callable[[Delivery], Awaitable[None]] | None = None
         self._on_dropped: Callable[[Subscription, Delivery, Overflow], None] | None = None
+        self._on_backlog: Callable[[int], None] | None = None
+        #: Deliveries waiting behind a full queue (``Overflow.WAIT``), in order.
+        self._backlog: deque[Delivery] = deque()
         self._active = 0
 
     def __repr__(self) -> str:
@@ -163,8 +167,9 @@ class Subscription:
 
     @property
     def pending(self) -> int:
-        """Deliveries waiting in the queue."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Deliveries waiting for the handler (in the queue and behind it)."""
+        queued = self._queue.qsize() if self._queue is not None else 0
+        return queued + len(self._backlog)
 
     @property
     def running(self) -> int:
@@ -197,6 +202,7 @@ class Subscription:
         on_done: Callable[[Subscription, Delivery, float], None] | None,
         on_error: Callable[[Subscription, Delivery, BaseException], Awaitable[None]],
         on_dropped: Callable[[Subscription, Delivery, Overflow], None] | None = None,
+        on_backlog: Callable[[int], None] | None = None,
     ) -> None:
         """Compose the handler chain and start the workers (the bus calls this).
 
@@ -205,8 +211,11 @@ class Subscription:
         :param on_error: awaited after a failed run (after every middleware, retries
             included) with the delivery and the error.
         :param on_dropped: called for each delivery an overflow policy drops.
+        :param on_backlog: called with the change in the number of deliveries waiting
+            behind the full queue (the bus bounds their total).
         """
         self._on_dropped = on_dropped
+        self._on_backlog = on_backlog
         chain = self.handler_call()
         for mw in reversed(middleware):
             chain = _bind(mw, chain)
@@ -232,25 +241,40 @@ class Subscription:
             for i in range(self.concurrency)
         ]
 
-    def offer(self, delivery: Delivery) -> bool:
+    def offer(self, delivery: Delivery) -> None:
         """Enqueue without waiting, or apply the overflow policy when the queue is full.
 
-        :returns: ``False`` only when the queue is full and the policy is
-            :attr:`Overflow.WAIT` (the caller then awaits :meth:`put`).
+        With :attr:`Overflow.WAIT` the delivery waits, in order, behind the full queue
+        of this subscription only; the dispatcher goes on with the others.
         """
         queue = self._queue
         if queue is None:
-            return True  # stopped: nothing will handle it any more
+            return  # stopped: nothing will handle it any more
+        if self._backlog:  # keep order: behind what already waits
+            self._overflow(queue, delivery)
+            return
         try:
             queue.put_nowait(delivery)
         except asyncio.QueueFull:
-            return self._overflow(queue, delivery)
-        return True
+            self._overflow(queue, delivery)
 
-    def _overflow(self, queue: asyncio.Queue[Delivery], delivery: Delivery) -> bool:
+    def _refill(self, queue: asyncio.Queue[Delivery]) -> None:
+        """Move waiting deliveries into the queue while it has room."""
+        backlog = self._backlog
+        moved = 0
+        while backlog and not queue.full():
+            queue.put_nowait(backlog.popleft())
+            moved += 1
+        if moved and self._on_backlog is not None:
+            self._on_backlog(-moved)
+
+    def _overflow(self, queue: asyncio.Queue[Delivery], delivery: Delivery) -> None:
         policy = self.overflow
         if policy is Overflow.WAIT:
-            return False
+            self._backlog.append(delivery)
+            if self._on_backlog is not None:
+                self._on_backlog(1)
+            return
         if policy is Overflow.DROP_OLDEST:
             dropped = queue.get_nowait()
             queue.task_done()
@@ -272,10 +296,9 @@ class Subscription:
                 self._on_dropped(self, dropped, policy)
             except Exception:
                 logger.exception("subscription %s: reporting a dropped delivery failed", self.name)
-        return True
 
     async def put(self, delivery: Delivery) -> None:
-        """Enqueue, waiting for room (back-pressure on this subscription only)."""
+        """Enqueue, waiting for room (a producer that can wait, such as a durable consumer)."""
         if self._queue is not None:
             await self._queue.put(delivery)
 
@@ -286,6 +309,8 @@ class Subscription:
             return
         while True:
             delivery = await queue.get()
+            if self._backlog:
+                self._refill(queue)
             try:
                 await invoke(delivery)
             finally:
@@ -301,10 +326,10 @@ class Subscription:
             return 0
         left = 0
         try:
-            if queue.qsize() or self._active:
+            if queue.qsize() or self._active or self._backlog:
                 await asyncio.wait_for(queue.join(), timeout)
         except TimeoutError:
-            left = queue.qsize() + self._active
+            left = queue.qsize() + self._active + len(self._backlog)
             logger.warning(
                 "subscription %s: %d deliveries not handled within %.1f s of stop()",
                 self.name,
@@ -318,6 +343,10 @@ class Subscription:
                 await worker
         self._workers = []
         self._queue = None
+        if self._backlog:  # given up on: no longer counted against the bus's bound
+            if self._on_backlog is not None:
+                self._on_backlog(-len(self._backlog))
+            self._backlog.clear()
         return left
 
 

@@ -419,7 +419,7 @@ class RowChanged(Event, Generic[RowT]):
 
         .. versionadded:: 0.1.0
         """
-        model = pydantic.create_model(
+        model: Any = pydantic.create_model(  # its stubs vary between pydantic versions
             cls.__name__,
             __base__=cls,
             __module__=cls.__module__,

@@ -189,7 +189,7 @@ async def test_hook_pgbus_on_dropped(make_bus, channel):
 
 
 async def test_wait_policy_loses_nothing(make_bus, channel):
-    """With overflow="wait" (the default) a full queue delays dispatch and drops nothing."""
+    """With overflow="wait" (the default) a full queue delays its handler and drops nothing."""
     Tick = event_on(channel)
     drops = Drops()
     started = asyncio.Event()
@@ -213,6 +213,39 @@ async def test_wait_policy_loses_nothing(make_bus, channel):
     assert got == [1, 2, 3, 4, 5, 6]
     assert drops.queue.empty()
     assert bus.subscriptions[0].overflow is pgbus.Overflow.WAIT
+
+
+async def test_a_waiting_subscription_does_not_hold_up_the_others(make_bus, channel):
+    """A full queue with overflow="wait" holds back its own events only, in order."""
+    Tick = event_on(channel)
+    release = asyncio.Event()
+    stuck: list[int] = []
+    quick: list[int] = []
+    quick_done = asyncio.Event()
+    stuck_done = asyncio.Event()
+    bus = make_bus()
+
+    @bus.subscribe(Tick, name="stuck", max_pending=2)
+    async def slow(event: pgbus.Event) -> None:
+        await asyncio.wait_for(release.wait(), 10)
+        stuck.append(event.n)  # type: ignore[attr-defined]
+        if len(stuck) == 50:
+            stuck_done.set()
+
+    @bus.subscribe(Tick, name="quick")
+    async def fast(event: pgbus.Event) -> None:
+        quick.append(event.n)  # type: ignore[attr-defined]
+        if len(quick) == 50:
+            quick_done.set()
+
+    async with bus:
+        await bus.publish_many([Tick(n=i) for i in range(50)])
+        await asyncio.wait_for(quick_done.wait(), 5)
+        assert stuck == []  # everything reached "quick" while "stuck" had not moved
+        assert bus.subscriptions[0].pending >= 47
+        release.set()
+        await asyncio.wait_for(stuck_done.wait(), 5)
+    assert quick == stuck == list(range(50))
 
 
 async def test_a_dropping_subscription_does_not_slow_the_others(make_bus, channel):

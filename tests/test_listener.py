@@ -321,19 +321,26 @@ async def test_health_check_does_not_reconnect_a_listener_behind_a_flood(
 
 
 async def test_reading_pauses_while_handlers_are_behind(make_bus, channel, pg_conn):
-    """A flood into a slow subscription pauses the socket: memory stays bounded, none lost."""
+    """A flood into a stuck subscription pauses the socket: memory stays bounded, none lost."""
     from pgbus._bus import INBOUND_HIGH_WATER
 
     total = 3 * INBOUND_HIGH_WATER
     seen: list[int] = []
-    peak = 0
+    release = asyncio.Event()
+    paused = asyncio.Event()
     all_in = asyncio.Event()
     bus = make_bus(health_check_interval=0.05, health_check_timeout=0.2)
+    pause = bus._listener.pause_reading
+
+    def pause_and_tell() -> None:
+        pause()
+        paused.set()
+
+    bus._listener.pause_reading = pause_and_tell  # type: ignore[method-assign]
 
     @bus.subscribe(channel, max_pending=100)
-    async def slow(msg: pgbus.Message) -> None:
-        nonlocal peak
-        peak = max(peak, len(bus._inbound))
+    async def stuck(msg: pgbus.Message) -> None:
+        await asyncio.wait_for(release.wait(), 60)
         seen.append(int(msg.payload))
         if len(seen) == total:
             all_in.set()
@@ -342,8 +349,11 @@ async def test_reading_pauses_while_handlers_are_behind(make_bus, channel, pg_co
         await pg_conn.execute(
             "SELECT pg_notify($1, g::text) FROM generate_series(1, $2) AS g", channel, total
         )
+        await asyncio.wait_for(paused.wait(), 30)
+        held = len(bus._inbound) + bus.subscriptions[0].pending  # pending: queue + backlog
+        assert INBOUND_HIGH_WATER <= held < total  # PostgreSQL keeps the rest
+        release.set()
         await asyncio.wait_for(all_in.wait(), 120)
         assert bus.reconnects == 0
         assert not bus._listener.paused
     assert seen == list(range(1, total + 1))
-    assert INBOUND_HIGH_WATER <= peak < 2 * INBOUND_HIGH_WATER
