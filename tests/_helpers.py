@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pgbus
 
@@ -32,3 +33,34 @@ def logged(name: str) -> Iterator[list[logging.LogRecord]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def ticket_type(channel: str) -> type[pgbus.Event]:
+    """A fresh event type for durable tests: ``n`` and an optional ``blob``."""
+
+    class Ticket(pgbus.Event, channel=channel):
+        n: int
+        blob: str = ""
+
+    return Ticket
+
+
+class Collector:
+    """What a handler received, with a way to wait for a count."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, event: Any) -> None:
+        self.items.append(event)
+        self._changed.set()
+
+    async def wait_for(self, n: int, timeout: float = 20.0) -> list[Any]:
+        async def until() -> None:
+            while len(self.items) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+        return self.items

@@ -59,8 +59,6 @@ async def durable_bus(pg_dsn: str, schema: str) -> AsyncIterator[Callable[..., p
 
 
 @pytest.fixture
-async def sql(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection for SQL the test runs itself."""
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
+def sql(pg_conn: asyncpg.Connection) -> asyncpg.Connection:
+    """A plain connection for SQL the test runs itself (the suite's pg_conn)."""
+    return pg_conn

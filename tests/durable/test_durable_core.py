@@ -8,39 +8,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from _helpers import Collector, ticket_type
 
 import pgbus
 from pgbus.durable import SCHEMA_VERSION, DurablePlugin, SchemaError, migrate, schema_version
-
-
-def ticket_type(channel: str) -> type[pgbus.Event]:
-    class Ticket(pgbus.Event, channel=channel):
-        n: int
-        blob: str = ""
-
-    return Ticket
-
-
-class Collector:
-    """What a durable handler received, with a way to wait for a count."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, event: Any) -> None:
-        self.items.append(event)
-        self._changed.set()
-
-    async def wait_for(self, n: int, timeout: float = 20.0) -> list[Any]:
-        async def until() -> None:
-            while len(self.items) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(until(), timeout)
-        return self.items
-
 
 # -- schema ---------------------------------------------------------------------------
 

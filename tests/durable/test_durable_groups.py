@@ -7,19 +7,14 @@ import collections
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pgbus
+from _helpers import ticket_type
+
+if TYPE_CHECKING:
+    import pgbus
 
 MEMBER = Path(__file__).with_name("_member.py")
-
-
-def ticket_type(channel: str) -> type[pgbus.Event]:
-    class Ticket(pgbus.Event, channel=channel):
-        n: int
-        blob: str = ""
-
-    return Ticket
 
 
 async def test_two_members_handle_each_event_once(durable_bus, channel: str):

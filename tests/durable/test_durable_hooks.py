@@ -6,16 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
+from _helpers import ticket_type
 
 import pgbus
-
-
-def ticket_type(channel: str) -> type[pgbus.Event]:
-    class Ticket(pgbus.Event, channel=channel):
-        n: int
-        blob: str = ""
-
-    return Ticket
 
 
 async def test_hook_pgbus_publish(make_bus, channel: str):

@@ -7,34 +7,10 @@ import json
 import sys
 from typing import Any
 
+from _helpers import Collector, ticket_type
+
 import pgbus
 from pgbus.durable import list_dead_letters, redeliver
-
-
-def ticket_type(channel: str) -> type[pgbus.Event]:
-    class Ticket(pgbus.Event, channel=channel):
-        n: int
-
-    return Ticket
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, event: Any) -> None:
-        self.items.append(event)
-        self._changed.set()
-
-    async def wait_for(self, n: int, timeout: float = 20.0) -> list[Any]:
-        async def until() -> None:
-            while len(self.items) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(until(), timeout)
-        return self.items
 
 
 async def _cli(*args: str) -> tuple[int, str]:
