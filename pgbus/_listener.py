@@ -37,7 +37,7 @@ from asyncpg.exceptions._base import TargetServerAttributeNotMatched
 
 from pgbus._events import Message
 from pgbus._status import ListenerState
-from pgbus._util import redact_dsn
+from pgbus._util import CONNECTION_ERRORS, redact_dsn
 from pgbus.errors import ListenerError
 
 if TYPE_CHECKING:
@@ -45,19 +45,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Errors after which connecting again may work (server restarting, network down, …).
-RETRYABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # a connection whose protocol state was broken by a FATAL
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    TargetServerAttributeNotMatched,  # no writable host right now (a failover under way)
-)
+#: Errors after which connecting again may work (server restarting, network down, no
+#: writable host during a failover, …).
+RETRYABLE = (*CONNECTION_ERRORS, TimeoutError)
 
 #: Errors that a retry will not fix without a change of configuration.
 FATAL_AT_START = (

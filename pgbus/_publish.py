@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
-from pgbus._util import redact_dsn
+from pgbus._util import CONNECTION_ERRORS, redact_dsn
 from pgbus.errors import PayloadTooLarge, PublishError
 
 if TYPE_CHECKING:
@@ -35,18 +35,6 @@ NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c
 
 #: What the driver raises when a statement or a connection fails.
 DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-#: Failures of the connection rather than of the statement: a fresh connection may work.
-CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.InterfaceError,  # "connection was closed in the middle of operation", …
-    asyncpg.InternalClientError,  # "another operation is in progress": a FATAL came in idle
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,  # the server is starting up or shutting down
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
 
 #: What a connection accepted by ``publish(..., connection=…)`` must offer.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy

@@ -7,6 +7,22 @@ import inspect
 import re
 from typing import Any
 
+import asyncpg
+
+#: Failures of the connection rather than of the statement: a fresh connection may work.
+#: (asyncpg's TargetServerAttributeNotMatched, "no writable host right now" during a
+#: failover, is an InternalClientError.)
+CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,  # "connection was closed in the middle of operation", …
+    asyncpg.InternalClientError,  # "another operation is in progress": a FATAL came in idle
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,  # the server is starting up or shutting down
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", re.IGNORECASE)
 _PASSWORD_PARAM = re.compile(r"(?P<head>(?:^|[\s?&])password\s*=\s*)[^\s&]*", re.IGNORECASE)
 
