@@ -10,19 +10,18 @@ import logging
 import os
 import time
 import typing
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 from pgbus import changes as _changes
 from pgbus._channels import check_channel
-from pgbus._events import Delivery, Event, Message
-from pgbus._listener import Listener
+from pgbus._events import NO_HEADERS, Delivery, Event, Message, Notification
+from pgbus._listener import INBOUND_HIGH_WATER, Listener
 from pgbus._plugins import PluginManager
 from pgbus._publish import Connection, Publisher, check_size
 from pgbus._status import BusStatus, Gap, ListenerState
 from pgbus._subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
-from pgbus._util import await_all, redact_dsn
+from pgbus._util import await_all, new_event_id, redact_dsn
 from pgbus.default_plugins.dead_letters import DeadLetter
 from pgbus.errors import BusClosed, ConfigError
 from pgbus.types import Outgoing
@@ -44,15 +43,17 @@ logger = logging.getLogger(__name__)
 H = TypeVar("H", bound="Handler")
 
 
-#: Notifications taken per dispatcher round (the list it works on stays small).
-DISPATCH_BATCH = 1_000
-#: Above this many notifications waiting in the process (not yet dispatched, or behind a
-#: full subscription queue) the listener stops reading its socket (PostgreSQL queues the
-#: rest); below the low mark it reads again: memory stays bounded when handlers fall behind.
-INBOUND_HIGH_WATER = 20_000
+#: Notifications dispatched per round. After a round the dispatcher lets the handlers
+#: run: subscription queues stay short, and decoded events are freed young (cheap for the
+#: garbage collector) instead of piling up by the thousand.
+DISPATCH_BATCH = 300
+#: Below this many notifications waiting in the process a paused listener reads again
+#: (it pauses at :data:`~pgbus._listener.INBOUND_HIGH_WATER`): memory stays bounded when
+#: handlers fall behind.
 INBOUND_LOW_WATER = 2_000
-#: How many recent event ids the receive path remembers to drop duplicates (an event
-#: published again by a publish retry whose first try had in fact committed).
+#: How many recent event ids the receive path remembers (at least; at most twice as many)
+#: to drop duplicates: an event published again by a publish retry whose first try had
+#: in fact committed.
 RECENT_IDS = 10_000
 
 
@@ -166,6 +167,9 @@ class Bus:
             from pgbus.durable import DurablePlugin  # noqa: PLC0415 - an optional plugin
 
             self.plugins.register(DurablePlugin(), name="durable")
+        # plain tuples until dispatched: the garbage collector stops tracking a tuple of
+        # strings and numbers, so a long backlog costs it nothing
+        self._inbound: deque[Notification] = deque()
         self._listener = Listener(
             dsn,
             self,
@@ -188,11 +192,11 @@ class Bus:
         self._state = BusState.NEW
         self._subscriptions: dict[str, Subscription] = {}
         self._channels: dict[str, _Channel] = {}
-        self._encoders: dict[type[Event], Encoder] = {}
-        self._inbound: deque[Message] = deque()
+        self._encoders: dict[type[Event], tuple[str, Encoder]] = {}
         self._backlogged = 0
+        # two generations: when the newer is full it becomes the older, the older is freed
         self._recent_ids: set[str] = set()
-        self._recent_order: deque[str] = deque()
+        self._older_ids: set[str] = set()
         #: Envelopes received again with an id seen among the last RECENT_IDS, dropped.
         self.duplicates = 0
         self._wakeup = asyncio.Event()
@@ -714,25 +718,40 @@ class Bus:
 
     # -- publishing ----------------------------------------------------------------------
 
-    def _outgoing(self, event: Event, headers: Mapping[str, str] | None) -> Outgoing:
+    def _encoder(self, event: Event) -> tuple[str, Encoder]:
+        """The channel and the encoder of ``event``'s class, found once per class."""
+        cls = type(event)
+        found = self._encoders.get(cls)
+        if found is not None:
+            return found
         if not isinstance(event, Event):
             raise ConfigError(
-                f"publish takes a pgbus.Event, not {type(event).__name__}; "
+                f"publish takes a pgbus.Event, not {cls.__name__}; "
                 "use bus.notify(channel, text) for raw payloads"
             )
-        cls = type(event)
         channel = cls.pgbus_channel
         if channel is None:
             raise ConfigError(f"{cls.__name__} has no channel (class keyword channel=...)")
-        encode = self._encoders.get(cls)
+        encode = self._hook.pgbus_encoder(event_type=cls)
         if encode is None:
-            encode = self._hook.pgbus_encoder(event_type=cls)
-            if encode is None:
-                raise ConfigError(f"no plugin provides an encoder for {cls.__name__}")
-            self._encoders[cls] = encode
-        out = Outgoing(channel, event, uuid.uuid4().hex, time.time(), headers or {})
-        out.payload = encode(out)
-        return out
+            raise ConfigError(f"no plugin provides an encoder for {cls.__name__}")
+        found = self._encoders[cls] = (channel, encode)
+        return found
+
+    def _outgoing(
+        self, events: Iterable[Event], headers: Mapping[str, str] | None
+    ) -> list[Outgoing]:
+        """Give each event an id and the publish time, and encode it."""
+        ts = time.time()
+        headers = headers or NO_HEADERS
+        encoder = self._encoder
+        outs = []
+        for event in events:
+            channel, encode = encoder(event)
+            out = Outgoing(channel, event, new_event_id(), ts, headers)
+            out.payload = encode(out)
+            outs.append(out)
+        return outs
 
     async def _send(self, outs: Sequence[Outgoing], connection: Connection | None) -> None:
         """Send encoded events: through a plugin that takes over (durable), else NOTIFY."""
@@ -764,10 +783,10 @@ class Bus:
         :raises BusClosed: after :meth:`stop`.
         """
         self._check_open()
-        out = self._outgoing(event, headers)
-        await self._send((out,), connection)
-        self._hook.pgbus_on_published(outgoing=(out,))
-        return out.id
+        outs = self._outgoing((event,), headers)
+        await self._send(outs, connection)
+        self._hook.pgbus_on_published(outgoing=outs)
+        return outs[0].id
 
     async def publish_many(
         self,
@@ -784,7 +803,7 @@ class Bus:
         :raises PayloadTooLarge: when any event is too large (nothing is sent).
         """
         self._check_open()
-        outs = [self._outgoing(event, headers) for event in events]
+        outs = self._outgoing(events, headers)
         if not outs:
             return []
         await self._send(outs, connection)
@@ -900,17 +919,15 @@ class Bus:
 
     # -- the receive path ----------------------------------------------------------------
 
-    def _enqueue(self, message: Message) -> None:
-        inbound = self._inbound
-        inbound.append(message)
+    def _inbound_ready(self) -> None:
+        """The listener put a notification into the empty inbound queue."""
         self._wakeup.set()
-        if len(inbound) + self._backlogged >= INBOUND_HIGH_WATER and not self._listener.paused:
-            self._listener.pause_reading()
 
     async def _dispatch(self) -> None:
         inbound = self._inbound
         wakeup = self._wakeup
         on_received = self._hook.pgbus_on_received
+        deliver = self._deliver
         while True:
             if not inbound:
                 if self._draining:
@@ -918,11 +935,15 @@ class Bus:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            batch = [inbound.popleft() for _ in range(min(len(inbound), DISPATCH_BATCH))]
+            batch = [Message(*inbound.popleft()) for _ in range(min(len(inbound), DISPATCH_BATCH))]
             on_received(messages=batch)
             for message in batch:
-                await self._deliver(message)
+                error = deliver(message)
+                if error is not None:
+                    await self._undecodable(message, error)
             self._check_pressure()
+            if inbound:
+                await asyncio.sleep(0)  # the handlers' turn
 
     def _backlog_changed(self, delta: int) -> None:
         """A subscription's backlog (deliveries behind its full queue) grew or shrank."""
@@ -938,38 +959,50 @@ class Bus:
         elif waiting >= INBOUND_HIGH_WATER:
             self._listener.pause_reading()
 
-    async def _deliver(self, message: Message) -> None:
+    def _deliver(self, message: Message) -> Exception | None:
+        """Decode, drop a duplicate, route: no await, for every notification.
+
+        :returns: the decoder's error (the raw message is routed to untyped
+            subscriptions all the same), for the dispatcher to report.
+        """
         channel = self._channels.get(message.channel)
         if channel is None:  # UNLISTENed meanwhile
-            return
+            return None
+        error = None
         try:
             delivery = channel.decode(message)
         except Exception as exc:
-            logger.warning("%s", exc, extra={"channel": message.channel})
-            await self._safe_hook("pgbus_on_decode_error", message=message, error=exc)
-            await self._dead_letter(DeadLetter.from_decode_error(message, exc))
+            error = exc
             delivery = Delivery(message)
         event_id = delivery.id
         if event_id is not None:
-            if event_id in self._recent_ids:
+            recent = self._recent_ids
+            if event_id in recent or event_id in self._older_ids:
                 # a publish retried after its first try had committed: seen already
                 self.duplicates += 1
                 logger.debug("dropped duplicate event %s on %s", event_id, message.channel)
-                return
-            self._recent_ids.add(event_id)
-            recent = self._recent_order
-            recent.append(event_id)
-            if len(recent) > RECENT_IDS:
-                self._recent_ids.discard(recent.popleft())
+                return None
+            recent.add(event_id)
+            if len(recent) >= RECENT_IDS:
+                self._older_ids = recent
+                self._recent_ids = set()
         shared = False
         for sub in channel.route(delivery):
             # each subscription gets its own Delivery: retries count attempts on it
-            own = _copy(delivery) if shared else delivery
+            sub.offer(_copy(delivery) if shared else delivery)
             shared = True
-            sub.offer(own)
+        return error
+
+    async def _undecodable(self, message: Message, error: Exception) -> None:
+        logger.warning("%s", error, extra={"channel": message.channel})
+        await self._safe_hook("pgbus_on_decode_error", message=message, error=error)
+        await self._dead_letter(DeadLetter.from_decode_error(message, error))
 
     def _handled(self, sub: Subscription, delivery: Delivery, duration: float) -> None:
-        self._hook.pgbus_on_handled(subscription=sub, delivery=delivery, duration=duration)
+        try:
+            self._hook.pgbus_on_handled(subscription=sub, delivery=delivery, duration=duration)
+        except Exception:
+            logger.exception("plugin hook pgbus_on_handled failed")
 
     async def _failed(self, sub: Subscription, delivery: Delivery, error: BaseException) -> None:
         logger.error(

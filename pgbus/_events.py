@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+import types
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from pydantic import BaseModel
 
@@ -44,6 +45,11 @@ class Event(BaseModel):
         cls.pgbus_type = event_type if event_type is not None else cls.__name__
 
 
+#: A notification as the listener hands it over: ``(channel, payload, pid, received_at)``,
+#: the fields of a :class:`Message` in order.
+Notification: TypeAlias = tuple[str, str, int, float]
+
+
 @dataclasses.dataclass(slots=True)
 class Message:
     """A raw notification, as an untyped subscription receives it.
@@ -60,6 +66,10 @@ class Message:
     payload: str
     pid: int
     received_at: float
+
+
+#: The headers of a delivery without any: one shared, read-only empty mapping.
+NO_HEADERS: Mapping[str, str] = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(slots=True)
@@ -83,7 +93,7 @@ class Delivery:
     event: Event | None = None
     id: str | None = None
     published_at: float | None = None
-    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    headers: Mapping[str, str] = dataclasses.field(default_factory=lambda: NO_HEADERS)
     attempt: int = 1
 
     @property

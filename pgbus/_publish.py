@@ -1,7 +1,8 @@
 """The publisher: NOTIFY through a pool (never the LISTEN connection), or the caller's.
 
 One event is ``SELECT pg_notify($1, $2)``; many are one statement,
-``SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[])``, so a batch costs one
+``SELECT pg_notify($1, p) FROM unnest($2::text[])`` (or, across channels,
+``SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[])``), so a batch costs one
 round trip and is atomic. Payload sizes are checked before anything is sent.
 
 A publish through the pool that fails because its connection broke (a server restart
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NOTIFY_ONE = "SELECT pg_notify($1, $2)"
-NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)"
+NOTIFY_MANY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS t(p)"
+NOTIFY_MANY_CHANNELS = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)"
 
 #: What the driver raises when a statement or a connection fails.
 DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -117,10 +119,13 @@ class Publisher:
         :raises PublishError: when it failed; through the pool, after the retries.
         """
         args: tuple[object, object]
+        first = channels[0]
         if len(payloads) == 1:
-            query, args = NOTIFY_ONE, (channels[0], payloads[0])
+            query, args = NOTIFY_ONE, (first, payloads[0])
+        elif channels.count(first) == len(channels):
+            query, args = NOTIFY_MANY, (first, list(payloads))
         else:
-            query, args = NOTIFY_MANY, (list(channels), list(payloads))
+            query, args = NOTIFY_MANY_CHANNELS, (list(channels), list(payloads))
         if connection is not None:  # the caller's transaction: never retried
             try:
                 await connection.execute(query, *args)

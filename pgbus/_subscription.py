@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from pgbus.errors import ConfigError
 
@@ -30,18 +30,18 @@ DEFAULT_MAX_PENDING = 10_000
 class Overflow(enum.Enum):
     """What a subscription does with a delivery when its queue (``max_pending``) is full.
 
-    * ``WAIT`` (the default): nothing is lost. The bus's dispatcher waits for room in
-      this queue before it dispatches the next notification. Other subscriptions keep
-      working through what is already in their own queues; notifications that arrive
-      meanwhile wait in the listener's buffer and, beyond it, in PostgreSQL's
-      notification queue.
+    * ``WAIT`` (the default): nothing is lost. Deliveries wait, in order, behind the
+      full queue of this subscription; other subscriptions are not held up. When too
+      many deliveries wait in the process (20,000, all subscriptions together) the
+      listener stops reading its socket and PostgreSQL keeps the rest in its
+      notification queue until the handlers catch up.
     * ``DROP_OLDEST``: the oldest queued delivery is removed to make room (keeps the
       freshest events, e.g. for a live view).
     * ``DROP_NEWEST``: the new delivery is not queued (keeps the backlog in order).
 
     Every dropped delivery is reported: the :func:`~pgbus.hookspecs.pgbus_on_dropped`
     hook, a warning in the log (the first drop, then every 1000th), and the metrics'
-    ``dropped`` counter. The dispatcher never waits under a drop policy.
+    ``dropped`` counter.
 
     Plain strings work too: ``overflow="drop_oldest"``.
 
@@ -52,6 +52,9 @@ class Overflow(enum.Enum):
     DROP_OLDEST = "drop_oldest"
     DROP_NEWEST = "drop_newest"
 
+
+#: What a subscription awaits after a failed run: ``(subscription, delivery, error)``.
+OnError: TypeAlias = "Callable[[Subscription, Delivery, BaseException], Awaitable[None]]"
 
 #: What the timeout of a handler does when it expires.
 TimeoutAction = Literal["cancel", "report"]
@@ -147,14 +150,22 @@ class Subscription:
         self.overflow = policy
         self.dropped = 0
         self.durable = durable
-        self._queue: asyncio.Queue[Delivery] | None = None
+        #: Deliveries waiting for a worker, in order; beyond ``max_pending`` (only with
+        #: ``Overflow.WAIT``) they are the backlog the bus counts against its bound.
+        self._pending: deque[Delivery] = deque()
+        self._started = False
         self._workers: list[asyncio.Task[None]] = []
-        self._invoke: Callable[[Delivery], Awaitable[None]] | None = None
+        self._chain: CallNext | None = None
+        self._on_done: Callable[[Subscription, Delivery, float], None] | None = None
+        self._on_error: OnError | None = None
         self._on_dropped: Callable[[Subscription, Delivery, Overflow], None] | None = None
         self._on_backlog: Callable[[int], None] | None = None
-        #: Deliveries waiting behind a full queue (``Overflow.WAIT``), in order.
-        self._backlog: deque[Delivery] = deque()
         self._active = 0
+        #: Workers waiting for a delivery, producers (:meth:`put`) waiting for room, and
+        #: :meth:`stop` waiting for the queue to empty: futures, woken one at a time.
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._drained: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         what = ", ".join(t.__name__ for t in self.event_types) or "untyped"
@@ -168,8 +179,7 @@ class Subscription:
     @property
     def pending(self) -> int:
         """Deliveries waiting for the handler (in the queue and behind it)."""
-        queued = self._queue.qsize() if self._queue is not None else 0
-        return queued + len(self._backlog)
+        return len(self._pending)
 
     @property
     def running(self) -> int:
@@ -200,7 +210,7 @@ class Subscription:
         self,
         middleware: Sequence[Middleware],
         on_done: Callable[[Subscription, Delivery, float], None] | None,
-        on_error: Callable[[Subscription, Delivery, BaseException], Awaitable[None]],
+        on_error: OnError,
         on_dropped: Callable[[Subscription, Delivery, Overflow], None] | None = None,
         on_backlog: Callable[[int], None] | None = None,
     ) -> None:
@@ -219,23 +229,10 @@ class Subscription:
         chain = self.handler_call()
         for mw in reversed(middleware):
             chain = _bind(mw, chain)
-        clock = time.perf_counter
-
-        async def invoke(delivery: Delivery) -> None:
-            self._active += 1
-            started = clock()
-            try:
-                await chain(delivery)
-            except Exception as exc:
-                await on_error(self, delivery, exc)
-            else:
-                if on_done is not None:
-                    on_done(self, delivery, clock() - started)
-            finally:
-                self._active -= 1
-
-        self._invoke = invoke
-        self._queue = asyncio.Queue(self.max_pending)
+        self._chain = chain
+        self._on_done = on_done
+        self._on_error = on_error
+        self._started = True
         self._workers = [
             asyncio.create_task(self._work(), name=f"pgbus-handler-{self.name}-{i}")
             for i in range(self.concurrency)
@@ -247,38 +244,26 @@ class Subscription:
         With :attr:`Overflow.WAIT` the delivery waits, in order, behind the full queue
         of this subscription only; the dispatcher goes on with the others.
         """
-        queue = self._queue
-        if queue is None:
+        if not self._started:
             return  # stopped: nothing will handle it any more
-        if self._backlog:  # keep order: behind what already waits
-            self._overflow(queue, delivery)
-            return
-        try:
-            queue.put_nowait(delivery)
-        except asyncio.QueueFull:
-            self._overflow(queue, delivery)
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            self._overflow(pending, delivery)
+        else:
+            pending.append(delivery)
+        if self._idle:
+            _wake(self._idle)
 
-    def _refill(self, queue: asyncio.Queue[Delivery]) -> None:
-        """Move waiting deliveries into the queue while it has room."""
-        backlog = self._backlog
-        moved = 0
-        while backlog and not queue.full():
-            queue.put_nowait(backlog.popleft())
-            moved += 1
-        if moved and self._on_backlog is not None:
-            self._on_backlog(-moved)
-
-    def _overflow(self, queue: asyncio.Queue[Delivery], delivery: Delivery) -> None:
+    def _overflow(self, pending: deque[Delivery], delivery: Delivery) -> None:
         policy = self.overflow
         if policy is Overflow.WAIT:
-            self._backlog.append(delivery)
+            pending.append(delivery)
             if self._on_backlog is not None:
                 self._on_backlog(1)
             return
         if policy is Overflow.DROP_OLDEST:
-            dropped = queue.get_nowait()
-            queue.task_done()
-            queue.put_nowait(delivery)
+            dropped = pending.popleft()
+            pending.append(delivery)
         else:
             dropped = delivery
         self.dropped += 1
@@ -299,55 +284,114 @@ class Subscription:
 
     async def put(self, delivery: Delivery) -> None:
         """Enqueue, waiting for room (a producer that can wait, such as a durable consumer)."""
-        if self._queue is not None:
-            await self._queue.put(delivery)
+        while self._started and len(self._pending) >= self.max_pending:
+            await _wait(self._putters)
+        if self._started:
+            self._pending.append(delivery)
+            if self._idle:
+                _wake(self._idle)
 
     async def _work(self) -> None:
-        queue = self._queue
-        invoke = self._invoke
-        if queue is None or invoke is None:  # pragma: no cover - start() sets both
+        pending = self._pending
+        chain, on_done, on_error = self._chain, self._on_done, self._on_error
+        if chain is None or on_error is None:  # pragma: no cover - start() sets both
             return
+        clock = time.perf_counter
         while True:
-            delivery = await queue.get()
-            if self._backlog:
-                self._refill(queue)
+            if not pending:
+                await _wait(self._idle)
+                continue
+            delivery = pending.popleft()
+            if len(pending) >= self.max_pending or self._putters:
+                self._made_room()
+            self._active += 1
+            started = clock() if on_done is not None else 0.0
             try:
-                await invoke(delivery)
+                await chain(delivery)
+            except Exception as exc:
+                await on_error(self, delivery, exc)
+            else:
+                if on_done is not None:
+                    on_done(self, delivery, clock() - started)
             finally:
-                queue.task_done()
+                self._active -= 1
+            if self._drained is not None:
+                self._check_drained()
+
+    def _made_room(self) -> None:
+        """A worker took a delivery: one moves up from the backlog, or a producer may go on."""
+        if len(self._pending) >= self.max_pending:
+            if self._on_backlog is not None:
+                self._on_backlog(-1)
+        elif self._putters:
+            _wake(self._putters)
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._pending and not self._active:
+            _wake_future(self._drained)
 
     async def stop(self, timeout: float) -> int:  # noqa: ASYNC109 - a drain deadline, not a cancel scope
         """Wait up to ``timeout`` s for queued deliveries, then cancel the workers.
 
         :returns: how many deliveries were still queued or running when it gave up.
         """
-        queue = self._queue
-        if queue is None:
+        if not self._started:
             return 0
+        pending = self._pending
         left = 0
-        try:
-            if queue.qsize() or self._active or self._backlog:
-                await asyncio.wait_for(queue.join(), timeout)
-        except TimeoutError:
-            left = queue.qsize() + self._active + len(self._backlog)
-            logger.warning(
-                "subscription %s: %d deliveries not handled within %.1f s of stop()",
-                self.name,
-                left,
-                timeout,
-            )
+        if pending or self._active:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            except TimeoutError:
+                left = len(pending) + self._active
+                logger.warning(
+                    "subscription %s: %d deliveries not handled within %.1f s of stop()",
+                    self.name,
+                    left,
+                    timeout,
+                )
+            self._drained = None
+        self._started = False
         for worker in self._workers:
             worker.cancel()
         for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
         self._workers = []
-        self._queue = None
-        if self._backlog:  # given up on: no longer counted against the bus's bound
-            if self._on_backlog is not None:
-                self._on_backlog(-len(self._backlog))
-            self._backlog.clear()
+        behind = len(pending) - self.max_pending
+        if behind > 0 and self._on_backlog is not None:  # no longer counted by the bus
+            self._on_backlog(-behind)
+        pending.clear()
+        while self._putters:
+            _wake(self._putters)
         return left
+
+
+async def _wait(waiters: deque[asyncio.Future[None]]) -> None:
+    """Wait in line in ``waiters`` until :func:`_wake` takes this waiter."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        with contextlib.suppress(ValueError):  # already taken by _wake
+            waiters.remove(waiter)
+        raise
+
+
+def _wake(waiters: deque[asyncio.Future[None]]) -> None:
+    """Wake the first waiter of ``waiters`` that is still waiting."""
+    while waiters:
+        if _wake_future(waiters.popleft()):
+            return
+
+
+def _wake_future(waiter: asyncio.Future[None]) -> bool:
+    if waiter.done():
+        return False
+    waiter.set_result(None)
+    return True
 
 
 def _bind(mw: Middleware, call_next: CallNext) -> CallNext:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from decimal import Decimal
 
@@ -11,6 +12,7 @@ import pytest
 from _helpers import event_on
 
 import pgbus
+from pgbus._util import new_event_id
 
 
 def order_on(channel: str) -> type[pgbus.Event]:
@@ -75,6 +77,38 @@ async def test_publish_many_keeps_order_and_duplicates(make_bus, recorder, chann
         got = await recorder.take(30)
     assert [e.n for e in got] == [i % 3 for i in range(30)]
     assert len(set(ids)) == 30
+
+
+async def test_publish_many_across_channels_keeps_each_channels_order(make_bus, recorder, channel):
+    """One publish_many may mix channels (another statement than a one-channel batch)."""
+    Ping, Pong = event_on(channel), event_on(f"{channel}_b", "Pong")
+    bus = make_bus()
+    bus.subscribe(Ping)(recorder)
+    bus.subscribe(Pong)(recorder)
+    async with bus:
+        await bus.publish_many([Ping(n=i) if i % 2 else Pong(n=i) for i in range(40)])
+        got = await recorder.take(40)
+    assert [e.n for e in got if isinstance(e, Ping)] == list(range(1, 40, 2))
+    assert [e.n for e in got if isinstance(e, Pong)] == list(range(0, 40, 2))
+
+
+def test_event_ids_are_32_hex_digits_unique_and_new_after_fork() -> None:
+    """Ids: a random per-process prefix and a counter; a forked child has its own prefix."""
+    ids = [new_event_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one id, and leave without running pytest's exit code
+        os.write(write, new_event_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32
+    assert child[:16] != ids[0][:16]
+    assert child not in ids
 
 
 async def test_events_on_one_subscription_are_handled_in_publish_order(make_bus, channel):
@@ -501,4 +535,34 @@ async def test_an_event_sent_twice_is_handled_once(make_bus, recorder, channel, 
         await pg_conn.execute("SELECT pg_notify($1, $2)", channel, sent[0])  # the same again
         await bus.publish(Ping(n=2))
         assert [await recorder.next(), await recorder.next()] == [Ping(n=1), Ping(n=2)]
+        assert bus.duplicates == 1
+
+
+async def test_the_last_recent_ids_are_remembered(
+    make_bus, recorder, channel, pg_conn, monkeypatch
+):
+    """At least the last RECENT_IDS ids are remembered; older ones are forgotten."""
+    monkeypatch.setattr(pgbus._bus, "RECENT_IDS", 4)
+    Ping = event_on(channel)
+    sent: list[str] = []
+
+    class Capture:
+        @pgbus.hookimpl
+        def pgbus_on_published(self, outgoing):
+            sent.extend(o.payload for o in outgoing)
+
+    bus = make_bus(plugins=[Capture()])
+    bus.subscribe(Ping)(recorder)
+
+    async def again(n: int) -> None:
+        await pg_conn.execute("SELECT pg_notify($1, $2)", channel, sent[n - 1])
+
+    async with bus:
+        await bus.publish_many([Ping(n=n) for n in range(1, 7)])
+        await again(3)  # 4 ids later: remembered
+        await bus.publish_many([Ping(n=7), Ping(n=8)])
+        await again(1)  # 7 ids later: forgotten, handled again
+        await bus.publish(Ping(n=9))
+        got = [e.n for e in await recorder.take(10)]
+        assert got == [1, 2, 3, 4, 5, 6, 7, 8, 1, 9]
         assert bus.duplicates == 1

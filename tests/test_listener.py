@@ -357,3 +357,29 @@ async def test_reading_pauses_while_handlers_are_behind(make_bus, channel, pg_co
         assert bus.reconnects == 0
         assert not bus._listener.paused
     assert seen == list(range(1, total + 1))
+
+
+class OwnConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class of the user's own: the listener then uses add_listener callbacks."""
+
+
+@pytest.mark.parametrize("own_class", [False, True], ids=["direct", "add_listener"])
+async def test_notifications_reach_handlers_by_either_path(
+    make_bus, recorder: Recorder, channel: str, pg_conn: asyncpg.Connection, own_class: bool
+) -> None:
+    """Notifications come straight from asyncpg's protocol, or through its callbacks when
+    the user passes a connection_class; both deliver every one, in order."""
+    from pgbus._listener import DIRECT_NOTIFICATIONS, ListenConnection
+
+    assert DIRECT_NOTIFICATIONS  # this asyncpg has the method ListenConnection overrides
+    bus = make_bus(connect_kwargs={"connection_class": OwnConnection} if own_class else {})
+    bus.subscribe(channel)(recorder)
+    async with bus:
+        conn = bus._listener._conn
+        assert type(conn) is (OwnConnection if own_class else ListenConnection)
+        await pg_conn.execute(
+            "SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", channel
+        )
+        received = await recorder.take(3000)
+        assert [m.payload for m in received] == [str(i) for i in range(1, 3001)]
+        assert bus._listener.notifications == 3000

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 
 import pgbus
 from pgbus.default_plugins import DEFAULT_PLUGINS
+from pgbus.default_plugins.codec import pgbus_encoder
+from pgbus.types import Outgoing
 
 PLUGIN_DIST = Path(__file__).parent / "plugin_dist"
 
@@ -152,3 +156,26 @@ def test_unregister_by_name(pg_dsn):
     assert isinstance(plugin, pgbus.default_plugins.metrics.Metrics)
     with pytest.raises(pgbus.PluginError):
         bus.plugins.unregister("metrics")
+
+
+def test_the_codec_writes_what_model_dump_json_writes() -> None:
+    """The built-in encoder calls the model's serializer directly: aliases (when the model
+    serializes by alias), field serializers and excluded fields come out as in
+    model_dump_json()."""
+
+    class Shipped(pgbus.Event, channel="codec_check"):
+        model_config = pydantic.ConfigDict(serialize_by_alias=True)
+        order_id: int = pydantic.Field(alias="orderId")
+        secret: str = pydantic.Field("x", exclude=True)
+        when: float
+
+        @pydantic.field_serializer("when")
+        def _rounded(self, value: float) -> float:
+            return round(value, 1)
+
+    event = Shipped(orderId=7, when=1.26)
+    payload = pgbus_encoder(Shipped)(Outgoing("codec_check", event, "abc", 1.5, {"k": "v"}))
+    envelope = json.loads(payload)
+    assert json.dumps(envelope["data"], separators=(",", ":")) == event.model_dump_json()
+    assert envelope["data"] == {"orderId": 7, "when": 1.3}
+    assert (envelope["id"], envelope["ts"], envelope["headers"]) == ("abc", 1.5, {"k": "v"})

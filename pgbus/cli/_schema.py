@@ -7,11 +7,11 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic.json_schema import models_json_schema
+from pydantic import TypeAdapter
 
 from pgbus._version import __version__
 from pgbus.cli._common import load_models, model_path
-from pgbus.default_plugins.codec import ENVELOPE_VERSION, _envelope_model
+from pgbus.default_plugins.codec import ENVELOPE_VERSION, envelope_type
 
 if TYPE_CHECKING:
     from pgbus._events import Event
@@ -25,7 +25,7 @@ def envelope_schema(event_type: type[Event]) -> dict[str, Any]:
     :param event_type: the model.
     :returns: a self-contained JSON Schema (the model in ``$defs``).
     """
-    schema: dict[str, Any] = _envelope_model(event_type).model_json_schema()
+    schema: dict[str, Any] = TypeAdapter(envelope_type(event_type)).json_schema()
     schema["title"] = f"{event_type.pgbus_type} envelope"
     schema["description"] = (
         f"A {event_type.pgbus_type} event as published by pgbus on channel"
@@ -67,9 +67,9 @@ def _key(text: str) -> str:
 
 def asyncapi_document(models: list[type[Event]], title: str) -> dict[str, Any]:
     """An AsyncAPI 3.0 document: one channel per NOTIFY channel, one message per model."""
-    envelopes = [_envelope_model(event) for event in models]
-    refs, defs = models_json_schema(
-        [(env, "validation") for env in envelopes],
+    envelopes = [envelope_type(event) for event in models]
+    refs, defs = TypeAdapter.json_schemas(
+        [(env, "validation", TypeAdapter(env)) for env in envelopes],
         ref_template="#/components/schemas/{model}",
     )
     messages: dict[str, Any] = {}

@@ -17,12 +17,14 @@ becomes a delivery without an event, which only untyped subscriptions receive.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+import math
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Union
 
 import pydantic
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from pgbus import hookimpl
-from pgbus._events import Delivery, Event, Message
+from pgbus._events import NO_HEADERS, Delivery, Event, Message
 from pgbus.errors import DecodeError
 
 if TYPE_CHECKING:
@@ -33,37 +35,42 @@ if TYPE_CHECKING:
 ENVELOPE_VERSION = 1
 
 
-class _EnvelopeBase(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore")
+def envelope_type(event_type: type[Event]) -> Any:
+    """The envelope of ``event_type`` as a ``TypedDict``, for pydantic to validate.
 
-    v: int
-    id: str
-    ts: float
-    headers: dict[str, str] = pydantic.Field(default_factory=dict)
-
-
-def _envelope_model(event_type: type[Event]) -> type[_EnvelopeBase]:
+    A ``TypedDict`` validates to a plain dict: no model instance per envelope, about a
+    quarter cheaper than a model around the event. Extra keys are ignored; ``headers``
+    may be left out. ``pgbus schema`` writes its JSON Schema.
+    """
     type_name: Any = Literal[event_type.pgbus_type]  # a literal built at run time
-    model: type[_EnvelopeBase] = pydantic.create_model(
-        f"{event_type.__name__}Envelope",
-        __base__=_EnvelopeBase,
-        type=(type_name, ...),
-        data=(event_type, ...),
-    )
-    return model
+    fields: dict[str, Any] = {
+        "v": int,
+        "id": str,
+        "type": type_name,
+        "ts": float,
+        "headers": NotRequired[dict[str, str]],
+        "data": event_type,
+    }
+    return TypedDict(f"{event_type.__name__}Envelope", fields)  # type: ignore[operator]  # a TypedDict built at run time
 
 
 @hookimpl(trylast=True)
 def pgbus_encoder(event_type: type[Event]) -> Encoder:
     """Encode events of ``event_type`` as the pgbus JSON envelope."""
     head = f'{{"v":{ENVELOPE_VERSION},"type":{json.dumps(event_type.pgbus_type)},"id":"'
+    # the model's own serializer, as model_dump_json() uses it, minus that method's wrapper
+    to_json = event_type.__pydantic_serializer__.to_json
+    last: list[tuple[float, str]] = [(math.nan, "")]  # the last ts and its text: a batch shares one
 
     def encode(out: Outgoing) -> str:
-        data = out.event.model_dump_json() if out.event is not None else "null"
+        data = to_json(out.event).decode() if out.event is not None else "null"
+        stamp = last[0]
+        if out.ts != stamp[0]:
+            stamp = last[0] = (out.ts, repr(out.ts))
         if out.headers:
             headers = json.dumps(out.headers, separators=(",", ":"), ensure_ascii=False)
-            return f'{head}{out.id}","ts":{out.ts!r},"headers":{headers},"data":{data}}}'
-        return f'{head}{out.id}","ts":{out.ts!r},"data":{data}}}'
+            return f'{head}{out.id}","ts":{stamp[1]},"headers":{headers},"data":{data}}}'
+        return f'{head}{out.id}","ts":{stamp[1]},"data":{data}}}'
 
     return encode
 
@@ -94,26 +101,22 @@ def pgbus_decoder(channel: str, event_types: Sequence[type[Event]]) -> Decoder:
     """Decode pgbus envelopes (and bare objects) into ``event_types``."""
     if not event_types:
         return _raw_decoder
-    envelopes = [_envelope_model(t) for t in event_types]
-    validate: Callable[[str], Any]  # returns an envelope model with .data
-    if len(envelopes) == 1:
-        validate = envelopes[0].model_validate_json
-    else:
+    envelopes = [envelope_type(t) for t in event_types]
+    envelope: Any = envelopes[0]
+    if len(envelopes) > 1:
         union: Any = Union.__getitem__(tuple(envelopes))  # a union built at run time
-        adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(
-            Annotated[union, pydantic.Field(discriminator="type")]
-        )
-        validate = adapter.validate_json
+        envelope = Annotated[union, pydantic.Field(discriminator="type")]
+    validate: Callable[[str], dict[str, Any]] = pydantic.TypeAdapter(envelope).validate_json
     bare = event_types[0].model_validate_json if len(event_types) == 1 else None
     known = {t.pgbus_type for t in event_types}
 
     def decode(message: Message) -> Delivery:
         payload = message.payload
         try:
-            env: Any = validate(payload)
+            env = validate(payload)
         except pydantic.ValidationError as envelope_error:
             return _fallback(message, envelope_error)
-        return Delivery(message, env.data, env.id, env.ts, env.headers)
+        return Delivery(message, env["data"], env["id"], env["ts"], env.get("headers", NO_HEADERS))
 
     def _fallback(message: Message, envelope_error: pydantic.ValidationError) -> Delivery:
         payload = message.payload
@@ -126,7 +129,7 @@ def pgbus_decoder(channel: str, event_types: Sequence[type[Event]]) -> Decoder:
                 None,
                 other["id"],
                 ts if isinstance(ts, float | int) else None,
-                headers if isinstance(headers, dict) else {},
+                headers if isinstance(headers, dict) else NO_HEADERS,
             )
         if bare is None:
             reason = _reason(envelope_error)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import operator
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -231,6 +232,8 @@ class MetricsSnapshot:
         return sum(c.dead_lettered for c in self.channels.values())
 
 
+_channel_of = operator.attrgetter("channel")
+
 #: Observations buffered before they are sorted into buckets (a bounded, batched cost).
 _FOLD_AT = 1024
 
@@ -437,7 +440,7 @@ class Metrics:
         if len(outgoing) == 1:
             self._published[outgoing[0].channel] += 1
         else:
-            self._published.update(o.channel for o in outgoing)
+            self._published.update(map(_channel_of, outgoing))
 
     @hookimpl
     def pgbus_on_received(self, messages: Sequence[Message]) -> None:
@@ -445,7 +448,7 @@ class Metrics:
         if len(messages) == 1:
             self._received[messages[0].channel] += 1
         else:
-            self._received.update(m.channel for m in messages)
+            self._received.update(map(_channel_of, messages))
 
     @hookimpl
     def pgbus_on_decode_error(self, message: Message, error: BaseException) -> None:  # noqa: ARG002 - part of the hook's signature
