@@ -46,7 +46,7 @@ H = TypeVar("H", bound="Handler")
 #: Notifications dispatched per round. After a round the dispatcher lets the handlers
 #: run: subscription queues stay short, and decoded events are freed young (cheap for the
 #: garbage collector) instead of piling up by the thousand.
-DISPATCH_BATCH = 300
+DISPATCH_BATCH = 32
 #: Below this many notifications waiting in the process a paused listener reads again
 #: (it pauses at :data:`~pgbus._listener.INBOUND_HIGH_WATER`): memory stays bounded when
 #: handlers fall behind.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
-from pgbus._util import CONNECTION_ERRORS, redact_dsn
+from pgbus._util import CONNECTION_ERRORS, keep_session, redact_dsn
 from pgbus.errors import PayloadTooLarge, PublishError
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class Publisher:
                     min_size=0,
                     max_size=self._pool_max_size,
                     timeout=self._connect_timeout,
+                    reset=keep_session,
                     **self._connect_kwargs,
                 )
             return self._pool

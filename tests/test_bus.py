@@ -566,3 +566,16 @@ async def test_the_last_recent_ids_are_remembered(
         got = [e.n for e in await recorder.take(10)]
         assert got == [1, 2, 3, 4, 5, 6, 7, 8, 1, 9]
         assert bus.duplicates == 1
+
+
+async def test_a_publish_is_one_round_trip(make_bus, channel):
+    """The publish pool skips asyncpg's reset query on release: no second round trip."""
+    Ping = event_on(channel)
+    bus = make_bus(pool_max_size=1)
+    queries: list[str] = []
+    pool = await bus._change_pool()
+    async with pool.acquire() as conn:  # the pool's one connection
+        conn.add_query_logger(lambda record: queries.append(record.query))
+    await bus.publish(Ping(n=1))
+    await bus.publish_many([Ping(n=2), Ping(n=3)])
+    assert [q.split("(")[0] for q in queries] == ["SELECT pg_notify", "SELECT pg_notify"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from pgbus._markers import hookimpl
-from pgbus._util import redact_dsn
+from pgbus._util import keep_session, redact_dsn
 from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
 from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
@@ -186,6 +186,7 @@ class DurablePlugin:
             min_size=0,
             max_size=self.pool_max_size,
             timeout=getattr(bus, "_connect_timeout", 5.0),
+            reset=keep_session,
             **kwargs,
         )
         return pool
