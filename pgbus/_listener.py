@@ -71,7 +71,7 @@ HEALTH_QUERY = "SELECT coalesce(array_agg(c), '{}'::text[]) FROM pg_listening_ch
 #: full subscription queue) the listener stops reading its socket (PostgreSQL queues the
 #: rest). The listener checks what waits for the dispatcher; the bus adds what waits
 #: behind handlers, and resumes reading below its low mark.
-INBOUND_HIGH_WATER = 20_000
+INBOUND_HIGH_WATER = 5_000
 
 #: TCP keepalive probes before the kernel declares the peer dead.
 KEEPALIVE_COUNT = 3
@@ -264,7 +264,7 @@ class Listener:
             transport.pause_reading()
             self.paused = True
             self.pauses += 1
-            logger.info("listener paused reading: handlers are behind")
+            logger.debug("listener paused reading: handlers are behind")
 
     def resume_reading(self) -> None:
         """Read notifications from the socket again."""
@@ -273,7 +273,7 @@ class Listener:
             self.paused = False
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()
-                logger.info("listener resumed reading")
+                logger.debug("listener resumed reading")
 
     async def _listening_channels(self, conn: asyncpg.Connection) -> tuple[list[str], list[str]]:
         async with self._lock:

@@ -32,7 +32,7 @@ class Overflow(enum.Enum):
 
     * ``WAIT`` (the default): nothing is lost. Deliveries wait, in order, behind the
       full queue of this subscription; other subscriptions are not held up. When too
-      many deliveries wait in the process (20,000, all subscriptions together) the
+      many deliveries wait in the process (5,000, all subscriptions together) the
       listener stops reading its socket and PostgreSQL keeps the rest in its
       notification queue until the handlers catch up.
     * ``DROP_OLDEST``: the oldest queued delivery is removed to make room (keeps the

@@ -72,6 +72,7 @@ import pydantic
 
 from pgbus._bus import Bus
 from pgbus._events import Event
+from pgbus._util import keep_session
 from pgbus._version import __version__
 from pgbus.server import ClusterError, ServerNotFound, TempCluster, find_bindirs, local_server
 
@@ -548,6 +549,8 @@ async def bench_publish(cfg: Config) -> Result:
     events = [make_event(cls, i) for i in range(cfg.publish_events)]
     n = len(events)
     pool = await asyncpg.create_pool(cfg.dsn, min_size=1, max_size=10)
+    # a pool that skips asyncpg's reset query on release, as pgbus's own pool does
+    lean = await asyncpg.create_pool(cfg.dsn, min_size=1, max_size=10, reset=keep_session)
     try:
         async with Bus(cfg.dsn, load_entrypoints=False) as bus:
 
@@ -558,22 +561,38 @@ async def bench_publish(cfg: Config) -> Result:
                     await publish(event)
                 return watch.measure(n, None)
 
-            async def run_raw() -> Measure:
-                execute = pool.execute
-                watch = Stopwatch()
-                for event in events:
-                    await execute(NOTIFY_ONE, channel, event.model_dump_json())
-                return watch.measure(n, None)
+            def raw_on(p: asyncpg.Pool) -> Callable[[], Awaitable[Measure]]:
+                async def run_raw() -> Measure:
+                    execute = p.execute
+                    watch = Stopwatch()
+                    for event in events:
+                        await execute(NOTIFY_ONE, channel, event.model_dump_json())
+                    return watch.measure(n, None)
+
+                return run_raw
 
             for event in events[:50]:  # warm up both paths (prepared statements, pools)
                 await bus.publish(event)
                 await pool.execute(NOTIFY_ONE, channel, event.model_dump_json())
+                await lean.execute(NOTIFY_ONE, channel, event.model_dump_json())
             await interleave(
-                result, cfg.reps, [("pgbus", run_pgbus), ("baseline", run_raw)], cfg.progress
+                result,
+                cfg.reps,
+                [
+                    ("pgbus", run_pgbus),
+                    ("baseline", raw_on(pool)),
+                    ("raw, pool without reset", raw_on(lean)),
+                ],
+                cfg.progress,
             )
     finally:
         await pool.close()
-    result.notes.append("raw: pool.execute('SELECT pg_notify($1, $2)', ch, e.model_dump_json())")
+        await lean.close()
+    result.notes.append(
+        "raw: pool.execute('SELECT pg_notify($1, $2)', ch, e.model_dump_json()) on a default"
+        " asyncpg pool, which resets each connection on release (a second round trip);"
+        " the peer's pool skips that, as pgbus's does"
+    )
     return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import operator
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -232,7 +231,15 @@ class MetricsSnapshot:
         return sum(c.dead_lettered for c in self.channels.values())
 
 
-_channel_of = operator.attrgetter("channel")
+def _count_channels(counts: Counter[str], items: Sequence[Message] | Sequence[Outgoing]) -> None:
+    """Count ``items`` per channel; usually they all share one (a dispatcher round)."""
+    channel = items[0].channel
+    for item in items:
+        if item.channel != channel:
+            counts.update(item.channel for item in items)
+            return
+    counts[channel] += len(items)
+
 
 #: Observations buffered before they are sorted into buckets (a bounded, batched cost).
 _FOLD_AT = 1024
@@ -437,18 +444,12 @@ class Metrics:
     @hookimpl
     def pgbus_on_published(self, outgoing: Sequence[Outgoing]) -> None:
         """Count published events per channel."""
-        if len(outgoing) == 1:
-            self._published[outgoing[0].channel] += 1
-        else:
-            self._published.update(map(_channel_of, outgoing))
+        _count_channels(self._published, outgoing)
 
     @hookimpl
     def pgbus_on_received(self, messages: Sequence[Message]) -> None:
         """Count received notifications per channel."""
-        if len(messages) == 1:
-            self._received[messages[0].channel] += 1
-        else:
-            self._received.update(map(_channel_of, messages))
+        _count_channels(self._received, messages)
 
     @hookimpl
     def pgbus_on_decode_error(self, message: Message, error: BaseException) -> None:  # noqa: ARG002 - part of the hook's signature

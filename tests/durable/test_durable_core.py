@@ -212,12 +212,18 @@ async def test_out_of_order_commit_is_not_skipped(durable_bus, pg_dsn: str, tcp_
     assert [e.n for e in got.items] == [2, 1]
 
 
-async def _reconnected(bus: pgbus.Bus, old_pid: int | None) -> None:
-    async def until() -> None:
-        while bus.listener_pid in (None, old_pid):
-            await asyncio.sleep(0.01)
+class _Connects:
+    """Each (re)connect of the listener, for a bounded wait."""
 
-    await asyncio.wait_for(until(), 10)
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[None] = asyncio.Queue()
+
+    @pgbus.hookimpl
+    def pgbus_on_connect(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def next(self) -> None:
+        await asyncio.wait_for(self.queue.get(), 10)
 
 
 async def test_killing_the_listener_loses_nothing(durable_bus, sql, channel: str):
@@ -226,15 +232,17 @@ async def test_killing_the_listener_loses_nothing(durable_bus, sql, channel: str
     got = Collector()
     bus: pgbus.Bus = durable_bus(plugin={"poll_interval": 600.0})  # no safety net
     bus.subscribe(ticket, durable="stream")(got)
+    connects = _Connects()
+    bus.plugins.register(connects)
     kills = 0
     async with bus:
+        await connects.next()
         for start in range(0, 10_000, 100):
             await bus.publish_many([ticket(n=i) for i in range(start, start + 100)])
             if start % 2000 == 1000:
-                killed = bus.listener_pid
-                await sql.execute("SELECT pg_terminate_backend($1)", killed)
+                await sql.execute("SELECT pg_terminate_backend($1)", bus.listener_pid)
                 kills += 1
-                await _reconnected(bus, killed)
+                await connects.next()
         await got.wait_for(10_000, timeout=120)
     assert kills == 5
     assert bus.reconnects == 5
