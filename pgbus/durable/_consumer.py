@@ -193,10 +193,11 @@ class Consumer:
         # inbox runs low: it stays small, so claiming from it stays cheap.
         if self._need_pump and self._inbox_low:
             self._need_pump = False
-            pumped = await self._pump()
-            # Pump until a pump finds nothing: one that finished a batch begun earlier
-            # used that batch's snapshot, and what committed since is still to come.
-            if pumped is None or pumped > 0:
+            pumped, resumed = await self._pump()
+            # Pump until a pump finds nothing in a snapshot of its own: one that went on
+            # with a batch begun earlier used that batch's snapshot, and what committed
+            # since (whose NOTIFYs woke an earlier pump) is still to come.
+            if pumped is None or pumped > 0 or resumed:
                 self._need_pump = True
         if self._stopping:
             return False
@@ -210,15 +211,19 @@ class Consumer:
             return True
         return self._need_pump
 
-    async def _pump(self) -> int | None:
-        """Move newly committed journal rows into the inbox; ``None`` when another member is."""
+    async def _pump(self) -> tuple[int | None, bool]:
+        """Move newly committed journal rows into the inbox.
+
+        :returns: how many (``None`` when another member is pumping), and whether this
+            pump went on with a batch begun earlier (in that batch's snapshot).
+        """
         pool = await self.plugin.pool()
         sql = self.plugin.sql
         async with pool.acquire() as conn, conn.transaction():
             low = await conn.fetchval(sql.lock_subscription, self.group)
             if low is None:
-                return None
-            n: int | None = await conn.fetchval(
+                return None, False
+            row = await conn.fetchrow(
                 sql.pump,
                 self.group,
                 list(self.sub.channels),
@@ -226,7 +231,9 @@ class Consumer:
                 self.plugin.pump_size,
                 low,
             )
-        return n or 0
+        if row is None:  # pragma: no cover - the subscription row was just locked
+            return 0, False
+        return row[0] or 0, bool(row[1])
 
     async def _fetch(self, query: str, limit: int) -> list[Any]:
         """Claim the next rows; the same statement acks the rows handled since the last."""

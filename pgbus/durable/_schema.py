@@ -272,7 +272,7 @@ class Sql:
         self.pump = f"""
             WITH s AS (
                 SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
-                       batch_cursor
+                       batch_cursor, batch_snap IS NOT NULL AS resumed
                 FROM {s}.subscriptions WHERE name = $1
             ), picked AS (
                 SELECT j.id FROM s, {s}.journal j
@@ -296,7 +296,7 @@ class Sql:
                 batch_cursor = CASE WHEN agg.n < $4 THEN 0 ELSE agg.last END,
                 pumped_at = now()
             FROM s, agg WHERE u.name = $1
-            RETURNING agg.n"""  # noqa: S608 - quoted identifier
+            RETURNING agg.n, s.resumed"""  # noqa: S608 - quoted identifier
         # Also acks ($5): deletes the rows handled since the previous claim.
         self.claim = f"""
             WITH acked AS (

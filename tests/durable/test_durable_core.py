@@ -212,6 +212,57 @@ async def test_out_of_order_commit_is_not_skipped(durable_bus, pg_dsn: str, tcp_
     assert [e.n for e in got.items] == [2, 1]
 
 
+async def test_what_commits_while_a_batch_is_pumped_is_not_left_to_the_poll(
+    durable_bus, channel: str
+):
+    """A pump that finishes a batch begun earlier, and finds nothing more in that batch's
+    snapshot, pumps again: events committed after the batch began arrive at once."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    first = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(event: Any) -> None:
+        first.set()
+        await release.wait()
+        await got(event)
+
+    bus: pgbus.Bus = durable_bus(plugin={"pump_size": 10, "poll_interval": 600.0})
+    bus.subscribe(ticket, durable="batches")(handler)
+    received = _Received()
+    bus.plugins.register(received)
+    async with bus:
+        await bus.publish_many([ticket(n=i) for i in range(10)])  # exactly one pump's worth
+        await asyncio.wait_for(first.wait(), 10)  # pumped in batch mode, handling begun
+        await bus.publish_many([ticket(n=i) for i in range(10, 15)])  # after that snapshot
+        await received.wait_for(channel, 15)  # every NOTIFY has woken the consumer
+        release.set()
+        await got.wait_for(15, timeout=10)
+    assert [e.n for e in got.items] == list(range(15))
+
+
+class _Received:
+    """Counts notifications per channel, for a bounded wait."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    @pgbus.hookimpl
+    def pgbus_on_received(self, messages: list[pgbus.Message]) -> None:
+        for message in messages:
+            self.counts[message.channel] = self.counts.get(message.channel, 0) + 1
+        self._changed.set()
+
+    async def wait_for(self, channel: str, n: int) -> None:
+        async def until() -> None:
+            while self.counts.get(channel, 0) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(until(), 10)
+
+
 class _Connects:
     """Each (re)connect of the listener, for a bounded wait."""
 
