@@ -243,6 +243,7 @@ def _count_channels(counts: Counter[str], items: Sequence[Message] | Sequence[Ou
 
 #: Observations buffered before they are sorted into buckets (a bounded, batched cost).
 _FOLD_AT = 1024
+_FOLD_MASK = _FOLD_AT - 1  # a power of two: ``count & _FOLD_MASK`` is ``count % _FOLD_AT``
 
 
 class _Histogram:
@@ -421,22 +422,23 @@ class Metrics:
         clock = time.perf_counter
 
         async def measure(delivery: Delivery, call_next: CallNext) -> None:
+            started = clock()
             if delivery.attempt == 1:
-                received[0] += 1
-                if not received[0] % _FOLD_AT:  # bounds both buffers (retries are few)
+                count = received[0] = received[0] + 1
+                if not count & _FOLD_MASK:  # bounds both buffers (retries are few)
                     lag.fold()
                     duration.fold()
                 published_at = delivery.published_at
                 if published_at is not None:
                     observe_lag(delivery.message.received_at - published_at)
-            started = clock()
             try:
                 await call_next(delivery)
-            except Exception:
-                failed[0] += 1
-                raise
-            finally:
+            except BaseException as exc:
                 observe_duration(clock() - started)
+                if isinstance(exc, Exception):  # not a cancellation
+                    failed[0] += 1
+                raise
+            observe_duration(clock() - started)
             handled[0] += 1
 
         return measure
