@@ -211,6 +211,11 @@ async def publish_series(
 # ----------------------------------------------------------------------------- results
 
 
+def ratio_target(minimum: float, also: str = "") -> dict[str, Any]:
+    """A target "pgbus / baseline >= ``minimum``": its text and its check, which agree."""
+    return {"target": f"ratio >= {minimum:g}{also}", "check": lambda p, b: p >= minimum * b}
+
+
 @dataclasses.dataclass(slots=True)
 class Measure:
     """One repetition of one side: its figure, what it lost, and any details."""
@@ -541,8 +546,7 @@ async def bench_publish(cfg: Config) -> Result:
         "publish, one event per call",
         "events/s",
         higher_is_better=True,
-        target="ratio >= 0.85",
-        check=lambda p, b: p >= 0.85 * b,
+        **ratio_target(0.85),
     )
     cls = event_class(new_channel("pub"))
     channel = cls.pgbus_channel or ""
@@ -606,8 +610,7 @@ async def bench_publish_many(cfg: Config) -> Result:
         f"publish_many, {cfg.batch} events per call",
         "events/s",
         higher_is_better=True,
-        target="ratio >= 0.5",
-        check=lambda p, b: p >= 0.5 * b,
+        **ratio_target(0.5),
     )
     cls = event_class(new_channel("many"))
     channel = cls.pgbus_channel or ""
@@ -789,8 +792,7 @@ async def bench_receive(cfg: Config) -> Result:
         "receive: decode + route + async handler, all default plugins",
         "events/s",
         higher_is_better=True,
-        target="ratio >= 0.6, lost = 0",
-        check=lambda p, b: p >= 0.6 * b,
+        **ratio_target(0.6, ", lost = 0"),
     )
     async with contextlib.AsyncExitStack() as stack:
         sides: list[tuple[str, Callable[[], Awaitable[Measure]]]] = [
@@ -817,8 +819,7 @@ async def bench_receive_metrics(cfg: Config) -> Result:
         "receive: metrics plugin on (pgbus) vs blocked (baseline)",
         "events/s",
         higher_is_better=True,
-        target="ratio >= 0.9",
-        check=lambda p, b: p >= 0.9 * b,
+        **ratio_target(0.9),
     )
     async with contextlib.AsyncExitStack() as stack:
         on = await stack.enter_async_context(_as_cm(_receive_pgbus(cfg)))
@@ -1031,8 +1032,7 @@ async def bench_fanout(cfg: Config) -> Result:
         f"fan-out: {cfg.fanout_listeners} Bus instances vs raw listener connections",
         "deliveries/s",
         higher_is_better=True,
-        target="ratio >= 0.5",
-        check=lambda p, b: p >= 0.5 * b,
+        **ratio_target(0.5),
     )
     async with fanout_server(cfg, cfg.fanout_listeners) as (dsn, listeners, where):
         result.notes.append(f"{listeners} listeners on {where}")
