@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import pgbus
@@ -64,3 +65,36 @@ class Collector:
 
         await asyncio.wait_for(until(), timeout)
         return self.items
+
+
+class Watch:
+    """A plugin that timestamps each LISTEN (re-)establishment of one bus."""
+
+    def __init__(self) -> None:
+        self.connected_at: list[float] = []
+        self.lost_at: list[tuple[float, BaseException | None]] = []
+        self.changed = asyncio.Event()
+
+    @pgbus.hookimpl
+    def pgbus_on_connect(self, bus: pgbus.Bus, channels: Any) -> None:
+        self.connected_at.append(time.monotonic())
+        self.changed.set()
+
+    @pgbus.hookimpl
+    def pgbus_on_disconnect(self, bus: pgbus.Bus, error: BaseException | None) -> None:
+        self.lost_at.append((time.monotonic(), error))
+        self.changed.set()
+
+    async def disconnects(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until the connection was found lost ``n`` times in all."""
+        async with asyncio.timeout(timeout):
+            while len(self.lost_at) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def connects(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until LISTEN was established ``n`` times in all."""
+        async with asyncio.timeout(timeout):
+            while len(self.connected_at) < n:
+                self.changed.clear()
+                await self.changed.wait()

@@ -13,6 +13,7 @@ from _helpers import event_on
 
 import pgbus
 from pgbus._util import new_event_id
+from pgbus.testing import RecordingPlugin
 
 
 def order_on(channel: str) -> type[pgbus.Event]:
@@ -521,18 +522,14 @@ async def test_an_unparsable_dsn_is_a_clear_pgbus_error():
 async def test_an_event_sent_twice_is_handled_once(make_bus, recorder, channel, pg_conn):
     """An envelope arriving again with the same id (a retried publish) is dropped."""
     Ping = event_on(channel)
-    sent: list[str] = []
-
-    class Capture:
-        @pgbus.hookimpl
-        def pgbus_on_published(self, outgoing):
-            sent.extend(o.payload for o in outgoing)
-
-    bus = make_bus(plugins=[Capture()])
+    sent = RecordingPlugin()  # .published: what went out, payloads included
+    bus = make_bus(plugins=[sent])
     bus.subscribe(Ping)(recorder)
     async with bus:
         await bus.publish(Ping(n=1))
-        await pg_conn.execute("SELECT pg_notify($1, $2)", channel, sent[0])  # the same again
+        await pg_conn.execute(  # the same again
+            "SELECT pg_notify($1, $2)", channel, sent.published[0].payload
+        )
         await bus.publish(Ping(n=2))
         assert [await recorder.next(), await recorder.next()] == [Ping(n=1), Ping(n=2)]
         assert bus.duplicates == 1
@@ -544,18 +541,12 @@ async def test_the_last_recent_ids_are_remembered(
     """At least the last RECENT_IDS ids are remembered; older ones are forgotten."""
     monkeypatch.setattr(pgbus._bus, "RECENT_IDS", 4)
     Ping = event_on(channel)
-    sent: list[str] = []
-
-    class Capture:
-        @pgbus.hookimpl
-        def pgbus_on_published(self, outgoing):
-            sent.extend(o.payload for o in outgoing)
-
-    bus = make_bus(plugins=[Capture()])
+    sent = RecordingPlugin()  # .published: what went out, payloads included
+    bus = make_bus(plugins=[sent])
     bus.subscribe(Ping)(recorder)
 
     async def again(n: int) -> None:
-        await pg_conn.execute("SELECT pg_notify($1, $2)", channel, sent[n - 1])
+        await pg_conn.execute("SELECT pg_notify($1, $2)", channel, sent.published[n - 1].payload)
 
     async with bus:
         await bus.publish_many([Ping(n=n) for n in range(1, 7)])

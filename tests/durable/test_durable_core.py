@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from _helpers import Collector, ticket_type
+from _helpers import Collector, Watch, ticket_type
 
 import pgbus
 from pgbus.durable import SCHEMA_VERSION, DurablePlugin, SchemaError, migrate, schema_version
@@ -212,6 +212,15 @@ async def test_out_of_order_commit_is_not_skipped(durable_bus, pg_dsn: str, tcp_
     assert [e.n for e in got.items] == [2, 1]
 
 
+class _Received(Collector):
+    """The notifications the listener takes in, for a bounded wait."""
+
+    @pgbus.hookimpl
+    def pgbus_on_received(self, messages: list[pgbus.Message]) -> None:
+        self.items.extend(messages)
+        self._changed.set()
+
+
 async def test_what_commits_while_a_batch_is_pumped_is_not_left_to_the_poll(
     durable_bus, channel: str
 ):
@@ -235,46 +244,10 @@ async def test_what_commits_while_a_batch_is_pumped_is_not_left_to_the_poll(
         await bus.publish_many([ticket(n=i) for i in range(10)])  # exactly one pump's worth
         await asyncio.wait_for(first.wait(), 10)  # pumped in batch mode, handling begun
         await bus.publish_many([ticket(n=i) for i in range(10, 15)])  # after that snapshot
-        await received.wait_for(channel, 15)  # every NOTIFY has woken the consumer
+        await received.wait_for(15, timeout=10)  # every NOTIFY has woken the consumer
         release.set()
         await got.wait_for(15, timeout=10)
     assert [e.n for e in got.items] == list(range(15))
-
-
-class _Received:
-    """Counts notifications per channel, for a bounded wait."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._changed = asyncio.Event()
-
-    @pgbus.hookimpl
-    def pgbus_on_received(self, messages: list[pgbus.Message]) -> None:
-        for message in messages:
-            self.counts[message.channel] = self.counts.get(message.channel, 0) + 1
-        self._changed.set()
-
-    async def wait_for(self, channel: str, n: int) -> None:
-        async def until() -> None:
-            while self.counts.get(channel, 0) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(until(), 10)
-
-
-class _Connects:
-    """Each (re)connect of the listener, for a bounded wait."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[None] = asyncio.Queue()
-
-    @pgbus.hookimpl
-    def pgbus_on_connect(self) -> None:
-        self.queue.put_nowait(None)
-
-    async def next(self) -> None:
-        await asyncio.wait_for(self.queue.get(), 10)
 
 
 async def test_killing_the_listener_loses_nothing(durable_bus, sql, channel: str):
@@ -283,17 +256,17 @@ async def test_killing_the_listener_loses_nothing(durable_bus, sql, channel: str
     got = Collector()
     bus: pgbus.Bus = durable_bus(plugin={"poll_interval": 600.0})  # no safety net
     bus.subscribe(ticket, durable="stream")(got)
-    connects = _Connects()
-    bus.plugins.register(connects)
+    watch = Watch()
+    bus.plugins.register(watch)
     kills = 0
     async with bus:
-        await connects.next()
+        await watch.connects(1)
         for start in range(0, 10_000, 100):
             await bus.publish_many([ticket(n=i) for i in range(start, start + 100)])
             if start % 2000 == 1000:
                 await sql.execute("SELECT pg_terminate_backend($1)", bus.listener_pid)
                 kills += 1
-                await connects.next()
+                await watch.connects(kills + 1)
         await got.wait_for(10_000, timeout=120)
     assert kills == 5
     assert bus.reconnects == 5
