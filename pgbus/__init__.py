@@ -31,25 +31,23 @@ name, built-ins included.
 
 from __future__ import annotations
 
-from pgbus import durable  # noqa: F401 - `pgbus.durable.DurablePlugin` works after `import pgbus`
+from pgbus import durable  # noqa: F401 - `pgbus.durable.DurablePlugin` after `import pgbus`
 from pgbus._api import close, configure, get_bus, notify, publish, publish_many
-from pgbus._bus import Bus, BusState
-from pgbus._events import Delivery, Event, Message
-from pgbus._markers import hookimpl
+from pgbus._bus import Bus
+from pgbus._events import DeadLetter, Delivery, Event, Message, Outgoing
+from pgbus._markers import hookimpl  # first: plugins imported below mark their hooks with it
 from pgbus._metrics_publisher import MetricsPublisher
-from pgbus._status import BusStatus, Gap, ListenerState
-from pgbus._subscription import Overflow, Subscription
+from pgbus._status import BusState, BusStatus, Gap, ListenerState
+from pgbus._subscription import Overflow, Retry, Subscription
 from pgbus._version import __version__
 from pgbus.changes import ChangeTrigger, RowChanged
 from pgbus.default_plugins.backoff import ExponentialBackoff
-from pgbus.default_plugins.dead_letters import DeadLetter
 from pgbus.default_plugins.metrics import (
     ChannelStats,
     HistogramSnapshot,
     MetricsSnapshot,
     SubscriptionStats,
 )
-from pgbus.default_plugins.retry import Retry
 from pgbus.errors import (
     BusClosed,
     ClusterError,
@@ -64,7 +62,6 @@ from pgbus.errors import (
     PublishError,
     ServerNotFound,
 )
-from pgbus.types import Outgoing
 
 __all__ = [
     "Bus",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pgbus._bus import Bus, BusState
+from pgbus._bus import Bus
+from pgbus._status import BusState
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -1,86 +1,51 @@
-"""The Bus: subscriptions, the listener, the publisher and the plugins of one process."""
+"""The Bus: configuration, lifecycle, the registry of subscriptions, and the public API.
+
+It composes the parts that do the work (asyncpg's ``Pool`` composes its holders the same
+way): the plugin facade (:mod:`pgbus._plugins`), the :class:`~pgbus._dispatch.Dispatcher`
+(the receive path), the :class:`~pgbus._listener.Listener` (the LISTEN connection, whose
+host is the dispatcher) and the :class:`~pgbus._publish.Publisher`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
-import inspect
 import logging
 import os
 import time
 import typing
-from collections import deque
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 from pgbus import changes as _changes
 from pgbus._channels import check_channel
-from pgbus._events import NO_HEADERS, Delivery, Event, Message, Notification
-from pgbus._listener import INBOUND_HIGH_WATER, Listener
+from pgbus._dispatch import Dispatcher
+from pgbus._events import Event, Outgoing
+from pgbus._listener import Listener
 from pgbus._plugins import PluginManager
 from pgbus._publish import Connection, Publisher, check_size
-from pgbus._status import BusStatus, Gap, ListenerState
+from pgbus._status import BusState, BusStatus, ListenerState
 from pgbus._subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
-from pgbus._util import await_all, new_event_id, redact_dsn
-from pgbus.default_plugins.dead_letters import DeadLetter
+from pgbus._util import redact_dsn
 from pgbus.errors import BusClosed, ConfigError
-from pgbus.types import Outgoing
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
+    import asyncpg
+
+    from pgbus._events import DeadLetter
     from pgbus._status import ResyncCallback
-    from pgbus._subscription import TimeoutAction
+    from pgbus._subscription import Handler, Retry, TimeoutAction
+
+    # the typed accessors of two built-ins (bus.metrics, bus.dead_letters): type-only
     from pgbus.default_plugins.dead_letters import DeadLetters
     from pgbus.default_plugins.metrics import Metrics
-    from pgbus.default_plugins.retry import Retry
-    from pgbus.errors import ListenerError
-    from pgbus.types import CallNext, Decoder, Encoder, Handler, Middleware, Router
 
 logger = logging.getLogger(__name__)
 
 H = TypeVar("H", bound="Handler")
 
-
-#: Notifications dispatched per round. After a round the dispatcher lets the handlers
-#: run, so decoded events are handled and freed while they are young: the garbage
-#: collector then never has to promote and rescan thousands of live events. (With 100
-#: buses in one process, rounds of 300 made collection a third of the receive cost;
-#: rounds of 32 cost one event-loop turn per 32 events.)
-DISPATCH_BATCH = 32
-#: Below this many notifications waiting in the process a paused listener reads again
-#: (it pauses at :data:`~pgbus._listener.INBOUND_HIGH_WATER`): memory stays bounded when
-#: handlers fall behind.
-INBOUND_LOW_WATER = 1_000
-#: How many recent event ids the receive path remembers (at least; at most twice as many)
-#: to drop duplicates: an event published again by a publish retry whose first try had
-#: in fact committed.
-RECENT_IDS = 10_000
-
-
-class BusState(enum.Enum):
-    """Where a :class:`Bus` is in its life. A bus is single-use.
-
-    .. versionadded:: 0.1.0
-    """
-
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-class _Channel:
-    """What the dispatcher needs for one channel, rebuilt when subscriptions change."""
-
-    __slots__ = ("decode", "route", "subscriptions")
-
-    def __init__(self, decode: Decoder, route: Router, subscriptions: list[Subscription]) -> None:
-        self.decode = decode
-        self.route = route
-        self.subscriptions = subscriptions
+__all__ = ["Bus", "BusState"]
 
 
 class Bus:
@@ -165,51 +130,34 @@ class Bus:
         self.plugins = PluginManager(
             plugins, load_entrypoints=load_entrypoints, disable_plugins=disable_plugins
         )
-        self._hook = self.plugins.hook
         kwargs = dict(connect_kwargs or {})
         self._connect_kwargs, self._connect_timeout = kwargs, connect_timeout
-        if durable and self.plugins.get("durable") is None:
-            from pgbus.durable import DurablePlugin  # noqa: PLC0415 - an optional plugin
-
-            self.plugins.register(DurablePlugin(), name="durable")
-        # plain tuples until dispatched: the garbage collector stops tracking a tuple of
-        # strings and numbers, so a long backlog costs it nothing
-        self._inbound: deque[Notification] = deque()
+        if durable:
+            self.plugins.enable("durable")
+        self._dispatch = Dispatcher(self.plugins, self)
         self._listener = Listener(
             dsn,
-            self,
+            self._dispatch,
             connect_timeout=connect_timeout,
             health_check_interval=health_check_interval,
             health_check_timeout=health_check_timeout,
             connect_kwargs=kwargs,
         )
+        self._dispatch.reader = self._listener
         self._publisher = Publisher(
             dsn,
+            plugins=self.plugins,
+            owner=self,
             connect_timeout=connect_timeout,
             pool_max_size=pool_max_size,
             connect_kwargs=kwargs,
-            backoff=self._backoff,
             retries=publish_retries,
             timeout=publish_timeout,
         )
-        self._resync: dict[str, tuple[ResyncCallback, asyncio.Event]] = {}
-        self._resync_tasks: dict[str, asyncio.Task[None]] = {}
         self._state = BusState.NEW
         self._subscriptions: dict[str, Subscription] = {}
-        self._channels: dict[str, _Channel] = {}
-        self._encoders: dict[type[Event], tuple[str, Encoder]] = {}
-        self._backlogged = 0
-        # two generations: when the newer is full it becomes the older, the older is freed
-        self._recent_ids: set[str] = set()
-        self._older_ids: set[str] = set()
-        #: Envelopes received again with an id seen among the last RECENT_IDS, dropped.
-        self.duplicates = 0
-        self._wakeup = asyncio.Event()
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._draining = False
-        self._on_handled_wanted = False
         self._closed: asyncio.Event | None = None
-        self._hook.pgbus_configure.call_historic(kwargs={"bus": self})
+        self.plugins.hook.pgbus_configure.call_historic(kwargs={"bus": self})
 
     def __repr__(self) -> str:
         return f"<Bus {redact_dsn(self.dsn)} {self._state.value}>"
@@ -262,11 +210,54 @@ class Bus:
 
     @property
     def ready(self) -> bool:
-        """Whether the bus is running and listening: a readiness check for health endpoints.
+        """Whether the bus is running, listening and dispatching: a readiness check.
+
+        False whenever the LISTEN connection is down or the dispatcher is not running.
 
         .. versionadded:: 0.1.0
         """
-        return self._state is BusState.RUNNING and self._listener.state is ListenerState.CONNECTED
+        return (
+            self._state is BusState.RUNNING
+            and self._listener.state is ListenerState.CONNECTED
+            and self._dispatch.running
+        )
+
+    @property
+    def duplicates(self) -> int:
+        """Envelopes received again with an id seen recently, and dropped.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._dispatch.duplicates
+
+    @property
+    def connect_kwargs(self) -> dict[str, Any]:
+        """The extra :func:`asyncpg.connect` arguments of this bus's connections (a copy).
+
+        For plugins that open connections of their own.
+
+        .. versionadded:: 0.2.0
+        """
+        return dict(self._connect_kwargs)
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds one connection attempt may take.
+
+        .. versionadded:: 0.2.0
+        """
+        return self._connect_timeout
+
+    async def pool(self) -> asyncpg.Pool:
+        """The bus's publish pool (created on first use), for plugins that run SQL.
+
+        Use it for short statements that leave no session state behind (settings,
+        ``LISTEN``, prepared state, session advisory locks): its connections are handed
+        back without a reset (see :func:`pgbus._util.keep_session`).
+
+        .. versionadded:: 0.2.0
+        """
+        return await self._publisher.pool()
 
     @property
     def dead_letters(self) -> list[DeadLetter]:
@@ -428,7 +419,7 @@ class Bus:
         self._add(sub, running_ok=True)
         self._set_resync(sub, on_resync)
         if self._state is BusState.RUNNING:
-            self._start_subscription(sub)
+            self._dispatch.start_subscription(sub)
             for channel in sub.channels:
                 await self._listener.listen(channel)
         return sub
@@ -450,12 +441,11 @@ class Bus:
         else:
             channel = check_channel(target)
             removed = [s for s in self._subscriptions.values() if channel in s.channels]
-        channels_before = set(self._channels)
+        channels_before = set(self._dispatch.channels)
         for sub in removed:
             del self._subscriptions[sub.name]
-            self._resync.pop(sub.name, None)
         self._rebuild_channels()
-        for channel in channels_before - set(self._channels):
+        for channel in channels_before - set(self._dispatch.channels):
             await self._listener.unlisten(channel)
         for sub in removed:
             if self._state is BusState.RUNNING:
@@ -536,40 +526,9 @@ class Bus:
             raise
 
     def _rebuild_channels(self) -> None:
-        by_channel: dict[str, list[Subscription]] = {}
-        for sub in self._subscriptions.values():
-            for channel in sub.channels:
-                routed = by_channel.setdefault(channel, [])  # LISTEN even if all are durable
-                if sub.durable is None:  # durable ones are fed from the journal instead
-                    routed.append(sub)
-        channels: dict[str, _Channel] = {}
-        for channel, subs in by_channel.items():
-            types = list(
-                dict.fromkeys(t for s in subs for t in s.event_types if t.pgbus_channel == channel)
-            )
-            names: dict[str, type[Event]] = {}
-            for t in types:
-                other = names.setdefault(t.pgbus_type, t)
-                if other is not t:
-                    raise ConfigError(
-                        f"{other.__qualname__} and {t.__qualname__} share channel {channel!r}"
-                        f" and type name {t.pgbus_type!r}; give one an event_type="
-                    )
-            old = self._channels.get(channel)
-            if old is not None and old.subscriptions == subs:
-                channels[channel] = old
-                continue
-            decode = self._hook.pgbus_decoder(channel=channel, event_types=types)
-            route = self._hook.pgbus_router(channel=channel, subscriptions=subs)
-            if decode is None or route is None:
-                raise ConfigError(
-                    f"no plugin provides a {'decoder' if decode is None else 'router'}"
-                    f" for channel {channel!r} (was the built-in one disabled?)"
-                )
-            channels[channel] = _Channel(decode, route, subs)
-        self._channels = channels
+        self._dispatch.set_subscriptions(self._subscriptions.values())
         if self._state is BusState.NEW:
-            self._listener.set_channels(channels)
+            self._listener.set_channels(self._dispatch.channels)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -587,46 +546,34 @@ class Bus:
             raise BusClosed(f"a bus can be started once; this one is {self._state.value}")
         self._state = BusState.STARTING
         self._closed = asyncio.Event()
-        self._on_handled_wanted = self.plugins.has_impls("pgbus_on_handled")
+        self._dispatch.start()
         for sub in self._subscriptions.values():
-            self._start_subscription(sub)
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="pgbus-dispatcher")
+            self._dispatch.start_subscription(sub)
         try:
-            await await_all(self._hook.pgbus_on_start(bus=self))
+            await self.plugins.on_start(self)
             await self._listener.start(self.start_timeout)
         except BaseException:
             await self._shutdown(0)
             raise
         self._state = BusState.RUNNING
-        logger.info("bus listening on %d channels at %s", len(self._channels), redact_dsn(self.dsn))
+        logger.info(
+            "bus listening on %d channels at %s", len(self._dispatch.channels), redact_dsn(self.dsn)
+        )
 
     def _set_resync(self, sub: Subscription | Handler, on_resync: ResyncCallback | None) -> None:
         if on_resync is None:
             return
         if not isinstance(sub, Subscription):  # the handler just subscribed: its newest
             sub = next(s for s in reversed(self._subscriptions.values()) if s.handler is sub)
-        self._resync[sub.name] = (on_resync, asyncio.Event())
-        self._resync[sub.name][1].set()
-
-    def _start_subscription(self, sub: Subscription) -> None:
-        middleware = [
-            mw for mw in self._hook.pgbus_handler_middleware(subscription=sub) if mw is not None
-        ]
-        if sub.name in self._resync:  # outermost: hold deliveries while on_resync runs
-            middleware.insert(0, _resync_gate(self._resync[sub.name][1]))
-        sub.start(
-            middleware,
-            self._handled if self._on_handled_wanted else None,
-            self._failed,
-            self._dropped,
-            self._backlog_changed,
-        )
+        self._dispatch.set_resync(sub, on_resync)
 
     async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a drain deadline
         """Stop listening, let queued and running handlers finish, close every connection.
 
         Harmless to call twice. Deliveries still waiting after ``timeout`` seconds
-        (default: the bus's ``stop_timeout``) are dropped with a warning in the log.
+        (default: the bus's ``stop_timeout``) are dropped with a warning in the log; a
+        handler that does not end when cancelled is abandoned and logged, so ``stop()``
+        returns by its deadline (plus a moment to close the connections).
         """
         if self._state in (BusState.STOPPING, BusState.STOPPED):
             if self._closed is not None:
@@ -634,32 +581,27 @@ class Bus:
             return
         if self._state is BusState.NEW:
             self._state = BusState.STOPPED
-            await self._safe_hook("pgbus_on_stop", bus=self)
-            await self._safe_hook("pgbus_on_stopped", bus=self)
+            await self.plugins.on_stop(self)
+            await self.plugins.on_stopped(self)
             await self._publisher.close()
             return
         await self._shutdown(self.stop_timeout if timeout is None else timeout)
 
     async def _shutdown(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline
         self._state = BusState.STOPPING
-        await self._listener.stop()
-        for task in self._resync_tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._resync_tasks.values(), return_exceptions=True)
-        await self._safe_hook("pgbus_on_stop", bus=self)
-        deadline = time.monotonic() + timeout
-        if self._dispatcher is not None:
-            self._draining = True
-            self._wakeup.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._dispatcher), timeout)
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-        for sub in self._subscriptions.values():
-            await sub.stop(max(0.0, deadline - time.monotonic()))
-        await self._safe_hook("pgbus_on_stopped", bus=self)
-        await self._publisher.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        await _bounded(self._listener.stop(), left(), "closing the LISTEN connection")
+        await self._dispatch.stop_resyncs()
+        await _bounded(self.plugins.on_stop(self), left(), "the plugins' pgbus_on_stop")
+        await self._dispatch.drain(left())
+        await asyncio.gather(*(sub.stop(left()) for sub in self._subscriptions.values()))
+        await _bounded(self.plugins.on_stopped(self), left(), "the plugins' pgbus_on_stopped")
+        await _bounded(self._publisher.close(), left(), "closing the publish pool")
         self._state = BusState.STOPPED
         if self._closed is not None:
             self._closed.set()
@@ -719,54 +661,9 @@ class Bus:
                 "no plugin of this bus has a schema to migrate"
                 " (durable mode: Bus(dsn, durable=True))"
             )
-        await await_all(self._hook.pgbus_migrate(bus=self))
+        await self.plugins.migrate(self)
 
     # -- publishing ----------------------------------------------------------------------
-
-    def _encoder(self, event: Event) -> tuple[str, Encoder]:
-        """The channel and the encoder of ``event``'s class, found once per class."""
-        cls = type(event)
-        found = self._encoders.get(cls)
-        if found is not None:
-            return found
-        if not isinstance(event, Event):
-            raise ConfigError(
-                f"publish takes a pgbus.Event, not {cls.__name__}; "
-                "use bus.notify(channel, text) for raw payloads"
-            )
-        channel = cls.pgbus_channel
-        if channel is None:
-            raise ConfigError(f"{cls.__name__} has no channel (class keyword channel=...)")
-        encode = self._hook.pgbus_encoder(event_type=cls)
-        if encode is None:
-            raise ConfigError(f"no plugin provides an encoder for {cls.__name__}")
-        found = self._encoders[cls] = (channel, encode)
-        return found
-
-    def _outgoing(
-        self, events: Iterable[Event], headers: Mapping[str, str] | None
-    ) -> list[Outgoing]:
-        """Give each event an id and the publish time, and encode it."""
-        ts = time.time()
-        headers = headers or NO_HEADERS
-        encoder = self._encoder
-        outs = []
-        for event in events:
-            channel, encode = encoder(event)
-            out = Outgoing(channel, event, new_event_id(), ts, headers)
-            out.payload = encode(out)
-            outs.append(out)
-        return outs
-
-    async def _send(self, outs: Sequence[Outgoing], connection: Connection | None) -> None:
-        """Send encoded events: through a plugin that takes over (durable), else NOTIFY."""
-        taken = self._hook.pgbus_publish(bus=self, outgoing=outs, connection=connection)
-        if taken is not None:
-            await taken
-            return
-        for out in outs:
-            check_size(out.channel, out.payload)
-        await self._publisher.send([o.channel for o in outs], [o.payload for o in outs], connection)
 
     async def publish(
         self,
@@ -788,9 +685,9 @@ class Bus:
         :raises BusClosed: after :meth:`stop`.
         """
         self._check_open()
-        outs = self._outgoing((event,), headers)
-        await self._send(outs, connection)
-        self._hook.pgbus_on_published(outgoing=outs)
+        outs = self._publisher.encode((event,), headers)
+        await self._publisher.publish(outs, connection)
+        self.plugins.on_published(outs)
         return outs[0].id
 
     async def publish_many(
@@ -808,11 +705,11 @@ class Bus:
         :raises PayloadTooLarge: when any event is too large (nothing is sent).
         """
         self._check_open()
-        outs = self._outgoing(events, headers)
+        outs = self._publisher.encode(events, headers)
         if not outs:
             return []
-        await self._send(outs, connection)
-        self._hook.pgbus_on_published(outgoing=outs)
+        await self._publisher.publish(outs, connection)
+        self.plugins.on_published(outs)
         return [o.id for o in outs]
 
     async def notify(
@@ -829,9 +726,7 @@ class Bus:
             raise ConfigError(f"payload must be a str, not {type(payload).__name__}")
         check_size(channel, payload)
         await self._publisher.send((channel,), (payload,), connection)
-        self._hook.pgbus_on_published(
-            outgoing=(Outgoing(channel, None, "", time.time(), {}, payload),)
-        )
+        self.plugins.on_published((Outgoing(channel, None, "", time.time(), {}, payload),))
 
     # -- table change triggers (pgbus.changes) ------------------------------------------
 
@@ -918,200 +813,21 @@ class Bus:
             self if connection is None else connection, table=table, schema=schema
         )
 
-    async def _change_pool(self) -> Any:
-        """The publish pool (opened on first use), on which :mod:`pgbus.changes` runs SQL."""
-        return await self._publisher._get_pool()  # noqa: SLF001 - the bus's own publisher
 
-    # -- the receive path ----------------------------------------------------------------
+async def _bounded(step: typing.Awaitable[None], timeout: float, what: str) -> None:  # noqa: ASYNC109 - a stop deadline
+    """Await one step of ``stop()``, abandoned (and logged) at the stop's deadline.
 
-    def _inbound_ready(self) -> None:
-        """The listener put a notification into the empty inbound queue."""
-        self._wakeup.set()
-
-    async def _dispatch(self) -> None:
-        inbound = self._inbound
-        wakeup = self._wakeup
-        on_received = self._hook.pgbus_on_received
-        deliver = self._deliver
-        while True:
-            if not inbound:
-                if self._draining:
-                    return
-                wakeup.clear()
-                await wakeup.wait()
-                continue
-            batch = [Message(*inbound.popleft()) for _ in range(min(len(inbound), DISPATCH_BATCH))]
-            on_received(messages=batch)
-            for message in batch:
-                error = deliver(message)
-                if error is not None:
-                    await self._undecodable(message, error)
-            self._check_pressure()
-            if inbound:
-                await asyncio.sleep(0)  # the handlers' turn
-
-    def _backlog_changed(self, delta: int) -> None:
-        """A subscription's backlog (deliveries behind its full queue) grew or shrank."""
-        self._backlogged += delta
-        self._check_pressure()
-
-    def _check_pressure(self) -> None:
-        """Pause or resume reading the LISTEN socket by what waits in this process."""
-        waiting = len(self._inbound) + self._backlogged
-        if self._listener.paused:
-            if waiting <= INBOUND_LOW_WATER:
-                self._listener.resume_reading()
-        elif waiting >= INBOUND_HIGH_WATER:
-            self._listener.pause_reading()
-
-    def _deliver(self, message: Message) -> Exception | None:
-        """Decode, drop a duplicate, route: no await, for every notification.
-
-        :returns: the decoder's error (the raw message is routed to untyped
-            subscriptions all the same), for the dispatcher to report.
-        """
-        channel = self._channels.get(message.channel)
-        if channel is None:  # UNLISTENed meanwhile
-            return None
-        error = None
-        try:
-            delivery = channel.decode(message)
-        except Exception as exc:
-            error = exc
-            delivery = Delivery(message)
-        event_id = delivery.id
-        if event_id is not None:
-            recent = self._recent_ids
-            if event_id in recent or event_id in self._older_ids:
-                # a publish retried after its first try had committed: seen already
-                self.duplicates += 1
-                logger.debug("dropped duplicate event %s on %s", event_id, message.channel)
-                return None
-            recent.add(event_id)
-            if len(recent) >= RECENT_IDS:
-                self._older_ids = recent
-                self._recent_ids = set()
-        shared = False
-        for sub in channel.route(delivery):
-            # each subscription gets its own Delivery: retries count attempts on it
-            sub.offer(_copy(delivery) if shared else delivery)
-            shared = True
-        return error
-
-    async def _undecodable(self, message: Message, error: Exception) -> None:
-        logger.warning("%s", error, extra={"channel": message.channel})
-        await self._safe_hook("pgbus_on_decode_error", message=message, error=error)
-        await self._dead_letter(DeadLetter.from_decode_error(message, error))
-
-    def _handled(self, sub: Subscription, delivery: Delivery, duration: float) -> None:
-        try:
-            self._hook.pgbus_on_handled(subscription=sub, delivery=delivery, duration=duration)
-        except Exception:
-            logger.exception("plugin hook pgbus_on_handled failed")
-
-    async def _failed(self, sub: Subscription, delivery: Delivery, error: BaseException) -> None:
-        logger.error(
-            "handler %s failed on %s: %r",
-            sub.name,
-            delivery.channel,
-            error,
-            exc_info=error,
-            extra={"channel": delivery.channel},
-        )
-        await self._safe_hook(
-            "pgbus_on_handler_error", subscription=sub, delivery=delivery, error=error
-        )
-        await self._dead_letter(DeadLetter.from_failure(sub, delivery, error))
-
-    async def _dead_letter(self, dead_letter: DeadLetter) -> None:
-        await self._safe_hook("pgbus_on_dead_letter", dead_letter=dead_letter)
-
-    def _dropped(self, sub: Subscription, delivery: Delivery, policy: Overflow) -> None:
-        self._hook.pgbus_on_dropped(subscription=sub, delivery=delivery, policy=policy)
-
-    async def _safe_hook(self, name: str, **kwargs: Any) -> None:
-        """Call an observer hook; a failing plugin is logged, never stops the bus."""
-        try:
-            await await_all(getattr(self._hook, name)(**kwargs))
-        except Exception:
-            logger.exception("plugin hook %s failed", name)
-
-    # -- listener host protocol ---------------------------------------------------------------
-
-    async def _on_connected(
-        self, channels: Sequence[str], disconnected_at: float | None, reconnected_at: float
-    ) -> None:
-        await self._safe_hook("pgbus_on_connect", bus=self, channels=channels)
-        if disconnected_at is not None:
-            self._start_resyncs(disconnected_at, reconnected_at)
-            await self._safe_hook(
-                "pgbus_on_resync",
-                bus=self,
-                channels=channels,
-                disconnected_at=disconnected_at,
-                reconnected_at=reconnected_at,
-            )
-
-    async def _on_disconnected(self, error: BaseException | None) -> None:
-        await self._safe_hook("pgbus_on_disconnect", bus=self, error=error)
-
-    async def _on_terminal_error(self, error: ListenerError) -> None:
-        await self._safe_hook("pgbus_on_terminal_error", bus=self, error=error)
-
-    def _start_resyncs(self, disconnected_at: float, reconnected_at: float) -> None:
-        """Run every subscription's ``on_resync`` in a task, its deliveries held meanwhile."""
-        for name, (callback, gate) in self._resync.items():
-            sub = self._subscriptions.get(name)
-            if sub is None:
-                continue
-            gate.clear()
-            gap = Gap(sub.channels, disconnected_at, reconnected_at)
-            previous = self._resync_tasks.get(name)
-            if previous is not None:
-                previous.cancel()
-            self._resync_tasks[name] = asyncio.create_task(
-                self._resync_one(sub, callback, gate, gap), name=f"pgbus-resync-{name}"
-            )
-
-    async def _resync_one(
-        self, sub: Subscription, callback: ResyncCallback, gate: asyncio.Event, gap: Gap
-    ) -> None:
-        try:
-            result = callback(gap)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("on_resync of %s failed", sub.name)
-        finally:
-            if self._resync_tasks.get(sub.name) is asyncio.current_task():
-                del self._resync_tasks[sub.name]
-                gate.set()
-
-    def _backoff(self, attempt: int, error: BaseException | None) -> float | None:
-        delay: float | None = self._hook.pgbus_reconnect_backoff(attempt=attempt, error=error)
-        return delay
+    A step that must still release resources gets a moment even when the deadline has
+    passed, so that connections are closed rather than leaked.
+    """
+    try:
+        await asyncio.wait_for(step, max(timeout, _CLEANUP_FLOOR))
+    except TimeoutError:
+        logger.warning("stop(): %s did not finish by the deadline; abandoned", what)
 
 
-def _resync_gate(gate: asyncio.Event) -> Middleware:
-    """A middleware that holds deliveries while ``gate`` is closed (a resync runs)."""
-
-    async def wait_for_resync(delivery: Delivery, call_next: CallNext) -> None:
-        if not gate.is_set():
-            await gate.wait()
-        await call_next(delivery)
-
-    return wait_for_resync
-
-
-def _copy(delivery: Delivery) -> Delivery:
-    return Delivery(
-        delivery.message,
-        delivery.event,
-        delivery.id,
-        delivery.published_at,
-        delivery.headers,
-        delivery.attempt,
-    )
+#: Seconds each closing step of ``stop()`` gets at least, past the deadline.
+_CLEANUP_FLOOR = 0.25
 
 
 def _is_target(obj: object) -> bool:

@@ -1,17 +1,20 @@
-"""Events (typed pydantic models bound to a channel), raw messages and deliveries."""
+"""The values of the data path: events, raw messages, deliveries, outgoing events, dead letters.
+
+Everything here is a plain value with no behaviour of its own that needs the bus: the
+bottom layer, imported by every other module (httpx's ``_models``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 from pydantic import BaseModel
 
 from pgbus._channels import check_channel
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 
 class Event(BaseModel):
@@ -100,3 +103,97 @@ class Delivery:
     def channel(self) -> str:
         """The channel the notification arrived on."""
         return self.message.channel
+
+
+@dataclasses.dataclass(slots=True)
+class Outgoing:
+    """An event (or raw payload) on its way out, as encoders and observers see it.
+
+    :ivar channel: the channel it is published on.
+    :ivar event: the event, or ``None`` for a raw :meth:`Bus.notify` payload.
+    :ivar id: the event's unique id (the idempotency key; also keeps identical events in
+        one transaction from being collapsed by PostgreSQL).
+    :ivar ts: the publish timestamp (``time.time()``).
+    :ivar headers: string headers carried in the envelope (tracing context, …).
+    :ivar payload: the encoded payload, once encoded.
+
+    .. versionadded:: 0.1.0
+    """
+
+    channel: str
+    event: Event | None
+    id: str
+    ts: float
+    headers: Mapping[str, str]
+    payload: str = ""
+
+
+#: Turns an outgoing event into the NOTIFY payload.
+Encoder: TypeAlias = Callable[[Outgoing], str]
+#: Turns a notification into a delivery; raises to reject it.
+Decoder: TypeAlias = Callable[[Message], Delivery]
+
+
+class _Named(Protocol):
+    """Anything with a name: what a dead letter needs of a subscription."""
+
+    @property
+    def name(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A notification that could not be decoded, or an event whose handler gave up.
+
+    :ivar channel: the channel it arrived on.
+    :ivar payload: the raw payload, exactly as received.
+    :ivar error: why: the :class:`~pgbus.DecodeError`, or what the handler raised last.
+    :ivar attempts: how many times the handler ran (0 for a decode failure).
+    :ivar subscription: the name of the subscription whose handler failed (``None`` for a
+        decode failure).
+    :ivar at: when it was given up (``time.time()``).
+    :ivar id: the event's id from the envelope, when there was one.
+    :ivar published_at: the publish timestamp from the envelope, when there was one.
+
+    .. versionadded:: 0.1.0
+    """
+
+    channel: str
+    payload: str
+    error: BaseException
+    attempts: int
+    subscription: str | None = None
+    at: float = dataclasses.field(default_factory=time.time)
+    id: str | None = None
+    published_at: float | None = None
+
+    @classmethod
+    def from_decode_error(cls, message: Message, error: BaseException) -> DeadLetter:
+        """The dead letter of a notification that could not be decoded.
+
+        :param message: the notification.
+        :param error: why it was rejected.
+        :returns: a dead letter with ``attempts=0`` and no subscription.
+        """
+        return cls(message.channel, message.payload, error, 0)
+
+    @classmethod
+    def from_failure(
+        cls, subscription: _Named, delivery: Delivery, error: BaseException
+    ) -> DeadLetter:
+        """The dead letter of a delivery whose handler failed for good.
+
+        :param subscription: whose handler failed (anything with a ``name``).
+        :param delivery: what it failed on (its ``attempt`` is the number of attempts).
+        :param error: what the handler raised last.
+        :returns: the dead letter.
+        """
+        return cls(
+            delivery.message.channel,
+            delivery.message.payload,
+            error,
+            delivery.attempt,
+            subscription.name,
+            id=delivery.id,
+            published_at=delivery.published_at,
+        )

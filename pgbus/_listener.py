@@ -78,18 +78,27 @@ KEEPALIVE_COUNT = 3
 
 
 class ListenerHost(Protocol):
-    """What the listener needs from its bus (hooks and the inbound queue)."""
+    """What the listener reports to (the bus's dispatcher)."""
 
-    #: Notifications for the bus to dispatch; the listener appends, the bus takes.
-    _inbound: deque[Notification]
+    #: Notifications to dispatch; the listener appends, the host takes.
+    inbound: deque[Notification]
 
-    def _inbound_ready(self) -> None: ...
-    async def _on_connected(
+    def inbound_ready(self) -> None:
+        """A notification was put into the empty inbound queue."""
+
+    async def on_connected(
         self, channels: Sequence[str], disconnected_at: float | None, reconnected_at: float
-    ) -> None: ...
-    async def _on_disconnected(self, error: BaseException | None) -> None: ...
-    async def _on_terminal_error(self, error: ListenerError) -> None: ...
-    def _backoff(self, attempt: int, error: BaseException | None) -> float | None: ...
+    ) -> None:
+        """LISTEN is in place on a new connection."""
+
+    async def on_disconnected(self, error: BaseException | None) -> None:
+        """The connection was lost."""
+
+    async def on_terminal_error(self, error: ListenerError) -> None:
+        """Reconnecting gave up."""
+
+    def backoff(self, attempt: int, error: BaseException | None) -> float | None:
+        """Seconds before connection attempt ``attempt``, or ``None`` to give up."""
 
 
 def explain(error: BaseException) -> str:
@@ -177,8 +186,8 @@ class ListenConnection(asyncpg.Connection):
 
     def _process_notification(self, pid: int, channel: str, payload: str) -> None:
         listener = self.pgbus_listener
-        if listener is not None and channel in listener._channels:  # noqa: SLF001 - its owner
-            listener._take(pid, channel, payload)  # noqa: SLF001 - its owner
+        if listener is not None and channel in listener.wanted:
+            listener.take(pid, channel, payload)
         else:
             super()._process_notification(pid, channel, payload)  # type: ignore[misc]  # not in asyncpg's stubs
 
@@ -203,12 +212,13 @@ class Listener:
     ) -> None:
         self._dsn = dsn
         self._host = host
-        self._inbound = host._inbound  # noqa: SLF001 - the host protocol
+        self._inbound = host.inbound
         self._connect_timeout = connect_timeout
         self._health_interval = health_check_interval
         self._health_timeout = health_check_timeout
         self._connect_kwargs = dict(connect_kwargs)
-        self._channels: dict[str, None] = {}
+        #: The channels to LISTEN to (a dict: ordered, and a fast ``in`` per notification).
+        self.wanted: dict[str, None] = {}
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -231,11 +241,11 @@ class Listener:
     @property
     def channels(self) -> tuple[str, ...]:
         """The channels LISTENed to (or to be, once connected)."""
-        return tuple(self._channels)
+        return tuple(self.wanted)
 
     def set_channels(self, channels: Iterable[str]) -> None:
         """Set the channels to LISTEN to once started (before :meth:`start` only)."""
-        self._channels = dict.fromkeys(channels)
+        self.wanted = dict.fromkeys(channels)
 
     @property
     def connected(self) -> bool:
@@ -278,17 +288,18 @@ class Listener:
     async def _listening_channels(self, conn: asyncpg.Connection) -> tuple[list[str], list[str]]:
         async with self._lock:
             listening = await conn.fetchval(HEALTH_QUERY)
-            return list(listening or ()), list(self._channels)
+            return list(listening or ()), list(self.wanted)
 
     def _callback(self, _conn: object, pid: int, channel: str, payload: object) -> None:
         """The ``add_listener`` callback (when :data:`DIRECT_NOTIFICATIONS` is off)."""
-        self._take(pid, channel, str(payload))
+        self.take(pid, channel, str(payload))
 
-    def _take(self, pid: int, channel: str, payload: str) -> None:
+    def take(self, pid: int, channel: str, payload: str) -> None:
+        """Take one notification in: called for every one, so no await and one tuple."""
         self.notifications += 1
         inbound = self._inbound
-        if not inbound:  # the bus may be waiting for one
-            self._host._inbound_ready()  # noqa: SLF001 - the host protocol
+        if not inbound:  # the host may be waiting for one
+            self._host.inbound_ready()
         inbound.append((channel, payload, pid, time.time()))
         if len(inbound) >= INBOUND_HIGH_WATER and not self.paused:
             self.pause_reading()
@@ -323,30 +334,33 @@ class Listener:
             await asyncio.shield(self._task)
 
     async def stop(self) -> None:
-        """UNLISTEN, close the connection and end the supervisor."""
+        """Close the connection without reading what is still queued for it; end the supervisor.
+
+        Nothing more is read from the socket: the server's backlog of notifications for
+        this connection (possibly millions, while reading was paused) is not pulled into
+        the process just to be thrown away. The session ends its LISTENs with it.
+        """
         if self._stopping is not None and not self._stopping.done():
             self._stopping.set_result(None)
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.resume_reading()  # the answers to UNLISTEN and close must get through
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None and not conn.is_closed():
-                try:
-                    await conn.execute("UNLISTEN *", timeout=self._health_timeout)
-                    await conn.close(timeout=self._health_timeout)
-                except (*RETRYABLE, asyncpg.PostgresError):
-                    conn.terminate()
+                if isinstance(conn, ListenConnection):
+                    conn.pgbus_listener = None
+                close_unread(conn)
+        self.paused = False
         if self.state is not ListenerState.FAILED:
             self._set_state(ListenerState.STOPPED)
 
     async def listen(self, channel: str) -> None:
         """Add ``channel``; LISTEN at once when connected."""
         async with self._lock:
-            if channel in self._channels:
+            if channel in self.wanted:
                 return
-            self._channels[channel] = None
+            self.wanted[channel] = None
             conn = self._conn
             if conn is not None and not conn.is_closed():
                 try:
@@ -362,7 +376,7 @@ class Listener:
     async def unlisten(self, channel: str) -> None:
         """Remove ``channel``; UNLISTEN at once when connected."""
         async with self._lock:
-            if self._channels.pop(channel, False) is False:
+            if self.wanted.pop(channel, False) is False:
                 return
             conn = self._conn
             if conn is not None and not conn.is_closed():
@@ -391,7 +405,7 @@ class Listener:
         try:
             set_keepalive(conn, self._health_interval, self._health_timeout)
             async with self._lock:
-                for channel in self._channels:
+                for channel in self.wanted:
                     await asyncio.wait_for(
                         conn.add_listener(channel, self._callback), self._connect_timeout
                     )
@@ -455,7 +469,7 @@ class Listener:
         disconnected_at: float | None = None
         while True:
             if attempt:
-                delay = self._host._backoff(attempt, error)  # noqa: SLF001 - the host protocol
+                delay = self._host.backoff(attempt, error)
                 if delay is None:
                     await self._give_up(attempt, error)
                     return
@@ -487,7 +501,7 @@ class Listener:
             attempt = 1 if stable else failures_before + 1
             level = logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG
             logger.log(level, "listener connection lost: %s", explain(error))
-            await self._host._on_disconnected(error)  # noqa: SLF001 - the host protocol
+            await self._host.on_disconnected(error)
 
     async def _connected(self, disconnected_at: float | None) -> None:
         now = time.time()
@@ -499,11 +513,11 @@ class Listener:
             logger.info(
                 "listener reconnected after %.3f s; LISTEN re-issued on %d channels",
                 now - disconnected_at,
-                len(self._channels),
+                len(self.wanted),
             )
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
-        await self._host._on_connected(self.channels, disconnected_at, now)  # noqa: SLF001 - the host protocol
+        await self._host.on_connected(self.channels, disconnected_at, now)
 
     def _fail_start(self, error: BaseException) -> bool:
         """Fail start() on an error that retrying cannot fix; ``True`` when it did."""
@@ -530,7 +544,7 @@ class Listener:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(self.terminal_error)
             return  # start() raises it; the bus never ran
-        await self._host._on_terminal_error(self.terminal_error)  # noqa: SLF001 - the host protocol
+        await self._host.on_terminal_error(self.terminal_error)
 
     def _log_attempt(self, attempt: int, error: BaseException) -> None:
         # Bounded: attempts 1, 2, 4, 8, … are warnings, the rest debug.
@@ -625,6 +639,26 @@ class Listener:
                 " (was UNLISTEN run on it, or is a pooling proxy in between?)"
             )
         return None
+
+
+#: PostgreSQL's Terminate message: the session ends without an error on the server side.
+_TERMINATE = b"X\x00\x00\x00\x04"
+
+
+def close_unread(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` politely without reading from it any more.
+
+    asyncpg's ``close()`` sends Terminate and then waits for the end of the stream, which
+    means reading everything the server still sends first; ``terminate()`` drops the
+    socket without a word, which the server logs as an unexpected EOF. This sends
+    Terminate, lets the transport flush it and close, and keeps reading paused.
+    """
+    transport = getattr(conn, "_transport", None)
+    if transport is not None and not transport.is_closing():
+        transport.pause_reading()
+        transport.write(_TERMINATE)
+        transport.close()  # flushes what was written, then closes
+    conn.terminate()  # asyncpg's own bookkeeping; the transport is closing already
 
 
 async def _settles(task: asyncio.Future[Any]) -> bool:

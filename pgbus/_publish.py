@@ -1,4 +1,9 @@
-"""The publisher: NOTIFY through a pool (never the LISTEN connection), or the caller's.
+"""The publisher: encode events, and NOTIFY through a pool (never the LISTEN connection).
+
+Events are encoded by the encoder a plugin gives for their class (found once per class),
+each with a new id and the publish time. A plugin may take over sending
+(:func:`~pgbus.hookspecs.pgbus_publish`: the durable plugin journals instead); otherwise
+the events go out with NOTIFY, on the caller's connection or through the pool.
 
 One event is ``SELECT pg_notify($1, $2)``; many are one statement,
 ``SELECT pg_notify($1, p) FROM unnest($2::text[])`` (or, across channels,
@@ -23,11 +28,15 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
-from pgbus._util import CONNECTION_ERRORS, keep_session, redact_dsn
-from pgbus.errors import PayloadTooLarge, PublishError
+from pgbus._events import NO_HEADERS, Event, Outgoing
+from pgbus._util import CONNECTION_ERRORS, keep_session, new_event_id, redact_dsn
+from pgbus.errors import ConfigError, PayloadTooLarge, PublishError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from pgbus._events import Encoder
+    from pgbus._plugins import PluginManager
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +61,15 @@ def check_size(channel: str, payload: str) -> None:
         raise PayloadTooLarge(channel, size, MAX_PAYLOAD_BYTES - 1)
 
 
-def _no_backoff(_attempt: int, _error: BaseException | None) -> float | None:
-    return 0.0
-
-
 class Publisher:
-    """Sends NOTIFYs through a lazily created pool of its own.
+    """Encodes events and sends them: through a plugin that takes over, else NOTIFY.
 
     :param dsn: where to connect.
+    :param plugins: the bus's plugin facade (encoders, the publish take-over, backoff).
+    :param owner: what the ``pgbus_publish`` hook receives as ``bus``.
     :param connect_timeout: seconds one connection attempt may take.
     :param pool_max_size: the pool's size.
     :param connect_kwargs: extra :func:`asyncpg.connect` arguments.
-    :param backoff: the delay before retry ``n`` (``None``: give up).
     :param retries: how many times a publish through the pool is retried.
     :param timeout: seconds a publish through the pool may take, retries included.
     """
@@ -72,26 +78,87 @@ class Publisher:
         self,
         dsn: str,
         *,
+        plugins: PluginManager,
+        owner: object,
         connect_timeout: float,
         pool_max_size: int,
         connect_kwargs: Mapping[str, Any],
-        backoff: Callable[[int, BaseException | None], float | None] = _no_backoff,
         retries: int = 3,
         timeout: float = 10.0,
     ) -> None:
         self._dsn = dsn
+        self._plugins = plugins
+        self._owner = owner
         self._connect_timeout = connect_timeout
         self._pool_max_size = pool_max_size
         self._connect_kwargs = dict(connect_kwargs)
-        self._backoff = backoff
+        self._backoff = plugins.backoff
         self._retries = retries
         self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._encoders: dict[type[Event], tuple[str, Encoder]] = {}
         self.retried = 0
         self._failures = 0
 
-    async def _get_pool(self) -> asyncpg.Pool:
+    # -- encoding -------------------------------------------------------------------------
+
+    def _encoder(self, event: Event) -> tuple[str, Encoder]:
+        """The channel and the encoder of ``event``'s class, found once per class."""
+        cls = type(event)
+        found = self._encoders.get(cls)
+        if found is not None:
+            return found
+        if not isinstance(event, Event):
+            raise ConfigError(
+                f"publish takes a pgbus.Event, not {cls.__name__}; "
+                "use bus.notify(channel, text) for raw payloads"
+            )
+        channel = cls.pgbus_channel
+        if channel is None:
+            raise ConfigError(f"{cls.__name__} has no channel (class keyword channel=...)")
+        encode = self._plugins.encoder(cls)
+        if encode is None:
+            raise ConfigError(f"no plugin provides an encoder for {cls.__name__}")
+        found = self._encoders[cls] = (channel, encode)
+        return found
+
+    def encode(self, events: Iterable[Event], headers: Mapping[str, str] | None) -> list[Outgoing]:
+        """Give each event an id and the publish time, and encode it.
+
+        :raises ConfigError: for something that is not a :class:`~pgbus.Event` with a
+            channel, or a class no plugin can encode.
+        """
+        ts = time.time()
+        headers = headers or NO_HEADERS
+        encoder = self._encoder
+        outs = []
+        for event in events:
+            channel, encode = encoder(event)
+            out = Outgoing(channel, event, new_event_id(), ts, headers)
+            out.payload = encode(out)
+            outs.append(out)
+        return outs
+
+    async def publish(self, outs: Sequence[Outgoing], connection: Connection | None) -> None:
+        """Send encoded events: through a plugin that takes over (durable), else NOTIFY.
+
+        :raises PayloadTooLarge: on the NOTIFY path, for a payload of 8000 bytes or more
+            (nothing is sent).
+        :raises PublishError: when it did not reach PostgreSQL.
+        """
+        taken = self._plugins.publish(self._owner, outs, connection)
+        if taken is not None:
+            await taken
+            return
+        for out in outs:
+            check_size(out.channel, out.payload)
+        await self.send([o.channel for o in outs], [o.payload for o in outs], connection)
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def pool(self) -> asyncpg.Pool:
+        """The publish pool, created on first use (nothing connects until it is used)."""
         pool = self._pool
         if pool is not None:
             return pool
@@ -165,7 +232,7 @@ class Publisher:
         conn: Any = None
         done = False
         try:
-            pool = await self._get_pool()
+            pool = await self.pool()
             async with scope:
                 conn = await pool.acquire()
                 await conn.execute(query, *args)

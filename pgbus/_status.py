@@ -1,4 +1,4 @@
-"""What a running Bus reports about its connection: :class:`BusStatus` and :class:`Gap`."""
+"""Where a Bus is: :class:`BusState`, :class:`ListenerState`, :class:`BusStatus`, :class:`Gap`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ import dataclasses
 import enum
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
+
+
+class BusState(enum.Enum):
+    """Where a :class:`~pgbus.Bus` is in its life. A bus is single-use.
+
+    .. versionadded:: 0.1.0
+    """
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class ListenerState(enum.Enum):

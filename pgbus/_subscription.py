@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import inspect
 import logging
 import math
+import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
-
     from pgbus._events import Delivery, Event
-    from pgbus.default_plugins.retry import Retry
-    from pgbus.types import CallNext, Handler, Middleware
 
 logger = logging.getLogger(__name__)
 
+#: The rest of the handler chain, as a middleware sees it.
+CallNext: TypeAlias = Callable[["Delivery"], Awaitable[None]]
+#: ``async def middleware(delivery, call_next) -> None``.
+Middleware: TypeAlias = Callable[["Delivery", CallNext], Awaitable[None]]
+#: A handler: ``async def`` or plain ``def`` (run in a worker thread), given the event
+#: (typed subscriptions) or the :class:`~pgbus.Message` (untyped ones).
+Handler: TypeAlias = Callable[[Any], Awaitable[None] | None]
+#: Picks the subscriptions a delivery goes to.
+Router: TypeAlias = Callable[["Delivery"], Sequence["Subscription"]]
+
 #: Default bound of a subscription's queue of deliveries waiting for its handler.
 DEFAULT_MAX_PENDING = 10_000
+
+#: Seconds at most that :meth:`Subscription.stop` leaves cancelled handlers to end.
+CANCEL_GRACE = 1.0
 
 
 class Overflow(enum.Enum):
@@ -53,8 +65,100 @@ class Overflow(enum.Enum):
     DROP_NEWEST = "drop_newest"
 
 
-#: What a subscription awaits after a failed run: ``(subscription, delivery, error)``.
-OnError: TypeAlias = "Callable[[Subscription, Delivery, BaseException], Awaitable[None]]"
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retry:
+    """A retry policy: how many attempts, how long between them, for which errors.
+
+    The delay after failed attempt ``n`` is ``backoff * factor ** (n - 1)``, capped at
+    ``max_delay``; with ``jitter`` it is drawn uniformly from ``[delay / 2, delay]`` so
+    that many failing handlers do not retry in lockstep. ``backoff`` may instead be a
+    function ``(attempt) -> seconds``, which is then used as is::
+
+        @bus.subscribe(OrderPlaced, retry=pgbus.Retry(attempts=5, backoff=0.5, on=(TimeoutError,)))
+        async def charge(event: OrderPlaced) -> None: ...
+
+    ``Retry(attempts=1)`` turns retrying off for one subscription. The built-in ``retry``
+    plugin applies it.
+
+    :param attempts: how many times the handler is called at most (the first call
+        included); at least 1.
+    :param backoff: the first delay in seconds, or a function of the failed attempt's
+        number returning the delay.
+    :param factor: how much each delay grows over the previous one.
+    :param max_delay: the largest delay, in seconds.
+    :param jitter: randomise each delay within its upper half.
+    :param on: the exception types to retry; others fail at once.
+    :raises ConfigError: for a policy that cannot work.
+
+    .. versionadded:: 0.1.0
+    """
+
+    attempts: int = 3
+    backoff: float | Callable[[int], float] = 0.1
+    factor: float = 2.0
+    max_delay: float = 30.0
+    jitter: bool = True
+    on: tuple[type[Exception], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"Retry: attempts must be at least 1, not {self.attempts!r}")
+        if not callable(self.backoff) and self.backoff < 0:
+            raise ConfigError(f"Retry: backoff must not be negative, not {self.backoff!r}")
+        if self.factor < 1:
+            raise ConfigError(f"Retry: factor must be at least 1, not {self.factor!r}")
+        if self.max_delay < 0:
+            raise ConfigError(f"Retry: max_delay must not be negative, not {self.max_delay!r}")
+        on = self.on if isinstance(self.on, tuple) else tuple(self.on)
+        if not on or not all(isinstance(t, type) and issubclass(t, Exception) for t in on):
+            raise ConfigError(
+                "Retry: on= takes Exception subclasses (a cancelled handler is never retried)"
+            )
+        object.__setattr__(self, "on", on)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1, 2, …).
+
+        :param attempt: the number of the attempt that failed.
+        :returns: the delay before the next attempt.
+        """
+        if callable(self.backoff):
+            return max(0.0, float(self.backoff(attempt)))
+        ceiling = min(self.max_delay, self.backoff * self.factor ** min(attempt - 1, 64))
+        if self.jitter and ceiling > 0:
+            return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+        return ceiling
+
+
+#: The policy of subscriptions that set none, on a bus that sets none: 3 attempts,
+#: 0.1 s then 0.2 s apart (jittered), for any :class:`Exception`.
+DEFAULT_RETRY = Retry()
+
+
+class SubscriptionHost(Protocol):
+    """What a subscription reports to (the bus's dispatcher).
+
+    .. versionadded:: 0.2.0
+    """
+
+    #: Whether :meth:`handled` is wanted (a plugin observes successes); when not, the
+    #: subscription does not time its handler.
+    wants_handled: bool
+
+    def handled(self, subscription: Subscription, delivery: Delivery, duration: float) -> None:
+        """A handler run succeeded; ``duration`` is the chain's time in seconds."""
+
+    async def failed(
+        self, subscription: Subscription, delivery: Delivery, error: BaseException
+    ) -> None:
+        """A handler run failed for good (after every middleware, retries included)."""
+
+    def dropped(self, subscription: Subscription, delivery: Delivery, policy: Overflow) -> None:
+        """The overflow policy dropped ``delivery``."""
+
+    def backlog_changed(self, delta: int) -> None:
+        """The deliveries waiting behind the full queue grew or shrank by ``delta``."""
+
 
 #: What the timeout of a handler does when it expires.
 TimeoutAction = Literal["cancel", "report"]
@@ -127,7 +231,7 @@ class Subscription:
             )
         if where is not None and not callable(where):
             raise ConfigError(f"subscription {name!r}: where must be callable")
-        if retry is not None and not hasattr(retry, "delay"):
+        if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"subscription {name!r}: retry must be a pgbus.Retry")
         try:
             policy = Overflow(overflow)
@@ -156,11 +260,13 @@ class Subscription:
         self._started = False
         self._workers: list[asyncio.Task[None]] = []
         self._chain: CallNext | None = None
-        self._on_done: Callable[[Subscription, Delivery, float], None] | None = None
-        self._on_error: OnError | None = None
-        self._on_dropped: Callable[[Subscription, Delivery, Overflow], None] | None = None
-        self._on_backlog: Callable[[int], None] | None = None
+        self._host: SubscriptionHost | None = None
         self._active = 0
+        #: What each worker is handling (``None``: waiting), to name what stop() abandons.
+        self._current: list[Delivery | None] = []
+        #: Handlers abandoned by stop() because they did not end when cancelled.
+        self.abandoned = 0
+        self._stuck: list[asyncio.Task[None]] = []
         #: Workers waiting for a delivery, producers (:meth:`put`) waiting for room, and
         #: :meth:`stop` waiting for the queue to empty: futures, woken one at a time.
         self._idle: deque[asyncio.Future[None]] = deque()
@@ -206,35 +312,21 @@ class Subscription:
 
         return call_in_thread
 
-    def start(
-        self,
-        middleware: Sequence[Middleware],
-        on_done: Callable[[Subscription, Delivery, float], None] | None,
-        on_error: OnError,
-        on_dropped: Callable[[Subscription, Delivery, Overflow], None] | None = None,
-        on_backlog: Callable[[int], None] | None = None,
-    ) -> None:
-        """Compose the handler chain and start the workers (the bus calls this).
+    def start(self, middleware: Sequence[Middleware], host: SubscriptionHost) -> None:
+        """Compose the handler chain and start the workers (the bus's dispatcher calls this).
 
         :param middleware: outermost first.
-        :param on_done: called after a successful run with its duration (or ``None``).
-        :param on_error: awaited after a failed run (after every middleware, retries
-            included) with the delivery and the error.
-        :param on_dropped: called for each delivery an overflow policy drops.
-        :param on_backlog: called with the change in the number of deliveries waiting
-            behind the full queue (the bus bounds their total).
+        :param host: what successes, failures, drops and the backlog are reported to.
         """
-        self._on_dropped = on_dropped
-        self._on_backlog = on_backlog
         chain = self.handler_call()
         for mw in reversed(middleware):
             chain = _bind(mw, chain)
         self._chain = chain
-        self._on_done = on_done
-        self._on_error = on_error
+        self._host = host
         self._started = True
+        self._current = [None] * self.concurrency
         self._workers = [
-            asyncio.create_task(self._work(), name=f"pgbus-handler-{self.name}-{i}")
+            asyncio.create_task(self._work(i), name=f"pgbus-handler-{self.name}-{i}")
             for i in range(self.concurrency)
         ]
 
@@ -258,8 +350,8 @@ class Subscription:
         policy = self.overflow
         if policy is Overflow.WAIT:
             pending.append(delivery)
-            if self._on_backlog is not None:
-                self._on_backlog(1)
+            if self._host is not None:
+                self._host.backlog_changed(1)
             return
         if policy is Overflow.DROP_OLDEST:
             dropped = pending.popleft()
@@ -276,11 +368,8 @@ class Subscription:
                 self.dropped,
                 extra={"channel": delivery.channel},
             )
-        if self._on_dropped is not None:
-            try:
-                self._on_dropped(self, dropped, policy)
-            except Exception:
-                logger.exception("subscription %s: reporting a dropped delivery failed", self.name)
+        if self._host is not None:
+            self._host.dropped(self, dropped, policy)
 
     async def put(self, delivery: Delivery) -> None:
         """Enqueue, waiting for room (a producer that can wait, such as a durable consumer)."""
@@ -291,11 +380,13 @@ class Subscription:
             if self._idle:
                 _wake(self._idle)
 
-    async def _work(self) -> None:
+    async def _work(self, index: int) -> None:
         pending = self._pending
-        chain, on_done, on_error = self._chain, self._on_done, self._on_error
-        if chain is None or on_error is None:  # pragma: no cover - start() sets both
+        chain, host = self._chain, self._host
+        if chain is None or host is None:  # pragma: no cover - start() sets both
             return
+        handled = host.handled if host.wants_handled else None
+        current = self._current
         clock = time.perf_counter
         while True:
             if not pending:
@@ -305,24 +396,28 @@ class Subscription:
             if len(pending) >= self.max_pending or self._putters:
                 self._made_room()
             self._active += 1
-            started = clock() if on_done is not None else 0.0
+            current[index] = delivery
+            started = clock() if handled is not None else 0.0
             try:
                 await chain(delivery)
-            except Exception as exc:
-                await on_error(self, delivery, exc)
+            except BaseException as exc:  # whatever a handler raises is its failure ...
+                if is_own_cancellation(exc):  # ... but stop() cancelling this worker
+                    raise
+                await host.failed(self, delivery, exc)
             else:
-                if on_done is not None:
-                    on_done(self, delivery, clock() - started)
+                if handled is not None:
+                    handled(self, delivery, clock() - started)
             finally:
                 self._active -= 1
+                current[index] = None
             if self._drained is not None:
                 self._check_drained()
 
     def _made_room(self) -> None:
         """A worker took a delivery: one moves up from the backlog, or a producer may go on."""
         if len(self._pending) >= self.max_pending:
-            if self._on_backlog is not None:
-                self._on_backlog(-1)
+            if self._host is not None:
+                self._host.backlog_changed(-1)
         elif self._putters:
             _wake(self._putters)
 
@@ -333,16 +428,25 @@ class Subscription:
     async def stop(self, timeout: float) -> int:  # noqa: ASYNC109 - a drain deadline, not a cancel scope
         """Wait up to ``timeout`` s for queued deliveries, then cancel the workers.
 
+        The last part of ``timeout`` (a tenth, at most :data:`CANCEL_GRACE`) is left for
+        cancelled handlers to end. A handler that does not end when cancelled (it
+        swallows the cancellation) is abandoned: logged at error level with what it was
+        handling, counted in :attr:`abandoned`, and stop() returns by its deadline all
+        the same.
+
         :returns: how many deliveries were still queued or running when it gave up.
         """
         if not self._started:
             return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        grace = min(CANCEL_GRACE, timeout / 10)
         pending = self._pending
         left = 0
         if pending or self._active:
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = loop.create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+                await asyncio.wait_for(asyncio.shield(self._drained), max(0.0, timeout - grace))
             except TimeoutError:
                 left = len(pending) + self._active
                 logger.warning(
@@ -353,19 +457,44 @@ class Subscription:
                 )
             self._drained = None
         self._started = False
-        for worker in self._workers:
+        workers, self._workers = self._workers, []
+        for worker in workers:
             worker.cancel()
-        for worker in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-        self._workers = []
+        # at least one turn of the loop, for the workers to take their cancellation
+        _, stuck = await asyncio.wait(workers, timeout=max(deadline - loop.time(), 0.01))
+        for worker in stuck:
+            delivery = self._current[workers.index(worker)]
+            self.abandoned += 1
+            self._stuck.append(worker)  # keep a reference: it is still running
+            logger.error(
+                "subscription %s: its handler did not end when cancelled (does it swallow"
+                " asyncio.CancelledError?); abandoned while handling %s on %s",
+                self.name,
+                f"event {delivery.id}" if delivery is not None and delivery.id else "a delivery",
+                delivery.channel if delivery is not None else "?",
+            )
         behind = len(pending) - self.max_pending
-        if behind > 0 and self._on_backlog is not None:  # no longer counted by the bus
-            self._on_backlog(-behind)
+        if behind > 0 and self._host is not None:  # no longer counted by the bus
+            self._host.backlog_changed(-behind)
         pending.clear()
         while self._putters:
             _wake(self._putters)
         return left
+
+
+def is_own_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is the cancellation of the current task (e.g. by ``stop()``).
+
+    A handler that raises :class:`asyncio.CancelledError` by itself (an inner task it
+    awaited was cancelled) has failed; only a cancellation requested for the task that
+    runs it is one to let through.
+
+    .. versionadded:: 0.2.0
+    """
+    if not isinstance(error, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _wait(waiters: deque[asyncio.Future[None]]) -> None:

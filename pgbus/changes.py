@@ -51,7 +51,18 @@ import contextlib
 import dataclasses
 import json
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeAlias, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    Protocol,
+    Self,
+    TypeAlias,
+    TypeVar,
+    cast,
+)
 
 import asyncpg
 import pydantic
@@ -64,7 +75,6 @@ from pgbus.errors import ConfigError, InvalidIdentifier
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable, Sequence
 
-    from pgbus._bus import Bus
 
 __all__ = [
     "ALL_OPERATIONS",
@@ -74,6 +84,7 @@ __all__ = [
     "ChangeTrigger",
     "Executor",
     "Operation",
+    "PoolOwner",
     "RowChanged",
     "check_identifier",
     "install_change_trigger",
@@ -99,6 +110,18 @@ ALL_OPERATIONS: tuple[Operation, ...] = ("INSERT", "UPDATE", "DELETE")
 #: What the functions of this module run their SQL on: a connection (yours, inside your
 #: transaction if you like) or a pool.
 Executor: TypeAlias = Connection | asyncpg.Pool
+
+
+class PoolOwner(Protocol):
+    """Anything that hands out an asyncpg pool: a :class:`~pgbus.Bus` (its publish pool).
+
+    .. versionadded:: 0.2.0
+    """
+
+    async def pool(self) -> asyncpg.Pool:
+        """The pool to run SQL on."""
+        ...  # pragma: no cover - a protocol
+
 
 #: Serialises installs and removals (``CREATE OR REPLACE FUNCTION`` is not concurrency-safe).
 _LOCK_KEY = 0x70676275_73636867  # "pgbuschg"
@@ -441,7 +464,7 @@ class RowChanged(Event, Generic[RowT]):
                 return meta["args"][0]
         return Any
 
-    async def fetch(self, source: Bus | Executor) -> RowT | None:
+    async def fetch(self, source: PoolOwner | Executor) -> RowT | None:
         """Read the row as it is now, by :attr:`key`: for changes sent with ``row_omitted``.
 
         The row is validated into the model the class is parametrised with, from the
@@ -515,7 +538,7 @@ class ChangeTrigger:
 
 
 async def install_change_trigger(
-    source: Bus | Executor,
+    source: PoolOwner | Executor,
     table: str,
     *,
     schema: str | None = None,
@@ -632,7 +655,7 @@ async def install_change_trigger(
 
 
 async def remove_change_trigger(
-    source: Bus | Executor,
+    source: PoolOwner | Executor,
     table: str,
     *,
     schema: str | None = None,
@@ -675,7 +698,7 @@ async def remove_change_trigger(
 
 
 async def list_change_triggers(
-    source: Bus | Executor,
+    source: PoolOwner | Executor,
     *,
     table: str | None = None,
     schema: str | None = None,
@@ -825,13 +848,10 @@ def _parse_trigger(row: asyncpg.Record) -> ChangeTrigger:
     )
 
 
-async def _executor(source: Bus | Executor) -> Executor:
-    from pgbus._bus import Bus  # noqa: PLC0415 - the bus imports this module
-
-    if isinstance(source, Bus):
-        pool: asyncpg.Pool = await source._change_pool()  # noqa: SLF001 - the bus's own pool
-        return pool
-    return source
+async def _executor(source: PoolOwner | Executor) -> Executor:
+    if isinstance(source, asyncpg.Connection | asyncpg.Pool | asyncpg.pool.PoolConnectionProxy):
+        return source
+    return await source.pool()
 
 
 @contextlib.asynccontextmanager

@@ -34,12 +34,10 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
 
     from pgbus._bus import Bus
-    from pgbus._events import Delivery, Event, Message
+    from pgbus._events import DeadLetter, Decoder, Delivery, Encoder, Event, Message, Outgoing
     from pgbus._publish import Connection
-    from pgbus._subscription import Overflow, Subscription
-    from pgbus.default_plugins.dead_letters import DeadLetter
+    from pgbus._subscription import Middleware, Overflow, Router, Subscription
     from pgbus.errors import ListenerError
-    from pgbus.types import Decoder, Encoder, Middleware, Outgoing, Router
 
 hookspec = pluggy.HookspecMarker("pgbus")
 

@@ -12,6 +12,7 @@ import pytest
 from _helpers import event_on
 
 import pgbus
+import pgbus._dispatch
 from pgbus._util import new_event_id
 from pgbus.testing import RecordingPlugin
 
@@ -539,7 +540,7 @@ async def test_the_last_recent_ids_are_remembered(
     make_bus, recorder, channel, pg_conn, monkeypatch
 ):
     """At least the last RECENT_IDS ids are remembered; older ones are forgotten."""
-    monkeypatch.setattr(pgbus._bus, "RECENT_IDS", 4)
+    monkeypatch.setattr(pgbus._dispatch, "RECENT_IDS", 4)
     Ping = event_on(channel)
     sent = RecordingPlugin()  # .published: what went out, payloads included
     bus = make_bus(plugins=[sent])
@@ -564,7 +565,7 @@ async def test_a_publish_is_one_round_trip(make_bus, channel):
     Ping = event_on(channel)
     bus = make_bus(pool_max_size=1)
     queries: list[str] = []
-    pool = await bus._change_pool()
+    pool = await bus.pool()
     async with pool.acquire() as conn:  # the pool's one connection
         conn.add_query_logger(lambda record: queries.append(record.query))
     await bus.publish(Ping(n=1))

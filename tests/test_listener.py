@@ -322,7 +322,7 @@ async def test_health_check_does_not_reconnect_a_listener_behind_a_flood(
 
 async def test_reading_pauses_while_handlers_are_behind(make_bus, channel, pg_conn):
     """A flood into a stuck subscription pauses the socket: memory stays bounded, none lost."""
-    from pgbus._bus import INBOUND_HIGH_WATER
+    from pgbus._listener import INBOUND_HIGH_WATER
 
     total = 3 * INBOUND_HIGH_WATER
     seen: list[int] = []
@@ -350,7 +350,7 @@ async def test_reading_pauses_while_handlers_are_behind(make_bus, channel, pg_co
             "SELECT pg_notify($1, g::text) FROM generate_series(1, $2) AS g", channel, total
         )
         await asyncio.wait_for(paused.wait(), 30)
-        held = len(bus._inbound) + bus.subscriptions[0].pending  # pending: queue + backlog
+        held = len(bus._dispatch.inbound) + bus.subscriptions[0].pending  # pending: queue + backlog
         assert INBOUND_HIGH_WATER <= held < total  # PostgreSQL keeps the rest
         release.set()
         await asyncio.wait_for(all_in.wait(), 120)

@@ -9,8 +9,9 @@ middleware, last-registered outermost (``metrics``, your plugins) → ``timeouts
 by the timeout, and a timed-out attempt can be retried, even when one of them is
 replaced.
 
-Modules are imported when a Bus registers them, so that the core can import the types
-they define (:class:`~pgbus.Retry`, :class:`~pgbus.DeadLetter`) without a cycle.
+This module is the one registry of built-ins by name: it names modules and never
+imports them, so the core (which reads the registry) never imports a plugin. A module is
+imported when a Bus registers it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ def _module(name: str) -> Callable[[], object]:
     return load
 
 
-def _instance(name: str, attr: str) -> Callable[[], object]:
-    """A factory returning a new instance of class ``attr`` of module ``name``."""
+def _instance(name: str, attr: str, package: str = __name__) -> Callable[[], object]:
+    """A factory returning a new instance of class ``attr`` of module ``package.name``."""
 
     def make() -> object:
-        cls: Callable[[], object] = getattr(importlib.import_module(f"{__name__}.{name}"), attr)
+        cls: Callable[[], object] = getattr(importlib.import_module(f"{package}.{name}"), attr)
         return cls()
 
     return make
@@ -51,4 +52,10 @@ DEFAULT_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
     ("metrics", _instance("metrics", "Metrics")),
     ("dead_letters", _instance("dead_letters", "DeadLetters")),
     ("retry", _instance("retry", "RetryPlugin")),
+)
+
+#: ``(name, factory)`` of the built-ins a Bus registers only when asked
+#: (:meth:`PluginManager.enable <pgbus._plugins.PluginManager.enable>`): ``Bus(durable=True)``.
+OPTIONAL_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
+    ("durable", _instance("durable", "DurablePlugin", package="pgbus")),
 )

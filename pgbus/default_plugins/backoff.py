@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from pgbus import hookimpl
+from pgbus._markers import hookimpl
 from pgbus.errors import ConfigError
 
 

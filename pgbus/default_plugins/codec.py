@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Union
 import pydantic
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from pgbus import hookimpl
 from pgbus._events import NO_HEADERS, Delivery, Event, Message
+from pgbus._markers import hookimpl
 from pgbus.errors import DecodeError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from pgbus.types import Decoder, Encoder, Outgoing
+    from pgbus._events import Decoder, Encoder, Outgoing
 
 ENVELOPE_VERSION = 1
 

@@ -19,80 +19,18 @@ keeps them: the hook is still called.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
-import time
-from typing import TYPE_CHECKING
 
-from pgbus._markers import hookimpl  # pgbus.hookimpl; the core imports this module early
+from pgbus._events import DeadLetter
+from pgbus._markers import hookimpl
 from pgbus.errors import ConfigError
 
-if TYPE_CHECKING:
-    from pgbus._events import Delivery, Message
-    from pgbus._subscription import Subscription
+__all__ = ["DEFAULT_MAX_DEAD_LETTERS", "DeadLetter", "DeadLetters"]  # DeadLetter is a core value
 
 logger = logging.getLogger(__name__)
 
 #: How many dead letters the built-in plugin keeps in memory.
 DEFAULT_MAX_DEAD_LETTERS = 1000
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A notification that could not be decoded, or an event whose handler gave up.
-
-    :ivar channel: the channel it arrived on.
-    :ivar payload: the raw payload, exactly as received.
-    :ivar error: why: the :class:`~pgbus.DecodeError`, or what the handler raised last.
-    :ivar attempts: how many times the handler ran (0 for a decode failure).
-    :ivar subscription: the name of the subscription whose handler failed (``None`` for a
-        decode failure).
-    :ivar at: when it was given up (``time.time()``).
-    :ivar id: the event's id from the envelope, when there was one.
-    :ivar published_at: the publish timestamp from the envelope, when there was one.
-
-    .. versionadded:: 0.1.0
-    """
-
-    channel: str
-    payload: str
-    error: BaseException
-    attempts: int
-    subscription: str | None = None
-    at: float = dataclasses.field(default_factory=time.time)
-    id: str | None = None
-    published_at: float | None = None
-
-    @classmethod
-    def from_decode_error(cls, message: Message, error: BaseException) -> DeadLetter:
-        """The dead letter of a notification that could not be decoded.
-
-        :param message: the notification.
-        :param error: why it was rejected.
-        :returns: a dead letter with ``attempts=0`` and no subscription.
-        """
-        return cls(message.channel, message.payload, error, 0)
-
-    @classmethod
-    def from_failure(
-        cls, subscription: Subscription, delivery: Delivery, error: BaseException
-    ) -> DeadLetter:
-        """The dead letter of a delivery whose handler failed for good.
-
-        :param subscription: whose handler failed.
-        :param delivery: what it failed on (its ``attempt`` is the number of attempts).
-        :param error: what the handler raised last.
-        :returns: the dead letter.
-        """
-        return cls(
-            delivery.message.channel,
-            delivery.message.payload,
-            error,
-            delivery.attempt,
-            subscription.name,
-            id=delivery.id,
-            published_at=delivery.published_at,
-        )
 
 
 class DeadLetters:

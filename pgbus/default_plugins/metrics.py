@@ -26,17 +26,17 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from pgbus import hookimpl
+from pgbus._markers import hookimpl
+from pgbus._subscription import is_own_cancellation
 from pgbus.errors import ConfigError, PgbusError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pgbus._bus import Bus
-    from pgbus._events import Delivery, Message
+    from pgbus._events import DeadLetter, Delivery, Message
     from pgbus._publish import Connection
     from pgbus._subscription import Overflow, Subscription
-    from pgbus.default_plugins.dead_letters import DeadLetter
     from pgbus.types import CallNext, Middleware, Outgoing
 
 #: Upper bounds (seconds) of the histogram buckets; a last bucket holds everything above.
@@ -397,7 +397,7 @@ class Metrics:
             if connection is not None:
                 value = await connection.fetchval("SELECT pg_notification_queue_usage()")
             else:
-                pool = await self._bus._publisher._get_pool()  # type: ignore[union-attr]  # noqa: SLF001 - the bus's own pool
+                pool = await self._bus.pool()  # type: ignore[union-attr]  # checked above
                 value = await pool.fetchval("SELECT pg_notification_queue_usage()")
         except PgbusError:
             raise
@@ -435,7 +435,7 @@ class Metrics:
                 await call_next(delivery)
             except BaseException as exc:
                 observe_duration(clock() - started)
-                if isinstance(exc, Exception):  # not a cancellation
+                if not is_own_cancellation(exc):  # stop() cancelling is not a failure
                     failed[0] += 1
                 raise
             observe_duration(clock() - started)

@@ -25,14 +25,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pgbus import hookimpl
+from pgbus._markers import hookimpl
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pgbus._events import Delivery
-    from pgbus._subscription import Subscription
-    from pgbus.types import Router
+    from pgbus._subscription import Router, Subscription
 
 logger = logging.getLogger(__name__)
 

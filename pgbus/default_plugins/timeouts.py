@@ -27,7 +27,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from pgbus import hookimpl
+from pgbus._markers import hookimpl
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -106,14 +106,8 @@ class _Watch:
                 delivery.attempt,
                 extra={"channel": delivery.channel},
             )
-        if self.bus is None:
-            return
-        try:
-            self.bus.plugins.hook.pgbus_on_slow_handler(
-                subscription=sub, delivery=delivery, elapsed=elapsed
-            )
-        except Exception:
-            logger.exception("plugin hook pgbus_on_slow_handler failed")
+        if self.bus is not None:
+            self.bus.plugins.on_slow_handler(sub, delivery, elapsed)
 
 
 class Timeouts:

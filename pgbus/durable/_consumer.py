@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from pgbus._events import Delivery, Event, Message
-from pgbus.default_plugins.dead_letters import DeadLetter
+from pgbus._events import DeadLetter, Message
 
 if TYPE_CHECKING:
     from pgbus._bus import Bus
-    from pgbus._subscription import Subscription
+    from pgbus._events import Decoder
+    from pgbus._subscription import Router, Subscription
     from pgbus.durable._plugin import DurablePlugin
-    from pgbus.types import Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class Consumer:
         self.handled = 0
         self.duplicates = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
-        self._decoders: dict[str, Decoder] = {}
+        self._routes: dict[str, tuple[Decoder, Router]] = {}
         self._stopping = False
         self._need_pump = True
         self._inbox_low = True
@@ -145,7 +144,7 @@ class Consumer:
                 busy = await self._step()
             except DRIVER_ERRORS as exc:
                 attempt += 1
-                delay = self.bus._backoff(attempt, exc)  # noqa: SLF001 - the bus's backoff hook
+                delay = self.bus.plugins.backoff(attempt, exc)
                 delay = self.plugin.poll_interval if delay is None else delay
                 level = logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG
                 logger.log(
@@ -307,13 +306,23 @@ class Consumer:
                 " process die while handling it?)"
             )
             return await self._give_up(message, event_id, journal_id, error)
+        return await self._hand_over(message, event_id, journal_id)
+
+    async def _hand_over(self, message: Message, event_id: str, journal_id: int) -> Inflight | None:
+        """Decode and route one event; queue it for the handler if it is routed here."""
+        decode, route = self._route(message.channel)
         try:
-            delivery = self._decoder(channel)(message)
+            delivery = decode(message)
         except Exception as exc:
             logger.warning("durable subscription %s: %s", self.group, exc)
-            await self.bus._safe_hook("pgbus_on_decode_error", message=message, error=exc)  # noqa: SLF001 - reporting like the bus does
+            await self.bus.plugins.on_decode_error(message, exc)
             return await self._give_up(message, event_id, journal_id, exc)
-        if not self._wanted(delivery):
+        try:
+            wanted = self.sub in route(delivery)
+        except Exception as exc:  # a plugin's router or the subscription's where=
+            logger.exception("durable subscription %s: routing %s failed", self.group, event_id)
+            return await self._give_up(message, event_id, journal_id, exc)
+        if not wanted:
             return None
         if delivery.id is None:
             delivery.id = event_id
@@ -332,36 +341,29 @@ class Consumer:
         inflight = self.plugin.track(self.group, event_id, journal_id)
         dead = DeadLetter(message.channel, message.payload, error, 0, self.sub.name, id=event_id)
         try:
-            await self.bus._dead_letter(dead)  # noqa: SLF001 - reporting like the bus does
+            await self.bus.plugins.on_dead_letter(dead)
         finally:
             self.plugin.forget(self.group, event_id)
         inflight.resolve(AGAIN)  # unless the durable plugin stored it: then it is DEAD
         return inflight
 
-    def _decoder(self, channel: str) -> Decoder:
-        decoder = self._decoders.get(channel)
-        if decoder is None:
-            types = [t for t in self.sub.event_types if t.pgbus_channel == channel]
-            decoder = self.bus._hook.pgbus_decoder(channel=channel, event_types=types)  # noqa: SLF001 - the bus's decoder hook
-            if decoder is None:  # pragma: no cover - the built-in codec always answers
-                msg = f"no plugin provides a decoder for channel {channel!r}"
-                raise RuntimeError(msg)
-            self._decoders[channel] = decoder
-        return decoder
+    def _route(self, channel: str) -> tuple[Decoder, Router]:
+        """The decoder and the router of ``channel``, from the plugins, as the bus's own.
 
-    def _wanted(self, delivery: Delivery) -> bool:
-        sub = self.sub
-        event = delivery.event
-        if sub.event_types and not isinstance(event, sub.event_types):
-            return False
-        where = getattr(sub, "where", None)
-        if where is None:
-            return True
-        try:
-            return bool(where(event if isinstance(event, Event) else delivery.message))
-        except Exception:
-            logger.exception("durable subscription %s: where= raised; skipping", self.group)
-            return False
+        The router is given this subscription only: a delivery it routes nowhere (not an
+        event type the subscription takes, refused by its ``where=``, or by a plugin's
+        router) is acknowledged without a handler, like one nobody subscribed to.
+        """
+        found = self._routes.get(channel)
+        if found is None:
+            types = [t for t in self.sub.event_types if t.pgbus_channel == channel]
+            decoder = self.bus.plugins.decoder(channel, types)
+            router = self.bus.plugins.router(channel, [self.sub])
+            if decoder is None or router is None:  # pragma: no cover - built-ins always answer
+                msg = f"no plugin provides a decoder and a router for channel {channel!r}"
+                raise RuntimeError(msg)
+            found = self._routes[channel] = (decoder, router)
+        return found
 
     async def _wait_outcomes(self, inflights: list[Inflight]) -> None:
         """Wait for every outcome, renewing the lease of the claims meanwhile."""

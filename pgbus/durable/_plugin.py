@@ -26,10 +26,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
 
     from pgbus._bus import Bus
-    from pgbus._events import Delivery, Message
+    from pgbus._events import DeadLetter, Delivery, Message
     from pgbus._publish import Connection
     from pgbus._subscription import Overflow, Subscription
-    from pgbus.default_plugins.dead_letters import DeadLetter
     from pgbus.types import Outgoing
 
 logger = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ class DurablePlugin:
         bus = self._bus
         if bus is None:
             raise ConfigError("the durable plugin is not registered with a Bus")
-        kwargs = dict(getattr(bus, "_connect_kwargs", {}))
+        kwargs = bus.connect_kwargs
         if asynchronous:
             settings = dict(kwargs.get("server_settings") or {})
             settings.setdefault("synchronous_commit", "off")
@@ -185,7 +184,7 @@ class DurablePlugin:
             bus.dsn,
             min_size=0,
             max_size=self.pool_max_size,
-            timeout=getattr(bus, "_connect_timeout", 5.0),
+            timeout=bus.connect_timeout,
             reset=keep_session,
             **kwargs,
         )
@@ -209,8 +208,8 @@ class DurablePlugin:
             raise ConfigError("the durable plugin is not registered with a Bus")
         conn = await asyncpg.connect(
             bus.dsn,
-            timeout=getattr(bus, "_connect_timeout", 5.0),
-            **getattr(bus, "_connect_kwargs", {}),
+            timeout=bus.connect_timeout,
+            **bus.connect_kwargs,
         )
         try:
             return await migrate(conn, self.schema)
