@@ -12,7 +12,6 @@ listener (:class:`~pgbus._listener.ListenerHost`) and of the subscriptions
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections import deque
@@ -197,13 +196,25 @@ class Dispatcher:
         task = self._task
         if task is None:
             return
-        self._draining = True
-        self._wakeup.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not task.done():
+            self._draining = True
+            self._wakeup.set()
+            await asyncio.wait({task}, timeout=timeout)
+            task.cancel()
+            await asyncio.wait({task})
+        if task.cancelled():
+            if self._draining:
+                return
+            logger.error(
+                "the dispatcher task had been cancelled; %d notifications undispatched",
+                len(self.inbound),
+            )
+        elif (error := task.exception()) is not None:
+            logger.error(
+                "the dispatcher task had failed; %d notifications undispatched",
+                len(self.inbound),
+                exc_info=error,
+            )
 
     # -- the listener's host --------------------------------------------------------------
 
