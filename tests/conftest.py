@@ -63,6 +63,30 @@ def pg_dsn(request: pytest.FixtureRequest) -> str:
     return cluster.dsn
 
 
+@pytest.fixture(scope="session")
+def sql_ascii_dsn(pg_dsn: str) -> Iterator[str]:
+    """A database of the test server whose encoding is SQL_ASCII, dropped at the end."""
+    name = f"pgbus_ascii_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(
+        run(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'"
+            " TEMPLATE template0"
+        )
+    )
+    try:
+        yield urlsplit(pg_dsn)._replace(path=f"/{name}").geturl()
+    finally:
+        asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 @pytest.fixture
 def channel() -> str:
     """A channel name no other test uses."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import asyncpg
 import pytest
 from _helpers import event_on
 
@@ -17,6 +18,7 @@ class Watch:
     def __init__(self) -> None:
         self.errors: asyncio.Queue[tuple[pgbus.Message, BaseException]] = asyncio.Queue()
         self.dead: asyncio.Queue[pgbus.DeadLetter] = asyncio.Queue()
+        self.connects: asyncio.Queue[None] = asyncio.Queue()
 
     @pgbus.hookimpl
     def pgbus_on_decode_error(self, message: pgbus.Message, error: BaseException) -> None:
@@ -25,6 +27,10 @@ class Watch:
     @pgbus.hookimpl
     def pgbus_on_dead_letter(self, dead_letter: pgbus.DeadLetter) -> None:
         self.dead.put_nowait(dead_letter)
+
+    @pgbus.hookimpl
+    def pgbus_on_connect(self) -> None:
+        self.connects.put_nowait(None)
 
 
 def record(channel: str) -> type[pgbus.Event]:
@@ -164,3 +170,48 @@ async def test_deeply_nested_json_is_a_decode_error(
     assert "recursion limit" in error.reason
     assert dead.error is error
     assert dead.payload == payload
+
+
+# -- a SQL_ASCII database ----------------------------------------------------------------
+
+
+async def test_a_bus_refuses_to_start_on_a_sql_ascii_database(sql_ascii_dsn):
+    """On a SQL_ASCII database start() fails, says why and how to fix it or allow it."""
+    bus = pgbus.Bus(sql_ascii_dsn, load_entrypoints=False)
+    with pytest.raises(pgbus.ListenerError) as info:
+        await bus.start()
+    assert "encoding is SQL_ASCII" in str(info.value)
+    assert "ENCODING 'UTF8'" in str(info.value)
+    assert "allow_sql_ascii=True" in str(info.value)
+
+
+async def test_a_non_utf8_notify_on_sql_ascii_is_a_reported_decode_failure(
+    make_bus, recorder, channel, sql_ascii_dsn
+):
+    """Bytes that are not UTF-8 end the session: a decode failure with the server's reason."""
+    Ping = event_on(channel)
+    watch = Watch()
+    bus = make_bus(sql_ascii_dsn, plugins=[watch], allow_sql_ascii=True)
+    bus.subscribe(Ping)(recorder)
+    async with bus:
+        await asyncio.wait_for(watch.connects.get(), 5)
+        conn = await asyncpg.connect(sql_ascii_dsn)
+        try:
+            await conn.execute(
+                "SELECT pg_notify($1, convert_from('\\xff41'::bytea, 'SQL_ASCII'))", channel
+            )
+        finally:
+            await conn.close()
+        message, error = await asyncio.wait_for(watch.errors.get(), 5)
+        dead = await asyncio.wait_for(watch.dead.get(), 5)
+        status = bus.status
+        await asyncio.wait_for(watch.connects.get(), 10)  # reconnected
+        await bus.publish(Ping(n=1))
+        assert await recorder.next() == Ping(n=1)
+        assert bus.metrics.snapshot().channels[channel].decode_failures == 1
+    assert message.channel == channel
+    assert isinstance(error, pgbus.DecodeError)
+    assert 'invalid byte sequence for encoding "UTF8": 0xff' in error.reason
+    assert "encoding is SQL_ASCII" in error.reason
+    assert dead.error is error
+    assert 'invalid byte sequence for encoding "UTF8"' in str(status.last_error)

@@ -64,7 +64,7 @@ _Id = Annotated[
         description="The event's unique id: receivers drop an id they saw recently.",
     ),
 ]
-_VERSION = Annotated[Literal[ENVELOPE_VERSION], pydantic.Field(description="Always 1.")]
+_VERSION = Annotated[Literal[1], pydantic.Field(description="Always 1.")]  # ENVELOPE_VERSION
 _TYPE = pydantic.Field(description="The event type's name (the model's event_type).")
 _HEADERS = Annotated[
     dict[str, str], pydantic.Field(description="String headers (tracing context, …).")
