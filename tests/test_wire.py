@@ -92,6 +92,7 @@ def envelope(**changes: object) -> str:
         (envelope(ts=1732530000250), "looks like milliseconds"),
         (envelope(v=2), "v: envelope version 2 is not supported (this reader knows version 1)"),
         (envelope(v="1"), 'v: envelope version "1" is not supported'),
+        (envelope(v=True), "v: envelope version true is not supported"),
         (envelope(data={"n": "four"}), "data.n: Input should be a valid integer"),
         (envelope(data=...), "data: Field required"),
         (envelope(data=None), "data: Input should be an object"),

@@ -152,6 +152,7 @@ async def test_envelopes_pgbus_publishes_conform_to_the_schema(make_bus, channel
         '{"v":1,"id":"a","type":"T","ts":"2024-11-25T10:20:00Z","data":{}}',
         '{"v":1,"id":"a","type":"T","ts":1732530000250,"data":{}}',
         '{"v":2,"id":"a","type":"T","ts":1.5,"data":{}}',
+        '{"v":true,"id":"a","type":"T","ts":1.5,"data":{}}',
         '{"v":1,"id":"","type":"T","ts":1.5,"data":{}}',
         '{"v":1,"id":"a","type":"T","ts":1.5,"data":null}',
         '{"v":1,"id":"a","type":"T","ts":1.5}',

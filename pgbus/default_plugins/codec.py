@@ -64,7 +64,16 @@ _Id = Annotated[
         description="The event's unique id: receivers drop an id they saw recently.",
     ),
 ]
-_VERSION = Annotated[Literal[1], pydantic.Field(description="Always 1.")]  # ENVELOPE_VERSION
+_VERSION = Annotated[
+    int,
+    pydantic.Field(
+        strict=True,  # not true, not 1.0
+        ge=ENVELOPE_VERSION,
+        le=ENVELOPE_VERSION,
+        description=f"Always {ENVELOPE_VERSION}.",
+        json_schema_extra={"const": ENVELOPE_VERSION},
+    ),
+]
 _TYPE = pydantic.Field(description="The event type's name (the model's event_type).")
 _HEADERS = Annotated[
     dict[str, str], pydantic.Field(description="String headers (tracing context, …).")
