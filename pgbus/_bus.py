@@ -83,8 +83,13 @@ class Bus:
     :param durable: register the ``durable`` plugin (:class:`pgbus.durable.DurablePlugin`
         with its defaults) unless one is registered: published events are journaled, and
         ``subscribe(..., durable="name")`` works.
+    :param allow_sql_ascii: start on a database whose encoding is ``SQL_ASCII``. By
+        default the bus refuses: there a NOTIFY whose payload is not UTF-8 makes the
+        server end the LISTEN session, and what is published until the reconnect is
+        lost (the bus reports each such end as a decode failure).
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0 ``allow_sql_ascii``.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Bus:
         retry: Retry | None = None,
         connect_kwargs: Mapping[str, Any] | None = None,
         durable: bool = False,
+        allow_sql_ascii: bool = False,
     ) -> None:
         dsn = dsn if dsn is not None else os.environ.get("PGBUS_DSN")
         if not dsn:
@@ -142,6 +148,7 @@ class Bus:
             health_check_interval=health_check_interval,
             health_check_timeout=health_check_timeout,
             connect_kwargs=kwargs,
+            allow_sql_ascii=allow_sql_ascii,
         )
         self._dispatch.reader = self._listener
         self._publisher = Publisher(

@@ -243,6 +243,10 @@ class Dispatcher:
         """Seconds before reconnect attempt ``attempt``, or ``None`` to give up."""
         return self.plugins.backoff(attempt, error)
 
+    async def undecodable(self, message: Message, error: BaseException) -> None:
+        """Report a notification that could not be decoded (log, hook, dead letter)."""
+        await self.plugins.undecodable(message, error)
+
     # -- the receive path -----------------------------------------------------------------
 
     async def _dispatch(self) -> None:
@@ -265,7 +269,7 @@ class Dispatcher:
                 except Exception as exc:  # a router or a where= of a plugin's: never fatal
                     error = exc
                 if error is not None:
-                    await self.plugins.undecodable(message, error)
+                    await self.undecodable(message, error)
             self._check_pressure()
             if inbound:
                 await asyncio.sleep(0)  # the handlers' turn

@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import asyncpg
 from asyncpg.exceptions._base import TargetServerAttributeNotMatched
 
+from pgbus._events import Message
 from pgbus._status import ListenerState
 from pgbus._util import CONNECTION_ERRORS, redact_dsn
-from pgbus.errors import ListenerError
+from pgbus.errors import DecodeError, ListenerError
 
 if TYPE_CHECKING:
     from collections import deque
@@ -76,6 +77,113 @@ INBOUND_HIGH_WATER = 5_000
 #: TCP keepalive probes before the kernel declares the peer dead.
 KEEPALIVE_COUNT = 3
 
+#: The SQLSTATE of "invalid byte sequence for encoding": what the server of a SQL_ASCII
+#: database ends the LISTEN session with when a notification for it is not UTF-8.
+BAD_BYTES = "22021"
+
+#: Why a bus does not start on a SQL_ASCII database (unless ``allow_sql_ascii=True``).
+SQL_ASCII_RISK = (
+    "the database's encoding is SQL_ASCII: PostgreSQL does not check that its text is"
+    " UTF-8, and a NOTIFY whose payload is not makes the server end the LISTEN session"
+    " (what is published until pgbus reconnects is lost)"
+)
+SQL_ASCII_FIX = (
+    "re-create the database with ENCODING 'UTF8' (pg_dump, then restore into it), or"
+    " accept the risk with Bus(allow_sql_ascii=True)"
+)
+
+
+class SessionEnded(ConnectionError):  # noqa: N818 - reads as what happened
+    """The server ended the LISTEN session; with the error it sent, when it sent one.
+
+    :ivar fields: the fields of the server's ErrorResponse by their one-letter codes
+        (``"C"`` the SQLSTATE, ``"M"`` the message), empty when it sent none.
+    """
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        said = f": {fields.get('S', 'ERROR')} {fields.get('M', '')}" if fields else ""
+        super().__init__(f"the server closed the LISTEN connection{said}")
+        self.fields = dict(fields)
+
+    @property
+    def sqlstate(self) -> str | None:
+        """The SQLSTATE of the server's error, if it sent one."""
+        return self.fields.get("C")
+
+
+class LastWords(asyncio.Protocol):
+    """Sits between the listener's transport and asyncpg's protocol, keeping the last reads.
+
+    A server that ends an idle session sends an ErrorResponse first (why: a FATAL
+    ``invalid byte sequence`` in a SQL_ASCII database, an administrator's
+    ``pg_terminate_backend``); asyncpg's protocol, expecting nothing, discards it. The
+    two last chunks read are kept (a reference each, no copy) so :func:`server_error`
+    can read it when the connection is lost.
+    """
+
+    __slots__ = ("inner", "last", "previous")
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner: Any = inner  # asyncpg's protocol
+        self.previous = self.last = b""
+
+    def data_received(self, data: bytes) -> None:
+        """Keep ``data`` and hand it to asyncpg."""
+        self.previous, self.last = self.last, data
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        """Hand the end of the stream to asyncpg."""
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Hand the loss to asyncpg."""
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """Hand flow control to asyncpg."""
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        """Hand flow control to asyncpg."""
+        self.inner.resume_writing()
+
+    @classmethod
+    def install(cls, conn: asyncpg.Connection) -> LastWords | None:
+        """Put one between ``conn``'s transport and protocol (asyncpg has no API for it)."""
+        transport = getattr(conn, "_transport", None)
+        if transport is None:  # pragma: no cover - every asyncpg connection has one
+            return None
+        tap = cls(transport.get_protocol())
+        transport.set_protocol(tap)
+        return tap
+
+    def server_error(self) -> dict[str, str]:
+        """The fields of the ErrorResponse the stream ended with (empty if it did not)."""
+        return server_error(self.previous + self.last)
+
+
+def server_error(tail: bytes) -> dict[str, str]:
+    """The fields of the ErrorResponse that ends ``tail`` (the last bytes the server sent).
+
+    A message is its type byte, a 4-byte length (itself included) and a body; an
+    ErrorResponse (``E``) body is fields of a code byte and a NUL-terminated string,
+    then a NUL.
+    """
+    at = tail.rfind(b"E")
+    while at >= 0:
+        if (
+            len(tail) - at - 1 == int.from_bytes(tail[at + 1 : at + 5], "big")
+            and tail[-1:] == b"\0"
+        ):
+            fields = tail[at + 5 : -1].split(b"\0")
+            return {
+                chr(field[0]): field[1:].decode("utf-8", "replace") for field in fields if field
+            }
+        at = tail.rfind(b"E", 0, at)
+    return {}
+
 
 class ListenerHost(Protocol):
     """What the listener reports to (the bus's dispatcher)."""
@@ -96,6 +204,9 @@ class ListenerHost(Protocol):
 
     async def on_terminal_error(self, error: ListenerError) -> None:
         """Reconnecting gave up."""
+
+    async def undecodable(self, message: Message, error: BaseException) -> None:
+        """A notification could not be decoded (here: the server could not even send it)."""
 
     def backoff(self, attempt: int, error: BaseException | None) -> float | None:
         """Seconds before connection attempt ``attempt``, or ``None`` to give up."""
@@ -209,8 +320,11 @@ class Listener:
         health_check_interval: float,
         health_check_timeout: float,
         connect_kwargs: Mapping[str, Any],
+        allow_sql_ascii: bool = False,
     ) -> None:
         self._dsn = dsn
+        self._allow_sql_ascii = allow_sql_ascii
+        self._last_words: LastWords | None = None
         self._host = host
         self._inbound = host.inbound
         self._connect_timeout = connect_timeout
@@ -403,6 +517,8 @@ class Listener:
         if isinstance(conn, ListenConnection):
             conn.pgbus_listener = self
         try:
+            self._check_encoding(conn)
+            self._last_words = LastWords.install(conn)
             set_keepalive(conn, self._health_interval, self._health_timeout)
             async with self._lock:
                 for channel in self.wanted:
@@ -417,6 +533,16 @@ class Listener:
             conn.terminate()
             raise
         return conn
+
+    def _check_encoding(self, conn: asyncpg.Connection) -> None:
+        """Refuse a SQL_ASCII database unless allowed.
+
+        :raises ListenerError: on a SQL_ASCII database without ``allow_sql_ascii``.
+        """
+        if conn.get_settings().server_encoding == "SQL_ASCII" and not self._allow_sql_ascii:
+            raise ListenerError(
+                f"cannot listen on {redact_dsn(self._dsn)}: {SQL_ASCII_RISK}; {SQL_ASCII_FIX}"
+            )
 
     async def _probe(self, conn: asyncpg.Connection) -> None:
         """Check that a NOTIFY sent on ``conn`` comes back to it.
@@ -492,6 +618,8 @@ class Listener:
                 return
             self.last_error = error
             disconnected_at = time.time()
+            if isinstance(error, SessionEnded) and error.sqlstate == BAD_BYTES:
+                await self._report_bad_bytes(conn, error)
             self.connected_since = None
             self._set_state(ListenerState.RECONNECTING)
             async with self._lock:
@@ -502,6 +630,21 @@ class Listener:
             level = logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG
             logger.log(level, "listener connection lost: %s", explain(error))
             await self._host.on_disconnected(error)
+
+    async def _report_bad_bytes(self, conn: asyncpg.Connection, error: SessionEnded) -> None:
+        """Report the notification the server ended the session over, as undecodable.
+
+        Its channel is known only when the bus listens on one; its payload never arrived.
+        """
+        channel = next(iter(self.wanted)) if len(self.wanted) == 1 else ""
+        reason = (
+            f"the server ended the LISTEN session instead of sending a notification that is"
+            f" not UTF-8 ({error.fields.get('M', '')}); {SQL_ASCII_RISK}; {SQL_ASCII_FIX}"
+        )
+        message = Message(channel, "", conn.get_server_pid(), time.time())
+        decode_error = DecodeError(channel, "", reason)
+        decode_error.__cause__ = error
+        await self._host.undecodable(message, decode_error)
 
     async def _connected(self, disconnected_at: float | None) -> None:
         now = time.time()
@@ -570,10 +713,12 @@ class Listener:
         """Return the error that ended ``conn``, or ``None`` when stop() was called."""
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[BaseException] = loop.create_future()
+        last_words = self._last_words
 
         def on_terminated(_conn: object) -> None:
             if not lost.done():
-                lost.set_result(ConnectionError("the server closed the LISTEN connection"))
+                said = last_words.server_error() if last_words is not None else {}
+                lost.set_result(SessionEnded(said))
 
         conn.add_termination_listener(on_terminated)
         stopping = self._stopping

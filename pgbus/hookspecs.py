@@ -212,6 +212,9 @@ def pgbus_on_decode_error(message: Message, error: BaseException) -> Any:
     """Called when a notification cannot be decoded; may be ``async def``.
 
     The listener goes on with the next notification. The raw payload is in ``message``.
+    When the server of a ``SQL_ASCII`` database ended the LISTEN session rather than send
+    a notification that is not UTF-8, ``message.payload`` is empty (it never arrived) and
+    ``message.channel`` is the bus's channel when it listens on one, else empty.
 
     :param message: the notification that was rejected.
     :param error: why (usually a :class:`pgbus.DecodeError`).

@@ -5,13 +5,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pytest
 
 import pgbus
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (``CI=true``), where nothing they need may be missing."""
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip a test whose tool or server is missing, or fail it in CI, which installs them."""
+    if in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class Program:
+    """A running example whose output lines the test reads with timeouts."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    async def expect(self, text: str, *, stream: str = "stdout", timeout: float = 20.0) -> str:
+        reader = self.proc.stdout if stream == "stdout" else self.proc.stderr
+        assert reader is not None
+
+        async def find() -> str:
+            while True:
+                raw = await reader.readline()
+                if not raw:
+                    raise AssertionError(f"{text!r} never came; got {self.lines}")
+                line = raw.decode()
+                self.lines.append(line)
+                if text in line:
+                    return line
+
+        return await asyncio.wait_for(find(), timeout)
+
+    async def stop(self, sig: signal.Signals = signal.SIGINT, timeout: float = 20.0) -> int:
+        self.proc.send_signal(sig)
+        await asyncio.wait_for(self.proc.wait(), timeout)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
 
 
 def event_on(channel: str, name: str = "Ping") -> type[pgbus.Event]:

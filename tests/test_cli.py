@@ -373,9 +373,21 @@ def test_doctor_passes_on_a_direct_connection(pg_dsn: str) -> None:
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["LISTEN"]["status"] == "ok"
     assert checks["server"]["detail"].startswith("PostgreSQL ")
+    assert checks["encoding"]["status"] == "ok"
     assert "notification queue" in checks["notify queue"]["detail"]
     assert "7999 bytes" in checks["max payload"]["detail"]
     assert "durable schema" in checks
+
+
+def test_doctor_fails_on_a_sql_ascii_database(sql_ascii_dsn: str) -> None:
+    """`pgbus doctor` fails a SQL_ASCII database and says its encoding needs fixing."""
+    code, out, _ = invoke("doctor", "--json", dsn=sql_ascii_dsn)
+    report = json.loads(out)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert code == 1
+    assert checks["encoding"]["status"] == "fail"
+    assert "encoding is SQL_ASCII" in checks["encoding"]["detail"]
+    assert "ENCODING 'UTF8'" in checks["encoding"]["fix"]
 
 
 def test_doctor_fails_without_a_server() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from _helpers import Program
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -30,36 +31,6 @@ def _env(dsn: str, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
-
-
-class Program:
-    """A running example whose output lines the test reads with timeouts."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-
-    async def expect(self, text: str, *, stream: str = "stdout", timeout: float = 20.0) -> str:
-        reader = self.proc.stdout if stream == "stdout" else self.proc.stderr
-        assert reader is not None
-
-        async def find() -> str:
-            while True:
-                raw = await reader.readline()
-                if not raw:
-                    raise AssertionError(f"{text!r} never came; got {self.lines}")
-                line = raw.decode()
-                self.lines.append(line)
-                if text in line:
-                    return line
-
-        return await asyncio.wait_for(find(), timeout)
-
-    async def stop(self, sig: signal.Signals = signal.SIGINT, timeout: float = 20.0) -> int:
-        self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from pgbus import durable
 from pgbus._channels import MAX_PAYLOAD_BYTES
+from pgbus._listener import SQL_ASCII_FIX, SQL_ASCII_RISK
 from pgbus.cli._common import CONNECT_ERRORS, State, dumps, one_line, show_dsn, stdout
 
 if TYPE_CHECKING:
@@ -59,6 +60,13 @@ async def _server(conn: asyncpg.Connection) -> Check:
             "pgbus is tested on PostgreSQL 12 and newer; upgrade the server",
         )
     return Check("server", "ok", f"PostgreSQL {version}")
+
+
+async def _encoding(conn: asyncpg.Connection) -> Check:
+    encoding = conn.get_settings().server_encoding
+    if encoding == "SQL_ASCII":
+        return Check("encoding", "fail", SQL_ASCII_RISK, SQL_ASCII_FIX)
+    return Check("encoding", "ok", f"the database's encoding is {encoding}")
 
 
 async def _listen_works(dsn: str, timeout: float, listener: asyncpg.Connection) -> list[Check]:  # noqa: ASYNC109 - passed on to asyncpg
@@ -203,6 +211,7 @@ async def diagnose(dsn: str, timeout: float, schema: str = durable.DEFAULT_SCHEM
     checks = [Check("connect", "ok", show_dsn(dsn))]
     steps: list[tuple[str, Callable[[], Awaitable[Check | list[Check]]]]] = [
         ("server", lambda: _server(conn)),
+        ("encoding", lambda: _encoding(conn)),
         ("LISTEN", lambda: _listen_works(dsn, timeout, conn)),
         ("notify queue", lambda: _queue(conn)),
         ("max payload", lambda: _payload(conn)),
@@ -243,10 +252,11 @@ _MARKS: dict[Status, tuple[str, str]] = {
 def doctor(state: State, schema: str, as_json: bool) -> None:
     """Check that the database works for pgbus, and say what to fix.
 
-    Connects, reports the server version, tests that LISTEN works through this DSN
-    (a transaction-pooling proxy such as PgBouncer breaks it silently), the
-    notification queue's usage, the payload limit, free connections and the durable
-    schema. Exits with status 1 when a check fails.
+    Connects, reports the server version, fails on a SQL_ASCII database (whose
+    encoding needs fixing), tests that LISTEN works through this DSN (a
+    transaction-pooling proxy such as PgBouncer breaks it silently), the notification
+    queue's usage, the payload limit, free connections and the durable schema. Exits
+    with status 1 when a check fails.
     """
     checks = asyncio.run(diagnose(state.require_dsn(), state.timeout, schema))
     failed = [c for c in checks if c.status == "fail"]
