@@ -7,9 +7,13 @@ import inspect
 import itertools
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Failures of the connection rather than of the statement: a fresh connection may work.
 #: (asyncpg's TargetServerAttributeNotMatched, "no writable host right now" during a
@@ -25,8 +29,18 @@ CONNECTION_ERRORS = (
     asyncpg.CrashShutdownError,
 )
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", re.IGNORECASE)
-_PASSWORD_PARAM = re.compile(r"(?P<head>(?:^|[\s?&])password\s*=\s*)[^\s&]*", re.IGNORECASE)
+#: The connection parameters that hold secrets (libpq's names; compared case-blind).
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+_URL = re.compile(r"(?P<scheme>\s*[a-z][a-z0-9+.-]*://)(?P<rest>.*)", re.IGNORECASE | re.DOTALL)
+#: ``user:password@`` (the password up to the last ``@`` of the authority).
+_USERINFO = re.compile(r"^(?P<user>[^:/@?#]*):[^/?#]*@")
+#: One ``key=value`` of a URL's query string; the key may be percent-encoded.
+_QUERY_PARAM = re.compile(r"(?P<head>(?:^|[?&;])(?P<key>[^=&#;]*)=)[^&#;]*")
+#: One ``key=value`` of a keyword DSN: the value quoted (``'x \\' y'``) or bare.
+_KEYWORD = re.compile(
+    r"(?P<head>(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|(?:[^\s'\\]|\\.)+)",
+    re.DOTALL,
+)
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:
@@ -41,9 +55,31 @@ async def keep_session(_conn: asyncpg.Connection) -> None:
 
 
 def redact_dsn(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***``, for logs and errors."""
-    dsn = _PASSWORD_IN_URL.sub(r"\g<head>:***@", dsn)
-    return _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
+    """Return ``dsn`` with every secret replaced by ``***``, for reprs, logs and errors.
+
+    The one redaction pgbus uses wherever a DSN may be shown. It covers each form
+    libpq and asyncpg take: the password of a URL's userinfo
+    (``postgresql://u:***@h/db``), the ``password`` and ``sslpassword`` query
+    parameters (any case, percent-encoded or not) and the same keywords in a keyword DSN
+    (``host=h password=*** sslpassword=***``, quoted values included).
+    """
+    url = _URL.match(dsn)
+    if url is None:
+        return _KEYWORD.sub(_redact_match(lambda key: key), dsn)
+    rest = _USERINFO.sub(r"\g<user>:***@", url["rest"], count=1)
+    base, sep, query = rest.partition("?")
+    return url["scheme"] + base + sep + _QUERY_PARAM.sub(_redact_match(unquote), query)
+
+
+def _redact_match(decode: Callable[[str], str]) -> Callable[[re.Match[str]], str]:
+    """A ``re.sub`` replacement: ``***`` for the value of a secret key, else unchanged."""
+
+    def replace(match: re.Match[str]) -> str:
+        if decode(match["key"]).strip().lower() in _SECRET_KEYS:
+            return match["head"] + "***"
+        return match[0]
+
+    return replace
 
 
 async def await_all(results: list[Any]) -> None:
