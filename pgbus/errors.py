@@ -11,6 +11,7 @@ The tree::
     ├── BusClosed (also RuntimeError)        the bus was used in a state that does not allow it
     ├── DecodeError                          a notification that no model accepts
     ├── PublishError                         a publish that did not reach PostgreSQL
+    │   └── DuplicateEventId                 a durable publish whose id is taken in the journal
     ├── ListenerError                        the LISTEN connection could not be kept
     ├── ServerNotFound (also RuntimeError)   no PostgreSQL server could be found or started
     └── ClusterError (also RuntimeError)     a throwaway cluster failed to initialise, start or stop
@@ -23,11 +24,17 @@ Driver errors (:mod:`asyncpg`) are wrapped at one boundary and chained with ``fr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 __all__ = [
     "BusClosed",
     "ClusterError",
     "ConfigError",
     "DecodeError",
+    "DuplicateEventId",
     "InvalidChannel",
     "InvalidIdentifier",
     "ListenerError",
@@ -108,6 +115,28 @@ class DecodeError(PgbusError):
 
 class PublishError(PgbusError):
     """A publish that did not reach PostgreSQL; ``__cause__`` holds the driver's error."""
+
+
+class DuplicateEventId(PublishError):  # noqa: N818 - named like InvalidChannel
+    """A durable publish whose event id the journal already holds for another event.
+
+    Nothing of the batch was journaled or notified. Event ids are unpredictable, so
+    this means a journal row was written with the id by someone else (a role that can
+    write the journal, a foreign publisher reusing ids), never a pgbus collision. The
+    same event published again (a retry of a publish that had in fact committed) is not
+    an error: it is journaled once.
+
+    :ivar event_ids: the ids the journal holds for other events.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        super().__init__(
+            "event id already in the journal with another event, nothing published: "
+            + ", ".join(event_ids)
+        )
+        self.event_ids = tuple(event_ids)
 
 
 class ListenerError(PgbusError):

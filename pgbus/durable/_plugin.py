@@ -20,7 +20,7 @@ from pgbus.durable._schema import (
     migrate,
     missing_schema_error,
 )
-from pgbus.errors import ConfigError, PublishError
+from pgbus.errors import ConfigError, DuplicateEventId, PublishError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -345,14 +345,16 @@ class DurablePlugin:
         )
         try:
             if connection is not None:
-                await connection.execute(self.sql.publish, *args)
-                return
-            pool = await self.publish_pool()
-            await pool.execute(self.sql.publish, *args)
+                row = await connection.fetchrow(self.sql.publish, *args)
+            else:
+                pool = await self.publish_pool()
+                row = await pool.fetchrow(self.sql.publish, *args)
         except DRIVER_ERRORS as exc:
             if is_missing_relation(exc):
                 raise missing_schema_error(self.schema) from exc
             raise PublishError(f"durable publish failed: {exc}") from exc
+        if row is not None and row[1]:
+            raise DuplicateEventId(row[1])
 
     # -- hooks: outcomes -----------------------------------------------------------------
 

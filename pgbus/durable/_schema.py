@@ -236,17 +236,24 @@ class Sql:
         # One statement, so one implicit transaction when autocommitting: the journal
         # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
         # a reference envelope (type "pgbus.ref"); durable consumers read the journal.
+        # An event id already in the journal with another event (a forged row that took
+        # the id first) makes the statement insert and notify nothing and return the
+        # ids; the same event again (a retry of a publish that committed) is skipped.
         self.publish = f"""
             WITH input AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                     WITH ORDINALITY AS t(channel, event_id, type, payload, ord)
+            ), taken AS (
+                SELECT i.event_id FROM input i JOIN {s}.journal j USING (event_id)
+                WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (i.channel, i.type, i.payload)
             ), ins AS (
                 INSERT INTO {s}.journal (channel, event_id, type, payload)
-                SELECT channel, event_id, type, payload FROM input ORDER BY ord
+                SELECT channel, event_id, type, payload FROM input
+                WHERE NOT EXISTS (SELECT FROM taken) ORDER BY ord
                 ON CONFLICT (event_id) DO NOTHING
                 RETURNING id, channel, event_id, type, payload
             )
-            SELECT count(pg_notify(channel, CASE
+            SELECT (SELECT count(pg_notify(channel, CASE
                 WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
                 ELSE json_build_object(
                     'v', 1, 'id', event_id, 'type', 'pgbus.ref',
@@ -254,7 +261,8 @@ class Sql:
                     'data', json_build_object(
                         'journal_id', id, 'type', type, 'bytes', octet_length(payload))
                 )::text END))
-            FROM (SELECT * FROM ins ORDER BY id) AS s"""  # noqa: S608 - quoted identifier
+                FROM (SELECT * FROM ins ORDER BY id) AS s),
+                ARRAY(SELECT event_id FROM taken)"""  # noqa: S608 - quoted identifier
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
             VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())

@@ -11,6 +11,7 @@ import pytest
 from _helpers import Collector, Watch, ticket_type
 
 import pgbus
+import pgbus._publish
 from pgbus.durable import SCHEMA_VERSION, DurablePlugin, SchemaError, migrate, schema_version
 
 # -- schema ---------------------------------------------------------------------------
@@ -156,6 +157,53 @@ async def test_same_event_id_is_journaled_once(durable_bus, sql, schema: str, ch
     await plugin._publish([out], None)
     await plugin._publish([out], None)
     assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".journal') == 1
+    await bus.stop()
+
+
+async def test_a_forged_row_with_the_next_id_makes_the_publish_fail(
+    durable_bus, sql, schema: str, channel: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A journal row written first with a publish's id fails that publish, never silently."""
+    ticket = ticket_type(channel)
+    ids = iter(["a" * 32, "b" * 32])
+    monkeypatch.setattr(pgbus._publish, "new_event_id", lambda: next(ids))  # the "predicted" ids
+    await sql.execute(
+        f'INSERT INTO "{schema}".journal (channel, event_id, type, payload)'
+        " VALUES ($1, $2, 'Ticket', '{\"forged\": true}')",
+        channel,
+        "b" * 32,
+    )
+    bus: pgbus.Bus = durable_bus()
+    with pytest.raises(pgbus.DuplicateEventId) as info:
+        await bus.publish_many([ticket(n=1), ticket(n=2)])
+    assert info.value.event_ids == ("b" * 32,)
+    assert isinstance(info.value, pgbus.PublishError)
+    rows = await sql.fetch(f'SELECT event_id, payload FROM "{schema}".journal')
+    assert [(r["event_id"], r["payload"]) for r in rows] == [("b" * 32, '{"forged": true}')]
+    await bus.stop()
+
+
+async def test_a_retry_of_a_committed_publish_returns_normally(
+    durable_bus, sql, schema: str, channel: str
+):
+    """The same event under the same id again is an idempotent retry; another event is refused."""
+    ticket = ticket_type(channel)
+    bus: pgbus.Bus = durable_bus()
+    out = pgbus.Outgoing(channel, ticket(n=1), "c" * 32, 0.0, {})
+    out.payload = json.dumps(
+        {"v": 1, "id": "c" * 32, "type": "Ticket", "ts": 0.0, "data": {"n": 1}}
+    )
+    for _ in range(2):
+        taken = bus.plugins.publish(bus, [out], None)
+        assert taken is not None
+        await taken
+    other = pgbus.Outgoing(channel, ticket(n=2), "c" * 32, 0.0, {})
+    other.payload = out.payload.replace('"n": 1', '"n": 2')
+    taken = bus.plugins.publish(bus, [other], None)
+    assert taken is not None
+    with pytest.raises(pgbus.DuplicateEventId, match="c" * 32):
+        await taken
+    assert await sql.fetchval(f'SELECT payload FROM "{schema}".journal') == out.payload
     await bus.stop()
 
 
