@@ -4,8 +4,8 @@ The tree::
 
     PgbusError
     ├── ConfigError (also ValueError)        bad arguments or configuration
-    │   ├── InvalidChannel                   a channel name PostgreSQL would reject or mangle
-    │   ├── InvalidIdentifier                a table or column name PostgreSQL would reject
+    │   ├── InvalidIdentifier                a schema, table or column name PostgreSQL would reject
+    │   │   └── InvalidChannel               a channel name PostgreSQL would reject or mangle
     │   └── PluginError                      a plugin that cannot be registered as written
     ├── PayloadTooLarge (also ValueError)    an encoded payload over NOTIFY's 8000-byte limit
     ├── BusClosed (also RuntimeError)        the bus was used in a state that does not allow it
@@ -54,17 +54,8 @@ class ConfigError(PgbusError, ValueError):
     """An argument or a configuration value that pgbus cannot work with."""
 
 
-class InvalidChannel(ConfigError):  # noqa: N818 - the name the public API promises
-    """A channel name that is empty, not a ``str``, contains NUL or is over 63 bytes.
-
-    PostgreSQL silently truncates longer identifiers in ``LISTEN``, so a listener would
-    wait on a different channel than the publisher notifies; pgbus refuses such names
-    before any SQL is sent.
-    """
-
-
 class InvalidIdentifier(ConfigError):  # noqa: N818 - named like InvalidChannel
-    """A table, schema, column or trigger name PostgreSQL would reject or mangle.
+    """A schema, table, column, trigger or channel name PostgreSQL would reject or mangle.
 
     It is empty, not a ``str``, contains NUL or is over 63 bytes in UTF-8.
 
@@ -72,6 +63,15 @@ class InvalidIdentifier(ConfigError):  # noqa: N818 - named like InvalidChannel
     sent. Any other name is quoted, so it is never an injection vector.
 
     .. versionadded:: 0.1.0
+    """
+
+
+class InvalidChannel(InvalidIdentifier):
+    """A channel name that is empty, not a ``str``, contains NUL or is over 63 bytes.
+
+    PostgreSQL silently truncates longer identifiers in ``LISTEN``, so a listener would
+    wait on a different channel than the publisher notifies; pgbus refuses such names
+    before any SQL is sent. Channels are identifiers: an :class:`InvalidIdentifier`.
     """
 
 

@@ -72,7 +72,8 @@ class DurablePlugin:
     :param persist_dead_letters: also store the bus's plain dead letters in the table.
     :param dedup_window: event ids a consumer remembers to skip redeliveries.
     :param pool_max_size: connections of the plugin's pool.
-    :raises ConfigError: for an invalid value.
+    :raises ConfigError: for an invalid value (:class:`~pgbus.InvalidIdentifier` for the
+        schema name).
 
     .. versionadded:: 0.1.0
     """

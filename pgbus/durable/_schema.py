@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from pgbus._identifiers import check_identifier, quote_ident
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -105,25 +106,6 @@ class SchemaError(ConfigError):
     """
 
 
-def check_schema_name(schema: object) -> str:
-    """Return ``schema`` if PostgreSQL takes it unchanged as a schema name.
-
-    :param schema: the candidate name.
-    :returns: the same name.
-    :raises ConfigError: when it is not a non-empty ``str`` of at most 63 bytes without NUL.
-    """
-    if not isinstance(schema, str) or not schema:
-        raise ConfigError(f"schema must be a non-empty str, not {schema!r}")
-    if "\x00" in schema or len(schema.encode()) > 63:  # noqa: PLR2004 - NAMEDATALEN - 1
-        raise ConfigError(f"schema name {schema!r} is not a valid PostgreSQL identifier")
-    return schema
-
-
-def quote_ident(name: str) -> str:
-    """Quote ``name`` as a PostgreSQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _missing(schema: str) -> SchemaError:
     return SchemaError(
         f"the pgbus durable schema {schema!r} does not exist in this database; create it"
@@ -137,14 +119,16 @@ async def schema_version(conn: Connection, schema: str) -> int | None:
     :param conn: an asyncpg connection.
     :param schema: the schema name.
     :returns: the applied version, or ``None``.
+    :raises InvalidIdentifier: for a schema name PostgreSQL would reject (before any SQL).
     """
+    s = quote_ident(check_identifier(schema, "schema name"))
     exists = await conn.fetchval(
         "SELECT to_regclass(quote_ident($1) || '.schema_version') IS NOT NULL", schema
     )
     if not exists:
         return None
     version: int | None = await conn.fetchval(
-        f"SELECT max(version) FROM {quote_ident(schema)}.schema_version"  # noqa: S608 - quoted identifier
+        f"SELECT max(version) FROM {s}.schema_version"  # noqa: S608 - quoted identifier
     )
     return version or 0
 
@@ -155,6 +139,7 @@ async def check_schema(conn: Connection, schema: str) -> None:
     :param conn: an asyncpg connection.
     :param schema: the schema name.
     :raises SchemaError: when it is missing, older (run ``pgbus migrate``) or newer.
+    :raises InvalidIdentifier: for a schema name PostgreSQL would reject (before any SQL).
     """
     version = await schema_version(conn, schema)
     if version is None:
@@ -182,11 +167,11 @@ async def migrate(conn: Connection, schema: str = DEFAULT_SCHEMA) -> tuple[int, 
     :param schema: the schema name.
     :returns: ``(version before, version after)``; equal when there was nothing to do.
     :raises SchemaError: when the schema is newer than this pgbus.
+    :raises InvalidIdentifier: for a schema name PostgreSQL would reject (before any SQL).
 
     .. versionadded:: 0.1.0
     """
-    check_schema_name(schema)
-    s = quote_ident(schema)
+    s = quote_ident(check_identifier(schema, "schema name"))
     async with conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('pgbus.durable.migrate:' || $1))", schema
@@ -231,7 +216,7 @@ class Sql:
     """Every statement of the durable machinery, for one schema."""
 
     def __init__(self, schema: str) -> None:
-        s = quote_ident(check_schema_name(schema))
+        s = quote_ident(check_identifier(schema, "schema name"))
         self.schema = schema
         # One statement, so one implicit transaction when autocommitting: the journal
         # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
