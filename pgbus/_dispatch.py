@@ -16,15 +16,15 @@ import contextlib
 import inspect
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pgbus._events import Delivery, Event, Message, Notification
+from pgbus._events import Delivery, Event, Message, Notification, reference_of
 from pgbus._listener import INBOUND_HIGH_WATER
 from pgbus._status import Gap
-from pgbus.errors import ConfigError
+from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Awaitable, Iterable, Sequence
 
     from pgbus._events import Decoder
     from pgbus._plugins import PluginManager
@@ -103,6 +103,7 @@ class Dispatcher:
         self._resync: dict[str, tuple[ResyncCallback, asyncio.Event]] = {}
         self._resync_tasks: dict[str, asyncio.Task[None]] = {}
         self._subscriptions: dict[str, Subscription] = {}
+        self._resolving: set[asyncio.Task[None]] = set()
 
     # -- the channel table ----------------------------------------------------------------
 
@@ -199,11 +200,19 @@ class Dispatcher:
             return
         self._draining = True
         self._wakeup.set()
+        deadline = asyncio.get_running_loop().time() + timeout
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        resolving = set(self._resolving)  # references being fetched: delivered, or given up
+        if resolving:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            _, late = await asyncio.wait(resolving, timeout=left)
+            for late_task in late:
+                late_task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     # -- the listener's host --------------------------------------------------------------
 
@@ -267,8 +276,12 @@ class Dispatcher:
             router propagates: the dispatcher reports the message as undeliverable.
         """
         channel = self._channels.get(message.channel)
-        if channel is None:  # UNLISTENed meanwhile
-            return None
+        if channel is None or not channel.subscriptions:
+            return None  # UNLISTENed meanwhile, or only durable ones: NOTIFY is a wake-up
+        if message.stored_at is None:  # a stored event is never a reference
+            reference = reference_of(message.payload)
+            if reference is not None:
+                return self._resolve(message, reference)
         error = None
         try:
             delivery = channel.decode(message)
@@ -293,6 +306,44 @@ class Dispatcher:
             sub.offer(_copy(delivery) if shared else delivery)
             shared = True
         return error
+
+    def _resolve(self, message: Message, reference: dict[str, Any]) -> Exception | None:
+        """Have a plugin fetch the event a reference points to, then deliver that.
+
+        :returns: a :class:`~pgbus.DecodeError` when no plugin resolves references.
+        """
+        taken = self.plugins.resolve_reference(self.owner, message, reference)
+        if taken is None:
+            return DecodeError(
+                message.channel,
+                message.payload,
+                "a reference to an event stored in the durable journal (too large for"
+                " NOTIFY): only a bus with the durable plugin can read it",
+            )
+        task = asyncio.get_running_loop().create_task(self._deliver_stored(message, taken))
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
+        return None
+
+    async def _deliver_stored(self, reference: Message, taken: Awaitable[Message | None]) -> None:
+        try:
+            stored = await taken
+        except Exception as exc:  # the plugin could not fetch it: reported like a bad payload
+            await self.plugins.undecodable(reference, exc)
+            return
+        if stored is None:
+            logger.info(
+                "reference on %s: the event is no longer stored",
+                reference.channel,
+                extra={"channel": reference.channel},
+            )
+            return
+        try:
+            error = self._deliver(stored)
+        except Exception as exc:  # a router or a where= of a plugin's: never fatal
+            error = exc
+        if error is not None:
+            await self.plugins.undecodable(stored, error)
 
     def _check_pressure(self) -> None:
         """Pause or resume reading the LISTEN socket by what waits in this process."""

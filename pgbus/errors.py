@@ -128,7 +128,7 @@ class DuplicateEventId(PublishError):  # noqa: N818 - named like InvalidChannel
 
     :ivar event_ids: the ids the journal holds for other events.
 
-    .. versionadded:: 0.1.0
+    .. versionadded:: 0.2.0
     """
 
     def __init__(self, event_ids: Sequence[str]) -> None:

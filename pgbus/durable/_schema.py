@@ -308,9 +308,15 @@ class Sql:
                 FROM c WHERE i.subscription = $1 AND i.journal_id = c.journal_id
                 RETURNING i.seq, i.journal_id, i.deliveries
             )
-            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid
+            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
+                   extract(epoch FROM j.created_at)::float8 AS stored_at
             FROM u LEFT JOIN {s}.journal j ON j.id = u.journal_id
             ORDER BY u.seq"""  # noqa: S608 - quoted identifier
+        # The event a reference notification points to (for plain subscriptions).
+        self.stored_event = f"""
+            SELECT channel, event_id, payload, pid,
+                   extract(epoch FROM created_at)::float8 AS stored_at
+            FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
         self.ack = (
             f"DELETE FROM {s}.inbox WHERE subscription = $1 AND journal_id = ANY($2::bigint[])"  # noqa: S608 - quoted identifier
         )
