@@ -320,9 +320,17 @@ class Dispatcher:
                 "a reference to an event stored in the durable journal (too large for"
                 " NOTIFY): only a bus with the durable plugin can read it",
             )
-        task = asyncio.get_running_loop().create_task(self._deliver_stored(message, taken))
+        task = asyncio.create_task(
+            self._deliver_stored(message, taken), name=f"pgbus-reference-{message.channel}"
+        )
         self._resolving.add(task)
-        task.add_done_callback(self._resolving.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._resolving.discard(task)
+            if task.cancelled() and inspect.iscoroutine(taken):
+                taken.close()  # cancelled before it started (stop): never awaited otherwise
+
+        task.add_done_callback(done)
         return None
 
     async def _deliver_stored(self, reference: Message, taken: Awaitable[Message | None]) -> None:

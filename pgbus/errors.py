@@ -120,7 +120,9 @@ class PublishError(PgbusError):
 class DuplicateEventId(PublishError):  # noqa: N818 - named like InvalidChannel
     """A durable publish whose event id the journal already holds for another event.
 
-    Nothing of the batch was journaled or notified. Event ids are unpredictable, so
+    Nothing of the batch was journaled or notified (inside the caller's transaction,
+    ``publish(..., connection=conn)``, that transaction is aborted, as after any failed
+    statement). Event ids are unpredictable, so
     this means a journal row was written with the id by someone else (a role that can
     write the journal, a foreign publisher reusing ids), never a pgbus collision. The
     same event published again (a retry of a publish that had in fact committed) is not

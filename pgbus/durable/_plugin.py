@@ -20,6 +20,7 @@ from pgbus.durable._schema import (
     is_missing_relation,
     migrate,
     missing_schema_error,
+    taken_ids,
 )
 from pgbus.errors import ConfigError, DecodeError, DuplicateEventId, PublishError
 
@@ -347,16 +348,17 @@ class DurablePlugin:
         )
         try:
             if connection is not None:
-                row = await connection.fetchrow(self.sql.publish, *args)
-            else:
-                pool = await self.publish_pool()
-                row = await pool.fetchrow(self.sql.publish, *args)
+                await connection.execute(self.sql.publish, *args)
+                return
+            pool = await self.publish_pool()
+            await pool.execute(self.sql.publish, *args)
         except DRIVER_ERRORS as exc:
             if is_missing_relation(exc):
                 raise missing_schema_error(self.schema) from exc
+            taken = taken_ids(exc)
+            if taken:
+                raise DuplicateEventId(taken) from exc
             raise PublishError(f"durable publish failed: {exc}") from exc
-        if row is not None and row[1]:
-            raise DuplicateEventId(row[1])
 
     @hookimpl
     def pgbus_resolve_reference(

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 #: The schema name used unless ``DurablePlugin(schema=...)`` says otherwise.
 DEFAULT_SCHEMA = "pgbus"
 
+#: Starts the text of the error a publish fails with when an event id is taken.
+TAKEN_IDS_MARKER = "pgbus: event ids taken: "
+
 #: NOTIFY refuses payloads of this many bytes or more; bigger events travel by reference.
 NOTIFY_LIMIT = 8000
 
@@ -207,6 +210,14 @@ def is_missing_relation(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError)
 
 
+def taken_ids(exc: BaseException) -> list[str]:
+    """The event ids a failed publish statement found taken (empty for another error)."""
+    if not isinstance(exc, asyncpg.InvalidTextRepresentationError):
+        return []
+    _, marker, rest = str(exc).partition(TAKEN_IDS_MARKER)
+    return rest.rstrip('"').split(",") if marker else []
+
+
 def missing_schema_error(schema: str) -> SchemaError:
     """The error raised when a statement found the durable schema missing."""
     return _missing(schema)
@@ -221,24 +232,28 @@ class Sql:
         # One statement, so one implicit transaction when autocommitting: the journal
         # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
         # a reference envelope (type "pgbus.ref"); durable consumers read the journal.
-        # An event id already in the journal with another event (a forged row that took
-        # the id first) makes the statement insert and notify nothing and return the
-        # ids; the same event again (a retry of a publish that committed) is skipped.
+        # An event the journal already holds (a retry of a publish that committed) is
+        # skipped. An id it holds for another event (a forged row that took the id
+        # first), or that a concurrent transaction took, fails the whole statement with
+        # an error naming the ids (TAKEN_IDS_MARKER): nothing is journaled or notified.
+        # Only the skipped rows are looked up again, so the usual publish costs nothing.
         self.publish = f"""
             WITH input AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                     WITH ORDINALITY AS t(channel, event_id, type, payload, ord)
-            ), taken AS (
-                SELECT i.event_id FROM input i JOIN {s}.journal j USING (event_id)
-                WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (i.channel, i.type, i.payload)
             ), ins AS (
                 INSERT INTO {s}.journal (channel, event_id, type, payload)
-                SELECT channel, event_id, type, payload FROM input
-                WHERE NOT EXISTS (SELECT FROM taken) ORDER BY ord
+                SELECT channel, event_id, type, payload FROM input ORDER BY ord
                 ON CONFLICT (event_id) DO NOTHING
                 RETURNING id, channel, event_id, type, payload
+            ), skipped AS MATERIALIZED (
+                SELECT * FROM input WHERE event_id NOT IN (SELECT event_id FROM ins)
+            ), taken AS (
+                SELECT string_agg(s.event_id, ',' ORDER BY s.ord) AS ids
+                FROM skipped s LEFT JOIN {s}.journal j USING (event_id)
+                WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (s.channel, s.type, s.payload)
             )
-            SELECT (SELECT count(pg_notify(channel, CASE
+            SELECT count(pg_notify(channel, CASE
                 WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
                 ELSE json_build_object(
                     'v', 1, 'id', event_id, 'type', 'pgbus.ref',
@@ -246,8 +261,9 @@ class Sql:
                     'data', json_build_object(
                         'journal_id', id, 'type', type, 'bytes', octet_length(payload))
                 )::text END))
-                FROM (SELECT * FROM ins ORDER BY id) AS s),
-                ARRAY(SELECT event_id FROM taken)"""  # noqa: S608 - quoted identifier
+                + (SELECT CASE WHEN ids IS NULL THEN 0
+                          ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken)
+            FROM (SELECT * FROM ins ORDER BY id) AS s"""  # noqa: S608 - quoted identifier
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
             VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())

@@ -231,7 +231,7 @@ async def test_a_forged_row_with_the_next_id_makes_the_publish_fail(
 ):
     """A journal row written first with a publish's id fails that publish, never silently."""
     ticket = ticket_type(channel)
-    ids = iter(["a" * 32, "b" * 32])
+    ids = iter(["a" * 32, "b" * 32, "b" * 32])
     monkeypatch.setattr(pgbus._publish, "new_event_id", lambda: next(ids))  # the "predicted" ids
     await sql.execute(
         f'INSERT INTO "{schema}".journal (channel, event_id, type, payload)'
@@ -244,6 +244,13 @@ async def test_a_forged_row_with_the_next_id_makes_the_publish_fail(
         await bus.publish_many([ticket(n=1), ticket(n=2)])
     assert info.value.event_ids == ("b" * 32,)
     assert isinstance(info.value, pgbus.PublishError)
+    conn = await asyncpg.connect(bus.dsn)
+    try:
+        with pytest.raises(pgbus.DuplicateEventId):  # in the caller's transaction too
+            async with conn.transaction():
+                await bus.publish(ticket(n=3), connection=conn)
+    finally:
+        await conn.close()
     rows = await sql.fetch(f'SELECT event_id, payload FROM "{schema}".journal')
     assert [(r["event_id"], r["payload"]) for r in rows] == [("b" * 32, '{"forged": true}')]
     await bus.stop()
