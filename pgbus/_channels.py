@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pgbus._identifiers import MAX_IDENTIFIER_BYTES, check_identifier
 from pgbus.errors import InvalidChannel
 
-#: PostgreSQL's identifier limit (NAMEDATALEN - 1), in bytes.
-MAX_CHANNEL_BYTES = 63
+#: PostgreSQL's identifier limit (NAMEDATALEN - 1), in bytes: channels are identifiers.
+MAX_CHANNEL_BYTES = MAX_IDENTIFIER_BYTES
 
 #: NOTIFY refuses payloads of this many bytes or more.
 MAX_PAYLOAD_BYTES = 8000
@@ -21,18 +22,4 @@ def check_channel(channel: Any) -> str:
     :raises InvalidChannel: when it is not a ``str``, is empty, contains NUL or is longer
         than 63 bytes in UTF-8 (``LISTEN`` would silently truncate it).
     """
-    if not isinstance(channel, str):
-        raise InvalidChannel(f"channel must be a str, not {type(channel).__name__}")
-    if not channel:
-        raise InvalidChannel("channel must not be empty")
-    if "\x00" in channel:
-        raise InvalidChannel(f"channel {channel!r} contains a NUL character")
-    try:
-        size = len(channel.encode())
-    except UnicodeEncodeError as exc:
-        raise InvalidChannel(f"channel {channel!r} is not valid UTF-8: {exc.reason}") from None
-    if size > MAX_CHANNEL_BYTES:
-        raise InvalidChannel(
-            f"channel {channel!r} is {size} bytes; PostgreSQL allows at most {MAX_CHANNEL_BYTES}"
-        )
-    return channel
+    return check_identifier(channel, "channel", InvalidChannel)

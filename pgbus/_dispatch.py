@@ -15,15 +15,15 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pgbus._events import Delivery, Event, Message, Notification
+from pgbus._events import Delivery, Event, Message, Notification, reference_of
 from pgbus._listener import INBOUND_HIGH_WATER
 from pgbus._status import Gap
-from pgbus.errors import ConfigError
+from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Awaitable, Iterable, Sequence
 
     from pgbus._events import Decoder
     from pgbus._plugins import PluginManager
@@ -102,6 +102,7 @@ class Dispatcher:
         self._resync: dict[str, tuple[ResyncCallback, asyncio.Event]] = {}
         self._resync_tasks: dict[str, asyncio.Task[None]] = {}
         self._subscriptions: dict[str, Subscription] = {}
+        self._resolving: set[asyncio.Task[None]] = set()
 
     # -- the channel table ----------------------------------------------------------------
 
@@ -196,6 +197,7 @@ class Dispatcher:
         task = self._task
         if task is None:
             return
+        deadline = asyncio.get_running_loop().time() + timeout
         if not task.done():
             self._draining = True
             self._wakeup.set()
@@ -203,18 +205,24 @@ class Dispatcher:
             task.cancel()
             await asyncio.wait({task})
         if task.cancelled():
-            if self._draining:
-                return
-            logger.error(
-                "the dispatcher task had been cancelled; %d notifications undispatched",
-                len(self.inbound),
-            )
+            if not self._draining:
+                logger.error(
+                    "the dispatcher task had been cancelled; %d notifications undispatched",
+                    len(self.inbound),
+                )
         elif (error := task.exception()) is not None:
             logger.error(
                 "the dispatcher task had failed; %d notifications undispatched",
                 len(self.inbound),
                 exc_info=error,
             )
+        resolving = set(self._resolving)  # references being fetched: delivered, or given up
+        if resolving:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            _, late = await asyncio.wait(resolving, timeout=left)
+            for late_task in late:
+                late_task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     # -- the listener's host --------------------------------------------------------------
 
@@ -282,8 +290,12 @@ class Dispatcher:
             router propagates: the dispatcher reports the message as undeliverable.
         """
         channel = self._channels.get(message.channel)
-        if channel is None:  # UNLISTENed meanwhile
-            return None
+        if channel is None or not channel.subscriptions:
+            return None  # UNLISTENed meanwhile, or only durable ones: NOTIFY is a wake-up
+        if message.stored_at is None:  # a stored event is never a reference
+            reference = reference_of(message.payload)
+            if reference is not None:
+                return self._resolve(message, reference)
         error = None
         try:
             delivery = channel.decode(message)
@@ -308,6 +320,52 @@ class Dispatcher:
             sub.offer(_copy(delivery) if shared else delivery)
             shared = True
         return error
+
+    def _resolve(self, message: Message, reference: dict[str, Any]) -> Exception | None:
+        """Have a plugin fetch the event a reference points to, then deliver that.
+
+        :returns: a :class:`~pgbus.DecodeError` when no plugin resolves references.
+        """
+        taken = self.plugins.resolve_reference(self.owner, message, reference)
+        if taken is None:
+            return DecodeError(
+                message.channel,
+                message.payload,
+                "a reference to an event stored in the durable journal (too large for"
+                " NOTIFY): only a bus with the durable plugin can read it",
+            )
+        task = asyncio.create_task(
+            self._deliver_stored(message, taken), name=f"pgbus-reference-{message.channel}"
+        )
+        self._resolving.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._resolving.discard(task)
+            if task.cancelled() and inspect.iscoroutine(taken):
+                taken.close()  # cancelled before it started (stop): never awaited otherwise
+
+        task.add_done_callback(done)
+        return None
+
+    async def _deliver_stored(self, reference: Message, taken: Awaitable[Message | None]) -> None:
+        try:
+            stored = await taken
+        except Exception as exc:  # the plugin could not fetch it: reported like a bad payload
+            await self.plugins.undecodable(reference, exc)
+            return
+        if stored is None:
+            logger.info(
+                "reference on %s: the event is no longer stored",
+                reference.channel,
+                extra={"channel": reference.channel},
+            )
+            return
+        try:
+            error = self._deliver(stored)
+        except Exception as exc:  # a router or a where= of a plugin's: never fatal
+            error = exc
+        if error is not None:
+            await self.plugins.undecodable(stored, error)
 
     def _check_pressure(self) -> None:
         """Pause or resume reading the LISTEN socket by what waits in this process."""

@@ -7,6 +7,7 @@ bottom layer, imported by every other module (httpx's ``_models``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -61,14 +62,50 @@ class Message:
     :ivar payload: the payload string, exactly as sent.
     :ivar pid: the process id of the PostgreSQL backend that sent it.
     :ivar received_at: when the listener received it (``time.time()``).
+    :ivar stored_at: for an event read from the durable journal (a durable
+        subscription's delivery, a redelivered dead letter, a reference resolved for a
+        plain subscription), when its journal row was written (``time.time()`` scale);
+        ``None`` for a notification. Verifiers measure freshness from it: a journal row
+        may be delivered long after it was published.
+    :ivar stored_id: the event id the journal row is stored under, with ``stored_at``
+        (the envelope's id must be the same).
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0 ``stored_at`` and ``stored_id``.
     """
 
     channel: str
     payload: str
     pid: int
     received_at: float
+    stored_at: float | None = None
+    stored_id: str | None = None
+
+
+#: The ``type`` of a reference envelope: a pointer to an event too large for NOTIFY.
+REFERENCE_TYPE = "pgbus.ref"
+_REFERENCE_MARK = f'"{REFERENCE_TYPE}"'
+
+
+def reference_of(payload: str) -> dict[str, Any] | None:
+    """The reference envelope ``payload`` is, parsed; ``None`` for anything else.
+
+    Cheap for everything else: only a payload holding ``"pgbus.ref"`` is parsed.
+    """
+    if _REFERENCE_MARK not in payload:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if (
+        isinstance(obj, dict)
+        and obj.get("type") == REFERENCE_TYPE
+        and isinstance(obj.get("id"), str)
+        and isinstance(obj.get("data"), dict)
+    ):
+        return obj
+    return None
 
 
 #: The headers of a delivery without any: one shared, read-only empty mapping.

@@ -24,7 +24,7 @@ from pgbus.errors import PluginError
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
     from pgbus._events import Decoder, Delivery, Encoder, Event, Message, Outgoing
     from pgbus._subscription import Middleware, Overflow, Router, Subscription
@@ -245,6 +245,15 @@ class PluginManager:
         """:func:`~pgbus.hookspecs.pgbus_publish`: a plugin's sender, or ``None``."""
         taken: Awaitable[None] | None = self.hook.pgbus_publish(
             bus=bus, outgoing=outgoing, connection=connection
+        )
+        return taken
+
+    def resolve_reference(
+        self, bus: object, message: Message, reference: Mapping[str, Any]
+    ) -> Awaitable[Message | None] | None:
+        """:func:`~pgbus.hookspecs.pgbus_resolve_reference`: a plugin's fetch, or ``None``."""
+        taken: Awaitable[Message | None] | None = self.hook.pgbus_resolve_reference(
+            bus=bus, message=message, reference=reference
         )
         return taken
 

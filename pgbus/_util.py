@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Failures of the connection rather than of the statement: a fresh connection may work.
 #: (asyncpg's TargetServerAttributeNotMatched, "no writable host right now" during a
@@ -25,8 +28,18 @@ CONNECTION_ERRORS = (
     asyncpg.CrashShutdownError,
 )
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", re.IGNORECASE)
-_PASSWORD_PARAM = re.compile(r"(?P<head>(?:^|[\s?&])password\s*=\s*)[^\s&]*", re.IGNORECASE)
+#: The connection parameters that hold secrets (libpq's names; compared case-blind).
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+_URL = re.compile(r"(?P<scheme>\s*[a-z][a-z0-9+.-]*://)(?P<rest>.*)", re.IGNORECASE | re.DOTALL)
+#: ``user:password@`` (the password up to the last ``@`` of the authority).
+_USERINFO = re.compile(r"^(?P<user>[^:/@?#]*):[^/?#]*@")
+#: One ``key=value`` of a URL's query string; the key may be percent-encoded.
+_QUERY_PARAM = re.compile(r"(?P<head>(?:^|[?&;])(?P<key>[^=&#;]*)=)[^&#;]*")
+#: One ``key=value`` of a keyword DSN: the value quoted (``'x \\' y'``) or bare.
+_KEYWORD = re.compile(
+    r"(?P<head>(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|(?:[^\s'\\]|\\.)+)",
+    re.DOTALL,
+)
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:
@@ -41,9 +54,31 @@ async def keep_session(_conn: asyncpg.Connection) -> None:
 
 
 def redact_dsn(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***``, for logs and errors."""
-    dsn = _PASSWORD_IN_URL.sub(r"\g<head>:***@", dsn)
-    return _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
+    """Return ``dsn`` with every secret replaced by ``***``, for reprs, logs and errors.
+
+    The one redaction pgbus uses wherever a DSN may be shown. It covers each form
+    libpq and asyncpg take: the password of a URL's userinfo
+    (``postgresql://u:***@h/db``), the ``password`` and ``sslpassword`` query
+    parameters (any case, percent-encoded or not) and the same keywords in a keyword DSN
+    (``host=h password=*** sslpassword=***``, quoted values included).
+    """
+    url = _URL.match(dsn)
+    if url is None:
+        return _KEYWORD.sub(_redact_match(lambda key: key), dsn)
+    rest = _USERINFO.sub(r"\g<user>:***@", url["rest"], count=1)
+    base, sep, query = rest.partition("?")
+    return url["scheme"] + base + sep + _QUERY_PARAM.sub(_redact_match(unquote), query)
+
+
+def _redact_match(decode: Callable[[str], str]) -> Callable[[re.Match[str]], str]:
+    """A ``re.sub`` replacement: ``***`` for the value of a secret key, else unchanged."""
+
+    def replace(match: re.Match[str]) -> str:
+        if decode(match["key"]).strip().lower() in _SECRET_KEYS:
+            return match["head"] + "***"
+        return match[0]
+
+    return replace
 
 
 async def await_all(results: list[Any]) -> None:
@@ -56,24 +91,36 @@ async def await_all(results: list[Any]) -> None:
 
 
 class _EventIds:
-    """Event ids: 16 random hex digits per process, then a 16-digit hex counter.
+    """Event ids: 32 lowercase hex digits (128 bits), each drawn from ``os.urandom``.
 
-    As unique as a UUID for this purpose (64 random bits tell processes apart, the
-    counter tells events apart) at a tenth of the cost of ``uuid4()``, which reads
-    ``os.urandom`` for every event. A forked child draws a prefix of its own.
+    Unpredictable (seeing some ids tells nothing about the next) and still cheap: the
+    random bytes are read in blocks of :data:`_IDS_PER_BLOCK` ids, hexed and sliced
+    once, then handed out by ``list.pop``, which is atomic: no lock is needed across
+    threads (two threads refilling at once waste a block, never repeat an id). It costs
+    less than the one id it replaces (a random prefix and a counter, which anyone who
+    saw one id could continue) and a tenth of ``uuid4()``. A forked child throws the
+    parent's unused ids away: it would otherwise hand out the same ones.
     """
 
     def __init__(self) -> None:
-        self.reseed()
+        self._ids: list[str] = []
 
     def reseed(self) -> None:
-        self.prefix = os.urandom(8).hex()
-        self.counter = itertools.count()
+        """Forget the ids in hand (in a forked child: they are the parent's too)."""
+        self._ids = []
 
     def __call__(self) -> str:
-        return f"{self.prefix}{next(self.counter):016x}"
+        try:
+            return self._ids.pop()
+        except IndexError:
+            block = os.urandom(16 * _IDS_PER_BLOCK).hex()
+            ids = self._ids = [block[i : i + 32] for i in range(0, len(block), 32)]
+            return ids.pop()
 
 
-#: ``new_event_id()`` returns a new unique event id (32 hex characters).
+#: How many ids one read of ``os.urandom`` provides.
+_IDS_PER_BLOCK = 256
+
+#: ``new_event_id()`` returns a new unpredictable event id (32 lowercase hex characters).
 new_event_id = _EventIds()
 os.register_at_fork(after_in_child=new_event_id.reseed)

@@ -67,10 +67,11 @@ from typing import (
 import asyncpg
 import pydantic
 
-from pgbus._channels import MAX_CHANNEL_BYTES, check_channel
+from pgbus._channels import check_channel
 from pgbus._events import Event
+from pgbus._identifiers import check_identifier, quote_ident
 from pgbus._publish import Connection
-from pgbus.errors import ConfigError, InvalidIdentifier
+from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable, Sequence
@@ -307,50 +308,6 @@ SELECT NOT EXISTS (
 
 
 # -- quoting -------------------------------------------------------------------------------
-
-
-def check_identifier(name: Any, what: str = "identifier") -> str:
-    """Return ``name`` if PostgreSQL can use it unchanged as a quoted identifier.
-
-    :param name: the candidate name (a table, schema, column or trigger name).
-    :param what: what the name is, for the error message.
-    :returns: the same name.
-    :raises InvalidIdentifier: when it is not a ``str``, is empty, contains NUL or is over
-        63 bytes in UTF-8 (PostgreSQL would silently truncate it).
-
-    .. versionadded:: 0.1.0
-    """
-    if not isinstance(name, str):
-        raise InvalidIdentifier(f"{what} must be a str, not {type(name).__name__}")
-    if not name:
-        raise InvalidIdentifier(f"{what} must not be empty")
-    if "\x00" in name:
-        raise InvalidIdentifier(f"{what} {name!r} contains a NUL character")
-    try:
-        size = len(name.encode())
-    except UnicodeEncodeError as exc:
-        raise InvalidIdentifier(f"{what} {name!r} is not valid UTF-8: {exc.reason}") from None
-    if size > MAX_CHANNEL_BYTES:
-        raise InvalidIdentifier(
-            f"{what} {name!r} is {size} bytes; PostgreSQL allows at most {MAX_CHANNEL_BYTES}"
-        )
-    return name
-
-
-def quote_ident(name: str) -> str:
-    """Quote ``name`` as a PostgreSQL identifier, always (``"…"``, with ``"`` doubled).
-
-    Unlike PostgreSQL's ``quote_ident()``, it quotes even names that would not need it,
-    so the name is used exactly as given: case, spaces, quotes and all.
-
-    :param name: the identifier.
-    :returns: the quoted identifier, safe to put into SQL text.
-    :raises InvalidIdentifier: for a name :func:`check_identifier` refuses.
-
-    .. versionadded:: 0.1.0
-    """
-    check_identifier(name)
-    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_literal(value: str) -> str:

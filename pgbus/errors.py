@@ -4,13 +4,14 @@ The tree::
 
     PgbusError
     ├── ConfigError (also ValueError)        bad arguments or configuration
-    │   ├── InvalidChannel                   a channel name PostgreSQL would reject or mangle
-    │   ├── InvalidIdentifier                a table or column name PostgreSQL would reject
+    │   ├── InvalidIdentifier                a schema, table or column name PostgreSQL would reject
+    │   │   └── InvalidChannel               a channel name PostgreSQL would reject or mangle
     │   └── PluginError                      a plugin that cannot be registered as written
     ├── PayloadTooLarge (also ValueError)    an encoded payload over NOTIFY's 8000-byte limit
     ├── BusClosed (also RuntimeError)        the bus was used in a state that does not allow it
     ├── DecodeError                          a notification that no model accepts
     ├── PublishError                         a publish that did not reach PostgreSQL
+    │   └── DuplicateEventId                 a durable publish whose id is taken in the journal
     ├── ListenerError                        the LISTEN connection could not be kept
     ├── ServerNotFound (also RuntimeError)   no PostgreSQL server could be found or started
     └── ClusterError (also RuntimeError)     a throwaway cluster failed to initialise, start or stop
@@ -23,11 +24,17 @@ Driver errors (:mod:`asyncpg`) are wrapped at one boundary and chained with ``fr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 __all__ = [
     "BusClosed",
     "ClusterError",
     "ConfigError",
     "DecodeError",
+    "DuplicateEventId",
     "InvalidChannel",
     "InvalidIdentifier",
     "ListenerError",
@@ -47,17 +54,8 @@ class ConfigError(PgbusError, ValueError):
     """An argument or a configuration value that pgbus cannot work with."""
 
 
-class InvalidChannel(ConfigError):  # noqa: N818 - the name the public API promises
-    """A channel name that is empty, not a ``str``, contains NUL or is over 63 bytes.
-
-    PostgreSQL silently truncates longer identifiers in ``LISTEN``, so a listener would
-    wait on a different channel than the publisher notifies; pgbus refuses such names
-    before any SQL is sent.
-    """
-
-
 class InvalidIdentifier(ConfigError):  # noqa: N818 - named like InvalidChannel
-    """A table, schema, column or trigger name PostgreSQL would reject or mangle.
+    """A schema, table, column, trigger or channel name PostgreSQL would reject or mangle.
 
     It is empty, not a ``str``, contains NUL or is over 63 bytes in UTF-8.
 
@@ -65,6 +63,15 @@ class InvalidIdentifier(ConfigError):  # noqa: N818 - named like InvalidChannel
     sent. Any other name is quoted, so it is never an injection vector.
 
     .. versionadded:: 0.1.0
+    """
+
+
+class InvalidChannel(InvalidIdentifier):
+    """A channel name that is empty, not a ``str``, contains NUL or is over 63 bytes.
+
+    PostgreSQL silently truncates longer identifiers in ``LISTEN``, so a listener would
+    wait on a different channel than the publisher notifies; pgbus refuses such names
+    before any SQL is sent. Channels are identifiers: an :class:`InvalidIdentifier`.
     """
 
 
@@ -108,6 +115,30 @@ class DecodeError(PgbusError):
 
 class PublishError(PgbusError):
     """A publish that did not reach PostgreSQL; ``__cause__`` holds the driver's error."""
+
+
+class DuplicateEventId(PublishError):  # noqa: N818 - named like InvalidChannel
+    """A durable publish whose event id the journal already holds for another event.
+
+    Nothing of the batch was journaled or notified (inside the caller's transaction,
+    ``publish(..., connection=conn)``, that transaction is aborted, as after any failed
+    statement). Event ids are unpredictable, so
+    this means a journal row was written with the id by someone else (a role that can
+    write the journal, a foreign publisher reusing ids), never a pgbus collision. The
+    same event published again (a retry of a publish that had in fact committed) is not
+    an error: it is journaled once.
+
+    :ivar event_ids: the ids the journal holds for other events.
+
+    .. versionadded:: 0.2.0
+    """
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        super().__init__(
+            "event id already in the journal with another event, nothing published: "
+            + ", ".join(event_ids)
+        )
+        self.event_ids = tuple(event_ids)
 
 
 class ListenerError(PgbusError):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Awaitable, Mapping, Sequence
 
     from pgbus._bus import Bus
     from pgbus._events import DeadLetter, Decoder, Delivery, Encoder, Event, Message, Outgoing
@@ -159,6 +159,35 @@ def pgbus_publish(
     :returns: an awaitable that sends them, or ``None``.
 
     .. versionadded:: 0.1.0
+    """
+
+
+@hookspec(firstresult=True)
+def pgbus_resolve_reference(
+    bus: Bus, message: Message, reference: Mapping[str, Any]
+) -> Awaitable[Message | None] | None:
+    """Take on a reference notification: fetch the event it points to.
+
+    An event too large for NOTIFY travels as a reference envelope (``"type":
+    "pgbus.ref"``, ``data`` naming where the event is stored: the ``durable`` plugin's
+    ``{"journal_id": …, "type": …, "bytes": …}``). A reference is a pointer, never an
+    event: the receive path does not decode it, but asks this hook for the event and
+    decodes, verifies and routes that instead, to the plain subscriptions of the
+    channel. (Durable subscriptions read the journal themselves; a channel with only
+    durable subscriptions ignores references.) Return an awaitable that gives the
+    stored event as a :class:`~pgbus.Message` (with ``stored_at`` and ``stored_id``
+    set), or ``None`` once it is gone; returning ``None`` here leaves it to the next
+    plugin, and with no plugin taking it the reference is a
+    :class:`~pgbus.DecodeError`. Stops at the first non-``None`` result; implement it
+    as a plain ``def`` that returns a coroutine.
+
+    :param bus: the bus that received it.
+    :param message: the reference notification.
+    :param reference: the reference envelope, parsed (``v``, ``id``, ``type``, ``ts``,
+        ``data``).
+    :returns: an awaitable giving the stored event, or ``None``.
+
+    .. versionadded:: 0.2.0
     """
 
 

@@ -43,6 +43,7 @@ import asyncpg
 import pytest
 
 from pgbus._bus import Bus
+from pgbus._util import redact_dsn
 from pgbus.server import local_server
 from pgbus.testing import RecordingPlugin
 
@@ -72,7 +73,7 @@ def pgbus_server_dsn() -> Iterator[str]:
 def _with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"cannot name a database in {dsn!r}: not a postgresql:// URL")
+        raise ValueError(f"cannot name a database in {redact_dsn(dsn)!r}: not a postgresql:// URL")
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 

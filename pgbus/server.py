@@ -43,10 +43,10 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from pgbus._util import redact_dsn
 from pgbus.errors import ClusterError, ServerNotFound
 
 if TYPE_CHECKING:
@@ -814,7 +814,7 @@ async def server_reachable_async(dsn: str, timeout: float = 2.0) -> bool:  # noq
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        logger.debug("no server at %s: %r", _redact(dsn), exc)
+        logger.debug("no server at %s: %r", redact_dsn(dsn), exc)
         return False
     try:
         await conn.close(timeout=timeout)
@@ -867,7 +867,7 @@ def local_server(*, env_var: str = "PGBUS_DSN") -> Iterator[str]:
     .. versionadded:: 0.1.0
     """
     if dsn := os.environ.get(env_var):
-        logger.info("using the PostgreSQL server from $%s: %s", env_var, _redact(dsn))
+        logger.info("using the PostgreSQL server from $%s: %s", env_var, redact_dsn(dsn))
         yield dsn
         return
     if server_reachable(DEFAULT_DSN, timeout=2.0):
@@ -885,7 +885,9 @@ def local_server(*, env_var: str = "PGBUS_DSN") -> Iterator[str]:
             failures.append(f"{bindir}: {str(exc).splitlines()[0]}")
             continue
         try:
-            logger.info("started a throwaway PostgreSQL %d: %s", cluster.version, cluster.dsn)
+            logger.info(
+                "started a throwaway PostgreSQL %d: %s", cluster.version, redact_dsn(cluster.dsn)
+            )
             yield cluster.dsn
         finally:
             cluster.destroy()
@@ -914,16 +916,3 @@ def _not_found_message(failures: list[str], env_var: str = "PGBUS_DSN") -> str:
         "Set PGBUS_PG_BINDIR=/path/to/bin if initdb and postgres are installed elsewhere.",
     ]
     return "\n".join(lines)
-
-
-def _redact(dsn: str) -> str:
-    """Hide the password in a DSN so that it can be logged."""
-    try:
-        parts = urlsplit(dsn)
-        password = parts.password
-    except ValueError:
-        return "<unparsable DSN>"
-    if password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -144,3 +144,17 @@ class Watch:
             while len(self.connected_at) < n:
                 self.changed.clear()
                 await self.changed.wait()
+
+
+class Letters:
+    """A plugin that hands every dead letter to the test."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[pgbus.DeadLetter] = asyncio.Queue()
+
+    @pgbus.hookimpl
+    def pgbus_on_dead_letter(self, dead_letter: pgbus.DeadLetter) -> None:
+        self.queue.put_nowait(dead_letter)
+
+    async def next(self) -> pgbus.DeadLetter:
+        return await asyncio.wait_for(self.queue.get(), 5)

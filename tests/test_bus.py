@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import os
+import re
 import time
 from decimal import Decimal
 
@@ -95,22 +98,43 @@ async def test_publish_many_across_channels_keeps_each_channels_order(make_bus, 
 
 
 def test_event_ids_are_32_hex_digits_unique_and_new_after_fork() -> None:
-    """Ids: a random per-process prefix and a counter; a forked child has its own prefix."""
+    """Ids are 32 lowercase hex digits, unique, and a forked child never repeats the parent's."""
     ids = [new_event_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report one id, and leave without running pytest's exit code
-        os.write(write, new_event_id().encode())
+    if pid == 0:  # the child: report its ids, and leave without running pytest's exit code
+        os.write(write, "".join(new_event_id() for _ in range(300)).encode())
         os._exit(0)
     os.close(write)
-    child = os.read(read, 64).decode()
+    child = os.read(read, 32 * 300)
+    while len(child) < 32 * 300:
+        child += os.read(read, 32 * 300 - len(child))
     os.close(read)
     os.waitpid(pid, 0)
-    assert len(child) == 32
-    assert child[:16] != ids[0][:16]
-    assert child not in ids
+    parent = {new_event_id() for _ in range(300)}
+    text = child.decode()
+    assert not parent & {text[i : i + 32] for i in range(0, len(text), 32)}
+
+
+def test_event_ids_cannot_be_predicted_from_earlier_ones() -> None:
+    """Consecutive ids share no structure: no common prefix, no counter to continue."""
+    ids = [new_event_id() for _ in range(600)]  # more than one block of random bytes
+    prefixes = {i[:8] for i in ids}
+    suffixes = {i[-8:] for i in ids}
+    assert len(prefixes) > 590  # a per-process prefix would make this 1
+    assert len(suffixes) > 590
+    steps = {int(b, 16) - int(a, 16) for a, b in itertools.pairwise(ids)}
+    assert len(steps) > 590  # a counter would make this 1
+
+
+def test_event_ids_are_unique_across_threads() -> None:
+    """Threads drawing ids at once never get the same one."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda _: [new_event_id() for _ in range(5000)], range(8)))
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == len(ids) == 40_000
 
 
 async def test_events_on_one_subscription_are_handled_in_publish_order(make_bus, channel):

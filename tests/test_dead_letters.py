@@ -8,24 +8,10 @@ import uuid
 
 import asyncpg
 import pytest
-from _helpers import event_on, logged
+from _helpers import Letters, event_on, logged
 
 import pgbus
 from pgbus.default_plugins.dead_letters import DeadLetters
-
-
-class Letters:
-    """A plugin that hands every dead letter to the test."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[pgbus.DeadLetter] = asyncio.Queue()
-
-    @pgbus.hookimpl
-    def pgbus_on_dead_letter(self, dead_letter: pgbus.DeadLetter) -> None:
-        self.queue.put_nowait(dead_letter)
-
-    async def next(self) -> pgbus.DeadLetter:
-        return await asyncio.wait_for(self.queue.get(), 5)
 
 
 async def test_poison_event_is_dead_lettered_while_later_events_flow(make_bus, channel):

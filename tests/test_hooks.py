@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 from pathlib import Path
 
-from _helpers import event_on
+from _helpers import Letters, event_on
 
 import pgbus
 from pgbus import hookspecs
@@ -310,3 +311,47 @@ async def test_hook_pgbus_reconnect_backoff(make_bus, channel, pg_conn):
         attempt, error = await asyncio.wait_for(asked.get(), 5)
     assert attempt == 1
     assert error is not None
+
+
+async def test_hook_pgbus_resolve_reference(make_bus, channel):
+    """A reference notification is handed to the resolver; the event it returns is delivered."""
+    Ping = event_on(channel)
+    stored = f'{{"v":1,"id":"{"e" * 32}","type":"Ping","ts":1.0,"data":{{"n":7}}}}'
+    asked: list[dict[str, object]] = []
+
+    class Store:
+        @pgbus.hookimpl
+        def pgbus_resolve_reference(self, bus, message, reference):
+            asked.append(dict(reference))
+
+            async def fetch() -> pgbus.Message:
+                return pgbus.Message(channel, stored, 0, message.received_at, 1.0, "e" * 32)
+
+            return fetch()
+
+    bus = make_bus(plugins=[Store()])
+    got: asyncio.Queue[object] = asyncio.Queue()
+    bus.subscribe(Ping)(got.put_nowait)
+    async with bus:
+        ref = {"v": 1, "id": "e" * 32, "type": "pgbus.ref", "ts": 1.0, "data": {"key": 1}}
+        await bus.notify(channel, json.dumps(ref))
+        event = await asyncio.wait_for(got.get(), 5)
+    assert event == Ping(n=7)
+    assert asked == [ref]
+
+
+async def test_a_reference_without_a_resolver_is_a_decode_error(make_bus, channel):
+    """Without the durable plugin a reference is a clear DecodeError, and no handler gets it."""
+    letters = Letters()
+    bus = make_bus(plugins=[letters])
+    raw: asyncio.Queue[pgbus.Message] = asyncio.Queue()
+    bus.subscribe(channel)(raw.put_nowait)
+    async with bus:
+        ref = {"v": 1, "id": "e" * 32, "type": "pgbus.ref", "ts": 1.0, "data": {"journal_id": 1}}
+        await bus.notify(channel, json.dumps(ref))
+        dead = await letters.next()
+        await bus.notify(channel, "after")
+        first = await asyncio.wait_for(raw.get(), 5)
+    assert isinstance(dead.error, pgbus.DecodeError)
+    assert "durable plugin" in str(dead.error)
+    assert first.payload == "after"  # the untyped subscription never saw the reference

@@ -15,7 +15,6 @@ import pydantic
 from rich.console import Console
 
 from pgbus._events import Event
-from pgbus._util import redact_dsn
 from pgbus.errors import PgbusError
 from pgbus.server import ClusterError, ServerNotFound
 
@@ -113,11 +112,6 @@ def with_connection(state: State, work: Callable[[asyncpg.Connection], Awaitable
             await conn.close()
 
     return run(go())
-
-
-def show_dsn(dsn: str) -> str:
-    """The DSN with its password hidden."""
-    return redact_dsn(dsn)
 
 
 def import_module(module_name: str) -> ModuleType:

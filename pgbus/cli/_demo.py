@@ -18,7 +18,8 @@ import click
 from rich.table import Table
 
 import pgbus
-from pgbus.cli._common import State, run, show_dsn, stdout
+from pgbus._util import redact_dsn
+from pgbus.cli._common import State, run, stdout
 from pgbus.server import DEFAULT_DSN, local_server
 
 if TYPE_CHECKING:
@@ -182,14 +183,14 @@ def _metrics_table(bus: pgbus.Bus) -> Table:
 @contextlib.contextmanager
 def _server(state: State, out: Console) -> Iterator[str]:
     if state.dsn:
-        out.print(f"[dim]using {show_dsn(state.dsn)} (--dsn / PGBUS_DSN)[/]")
+        out.print(f"[dim]using {redact_dsn(state.dsn)} (--dsn / PGBUS_DSN)[/]")
         yield state.dsn
         return
     with contextlib.ExitStack() as stack:
         with out.status("looking for PostgreSQL (starting a throwaway one if needed)…"):
             dsn = stack.enter_context(local_server())
         if dsn == os.environ.get("PGBUS_DSN"):
-            where = f"{show_dsn(dsn)} ($PGBUS_DSN)"
+            where = f"{redact_dsn(dsn)} ($PGBUS_DSN)"
         elif dsn == DEFAULT_DSN:
             where = f"the server at {DEFAULT_DSN}"
         else:

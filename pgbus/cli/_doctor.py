@@ -16,7 +16,8 @@ from rich.text import Text
 from pgbus import durable
 from pgbus._channels import MAX_PAYLOAD_BYTES
 from pgbus._listener import SQL_ASCII_FIX, SQL_ASCII_RISK
-from pgbus.cli._common import CONNECT_ERRORS, State, dumps, one_line, show_dsn, stdout
+from pgbus._util import redact_dsn
+from pgbus.cli._common import CONNECT_ERRORS, State, dumps, one_line, stdout
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -203,12 +204,12 @@ async def diagnose(dsn: str, timeout: float, schema: str = durable.DEFAULT_SCHEM
             Check(
                 "connect",
                 "fail",
-                f"cannot connect to {show_dsn(dsn)}: {_text(exc)}",
+                f"cannot connect to {redact_dsn(dsn)}: {_text(exc)}",
                 "check the DSN (--dsn or PGBUS_DSN) and that the server is running;"
                 " `pgbus demo` starts a throwaway one",
             )
         ]
-    checks = [Check("connect", "ok", show_dsn(dsn))]
+    checks = [Check("connect", "ok", redact_dsn(dsn))]
     steps: list[tuple[str, Callable[[], Awaitable[Check | list[Check]]]]] = [
         ("server", lambda: _server(conn)),
         ("encoding", lambda: _encoding(conn)),

@@ -299,7 +299,7 @@ class Consumer:
             logger.debug("durable subscription %s: skipping duplicate %s", self.group, event_id)
             return None
         channel: str = row["channel"]
-        message = Message(channel, payload, row["pid"], time.time())
+        message = Message(channel, payload, row["pid"], time.time(), row["stored_at"], event_id)
         if row["deliveries"] > self.plugin.max_deliveries:
             error = RuntimeError(
                 f"delivered {row['deliveries'] - 1} times without an outcome (did the"

@@ -7,7 +7,8 @@ import datetime as dt  # noqa: TC003 - dataclass fields are resolved at run time
 from typing import TYPE_CHECKING
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
-from pgbus.durable._schema import DEFAULT_SCHEMA, check_schema, quote_ident
+from pgbus._identifiers import quote_ident
+from pgbus.durable._schema import DEFAULT_SCHEMA, check_schema
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from pgbus._events import Message
 from pgbus._markers import hookimpl
 from pgbus._util import keep_session, redact_dsn
 from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
@@ -19,14 +20,15 @@ from pgbus.durable._schema import (
     is_missing_relation,
     migrate,
     missing_schema_error,
+    taken_ids,
 )
-from pgbus.errors import ConfigError, PublishError
+from pgbus.errors import ConfigError, DecodeError, DuplicateEventId, PublishError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Awaitable, Mapping, Sequence
 
     from pgbus._bus import Bus
-    from pgbus._events import DeadLetter, Delivery, Message
+    from pgbus._events import DeadLetter, Delivery
     from pgbus._publish import Connection
     from pgbus._subscription import Overflow, Subscription
     from pgbus.types import Outgoing
@@ -72,7 +74,8 @@ class DurablePlugin:
     :param persist_dead_letters: also store the bus's plain dead letters in the table.
     :param dedup_window: event ids a consumer remembers to skip redeliveries.
     :param pool_max_size: connections of the plugin's pool.
-    :raises ConfigError: for an invalid value.
+    :raises ConfigError: for an invalid value (:class:`~pgbus.InvalidIdentifier` for the
+        schema name).
 
     .. versionadded:: 0.1.0
     """
@@ -352,7 +355,51 @@ class DurablePlugin:
         except DRIVER_ERRORS as exc:
             if is_missing_relation(exc):
                 raise missing_schema_error(self.schema) from exc
+            taken = taken_ids(exc)
+            if taken:
+                raise DuplicateEventId(taken) from exc
             raise PublishError(f"durable publish failed: {exc}") from exc
+
+    @hookimpl
+    def pgbus_resolve_reference(
+        self,
+        bus: Bus,
+        message: Message,
+        reference: Mapping[str, Any],
+    ) -> Awaitable[Message | None] | None:
+        """Read the event a reference notification points to from the journal."""
+        if bus is not self._bus:
+            return None
+        return self._stored_event(message, reference)
+
+    async def _stored_event(self, message: Message, reference: Mapping[str, Any]) -> Message | None:
+        journal_id = reference["data"].get("journal_id")
+        if not isinstance(journal_id, int) or isinstance(journal_id, bool):
+            raise DecodeError(message.channel, message.payload, "reference without a journal_id")
+        pool = await self.pool()
+        try:
+            async with pool.acquire() as conn:
+                row = await conn.fetchrow(self.sql.stored_event, journal_id)
+        except DRIVER_ERRORS as exc:
+            raise DecodeError(
+                message.channel, message.payload, f"cannot read journal row {journal_id}: {exc}"
+            ) from exc
+        if row is None:  # pruned meanwhile
+            return None
+        if row["event_id"] != reference["id"] or row["channel"] != message.channel:
+            raise DecodeError(
+                message.channel,
+                message.payload,
+                f"reference to journal row {journal_id}, which holds another event",
+            )
+        return Message(
+            message.channel,
+            row["payload"],
+            row["pid"],
+            message.received_at,
+            row["stored_at"],
+            row["event_id"],
+        )
 
     # -- hooks: outcomes -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from pgbus._identifiers import check_identifier, quote_ident
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 #: The schema name used unless ``DurablePlugin(schema=...)`` says otherwise.
 DEFAULT_SCHEMA = "pgbus"
+
+#: Starts the text of the error a publish fails with when an event id is taken.
+TAKEN_IDS_MARKER = "pgbus: event ids taken: "
 
 #: NOTIFY refuses payloads of this many bytes or more; bigger events travel by reference.
 NOTIFY_LIMIT = 8000
@@ -105,25 +109,6 @@ class SchemaError(ConfigError):
     """
 
 
-def check_schema_name(schema: object) -> str:
-    """Return ``schema`` if PostgreSQL takes it unchanged as a schema name.
-
-    :param schema: the candidate name.
-    :returns: the same name.
-    :raises ConfigError: when it is not a non-empty ``str`` of at most 63 bytes without NUL.
-    """
-    if not isinstance(schema, str) or not schema:
-        raise ConfigError(f"schema must be a non-empty str, not {schema!r}")
-    if "\x00" in schema or len(schema.encode()) > 63:  # noqa: PLR2004 - NAMEDATALEN - 1
-        raise ConfigError(f"schema name {schema!r} is not a valid PostgreSQL identifier")
-    return schema
-
-
-def quote_ident(name: str) -> str:
-    """Quote ``name`` as a PostgreSQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _missing(schema: str) -> SchemaError:
     return SchemaError(
         f"the pgbus durable schema {schema!r} does not exist in this database; create it"
@@ -137,14 +122,16 @@ async def schema_version(conn: Connection, schema: str) -> int | None:
     :param conn: an asyncpg connection.
     :param schema: the schema name.
     :returns: the applied version, or ``None``.
+    :raises InvalidIdentifier: for a schema name PostgreSQL would reject (before any SQL).
     """
+    s = quote_ident(check_identifier(schema, "schema name"))
     exists = await conn.fetchval(
         "SELECT to_regclass(quote_ident($1) || '.schema_version') IS NOT NULL", schema
     )
     if not exists:
         return None
     version: int | None = await conn.fetchval(
-        f"SELECT max(version) FROM {quote_ident(schema)}.schema_version"  # noqa: S608 - quoted identifier
+        f"SELECT max(version) FROM {s}.schema_version"  # noqa: S608 - quoted identifier
     )
     return version or 0
 
@@ -155,6 +142,7 @@ async def check_schema(conn: Connection, schema: str) -> None:
     :param conn: an asyncpg connection.
     :param schema: the schema name.
     :raises SchemaError: when it is missing, older (run ``pgbus migrate``) or newer.
+    :raises InvalidIdentifier: for a schema name PostgreSQL would reject (before any SQL).
     """
     version = await schema_version(conn, schema)
     if version is None:
@@ -182,11 +170,11 @@ async def migrate(conn: Connection, schema: str = DEFAULT_SCHEMA) -> tuple[int, 
     :param schema: the schema name.
     :returns: ``(version before, version after)``; equal when there was nothing to do.
     :raises SchemaError: when the schema is newer than this pgbus.
+    :raises InvalidIdentifier: for a schema name PostgreSQL would reject (before any SQL).
 
     .. versionadded:: 0.1.0
     """
-    check_schema_name(schema)
-    s = quote_ident(schema)
+    s = quote_ident(check_identifier(schema, "schema name"))
     async with conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('pgbus.durable.migrate:' || $1))", schema
@@ -222,6 +210,14 @@ def is_missing_relation(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError)
 
 
+def taken_ids(exc: BaseException) -> list[str]:
+    """The event ids a failed publish statement found taken (empty for another error)."""
+    if not isinstance(exc, asyncpg.InvalidTextRepresentationError):
+        return []
+    _, marker, rest = str(exc).partition(TAKEN_IDS_MARKER)
+    return rest.rstrip('"').split(",") if marker else []
+
+
 def missing_schema_error(schema: str) -> SchemaError:
     """The error raised when a statement found the durable schema missing."""
     return _missing(schema)
@@ -231,11 +227,16 @@ class Sql:
     """Every statement of the durable machinery, for one schema."""
 
     def __init__(self, schema: str) -> None:
-        s = quote_ident(check_schema_name(schema))
+        s = quote_ident(check_identifier(schema, "schema name"))
         self.schema = schema
         # One statement, so one implicit transaction when autocommitting: the journal
         # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
         # a reference envelope (type "pgbus.ref"); durable consumers read the journal.
+        # An event the journal already holds (a retry of a publish that committed) is
+        # skipped. An id it holds for another event (a forged row that took the id
+        # first), or that a concurrent transaction took, fails the whole statement with
+        # an error naming the ids (TAKEN_IDS_MARKER): nothing is journaled or notified.
+        # Only the skipped rows are looked up again, so the usual publish costs nothing.
         self.publish = f"""
             WITH input AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
@@ -245,6 +246,12 @@ class Sql:
                 SELECT channel, event_id, type, payload FROM input ORDER BY ord
                 ON CONFLICT (event_id) DO NOTHING
                 RETURNING id, channel, event_id, type, payload
+            ), skipped AS MATERIALIZED (
+                SELECT * FROM input WHERE event_id NOT IN (SELECT event_id FROM ins)
+            ), taken AS (
+                SELECT string_agg(s.event_id, ',' ORDER BY s.ord) AS ids
+                FROM skipped s LEFT JOIN {s}.journal j USING (event_id)
+                WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (s.channel, s.type, s.payload)
             )
             SELECT count(pg_notify(channel, CASE
                 WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
@@ -254,6 +261,8 @@ class Sql:
                     'data', json_build_object(
                         'journal_id', id, 'type', type, 'bytes', octet_length(payload))
                 )::text END))
+                + (SELECT CASE WHEN ids IS NULL THEN 0
+                          ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken)
             FROM (SELECT * FROM ins ORDER BY id) AS s"""  # noqa: S608 - quoted identifier
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
@@ -315,9 +324,15 @@ class Sql:
                 FROM c WHERE i.subscription = $1 AND i.journal_id = c.journal_id
                 RETURNING i.seq, i.journal_id, i.deliveries
             )
-            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid
+            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
+                   extract(epoch FROM j.created_at)::float8 AS stored_at
             FROM u LEFT JOIN {s}.journal j ON j.id = u.journal_id
             ORDER BY u.seq"""  # noqa: S608 - quoted identifier
+        # The event a reference notification points to (for plain subscriptions).
+        self.stored_event = f"""
+            SELECT channel, event_id, payload, pid,
+                   extract(epoch FROM created_at)::float8 AS stored_at
+            FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
         self.ack = (
             f"DELETE FROM {s}.inbox WHERE subscription = $1 AND journal_id = ANY($2::bigint[])"  # noqa: S608 - quoted identifier
         )

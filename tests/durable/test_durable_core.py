@@ -8,9 +8,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from _helpers import Collector, Watch, ticket_type
+from _helpers import Collector, Letters, Watch, ticket_type
 
 import pgbus
+import pgbus._publish
 from pgbus.durable import SCHEMA_VERSION, DurablePlugin, SchemaError, migrate, schema_version
 
 # -- schema ---------------------------------------------------------------------------
@@ -137,11 +138,77 @@ async def test_one_megabyte_round_trip(durable_bus, sql, schema: str, channel: s
         [event] = await got.wait_for(1)
         assert event.blob == big
         await asyncio.wait_for(raw_seen.wait(), 10)
-    ref = json.loads(raw[0].payload)
+    # the untyped plain subscription gets the event itself, read from the journal
+    [message] = raw
+    assert json.loads(message.payload)["data"]["blob"] == big
+    assert message.stored_id == event_id
+    assert message.stored_at is not None
+    assert message.stored_at <= message.received_at
+    assert await sql.fetchval(f'SELECT octet_length(payload) FROM "{schema}".journal') > 1_000_000
+    assert bus.dead_letters == []
+
+
+async def test_a_large_event_notifies_a_reference(durable_bus, channel: str):
+    """NOTIFY carries a small reference to a large event's journal row, never the event."""
+    ticket = ticket_type(channel)
+    conn = await asyncpg.connect(durable_bus().dsn)
+    got: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener(channel, lambda *args: got.put_nowait(args[3]))
+    bus: pgbus.Bus = durable_bus()
+    try:
+        event_id = await bus.publish(ticket(n=1, blob="x" * 9000))
+        ref = json.loads(await asyncio.wait_for(got.get(), 10))
+    finally:
+        await conn.close()
     assert ref["type"] == "pgbus.ref"
     assert ref["id"] == event_id
-    assert len(raw[0].payload.encode()) < 8000
-    assert await sql.fetchval(f'SELECT octet_length(payload) FROM "{schema}".journal') > 1_000_000
+    assert set(ref["data"]) == {"journal_id", "type", "bytes"}
+
+
+async def test_a_plain_typed_subscription_gets_a_large_event_from_the_journal(
+    durable_bus, channel: str
+):
+    """On a durable bus a plain typed subscription is handed the event a reference points to."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus()
+    bus.subscribe(ticket)(got)
+    async with bus:
+        await bus.publish_many([ticket(n=1, blob="x" * 9000), ticket(n=2)])
+        events = await got.wait_for(2)
+    assert sorted(e.n for e in events) == [1, 2]
+    assert bus.dead_letters == []
+
+
+async def test_a_reference_to_another_event_is_a_decode_error(
+    durable_bus, sql, schema: str, channel: str
+):
+    """A forged reference to a journal row of another event is rejected, not delivered."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    dead_letters = Letters()
+    bus: pgbus.Bus = durable_bus()
+    bus.plugins.register(dead_letters)
+    bus.subscribe(ticket)(got)
+    async with bus:
+        await bus.publish(ticket(n=1))
+        await got.wait_for(1)
+        journal_id = await sql.fetchval(f'SELECT id FROM "{schema}".journal')
+        forged = json.dumps(
+            {
+                "v": 1,
+                "id": "f" * 32,
+                "type": "pgbus.ref",
+                "ts": 0,
+                "data": {"journal_id": journal_id},
+            }
+        )
+        await bus.notify(channel, forged)
+        await bus.publish(ticket(n=2))
+        assert [e.n for e in await got.wait_for(2)] == [1, 2]
+        dead = await dead_letters.next()
+    assert isinstance(dead.error, pgbus.DecodeError)
+    assert "holds another event" in str(dead.error)
 
 
 async def test_same_event_id_is_journaled_once(durable_bus, sql, schema: str, channel: str):
@@ -156,6 +223,60 @@ async def test_same_event_id_is_journaled_once(durable_bus, sql, schema: str, ch
     await plugin._publish([out], None)
     await plugin._publish([out], None)
     assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".journal') == 1
+    await bus.stop()
+
+
+async def test_a_forged_row_with_the_next_id_makes_the_publish_fail(
+    durable_bus, sql, schema: str, channel: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A journal row written first with a publish's id fails that publish, never silently."""
+    ticket = ticket_type(channel)
+    ids = iter(["a" * 32, "b" * 32, "b" * 32])
+    monkeypatch.setattr(pgbus._publish, "new_event_id", lambda: next(ids))  # the "predicted" ids
+    await sql.execute(
+        f'INSERT INTO "{schema}".journal (channel, event_id, type, payload)'
+        " VALUES ($1, $2, 'Ticket', '{\"forged\": true}')",
+        channel,
+        "b" * 32,
+    )
+    bus: pgbus.Bus = durable_bus()
+    with pytest.raises(pgbus.DuplicateEventId) as info:
+        await bus.publish_many([ticket(n=1), ticket(n=2)])
+    assert info.value.event_ids == ("b" * 32,)
+    assert isinstance(info.value, pgbus.PublishError)
+    conn = await asyncpg.connect(bus.dsn)
+    try:
+        with pytest.raises(pgbus.DuplicateEventId):  # in the caller's transaction too
+            async with conn.transaction():
+                await bus.publish(ticket(n=3), connection=conn)
+    finally:
+        await conn.close()
+    rows = await sql.fetch(f'SELECT event_id, payload FROM "{schema}".journal')
+    assert [(r["event_id"], r["payload"]) for r in rows] == [("b" * 32, '{"forged": true}')]
+    await bus.stop()
+
+
+async def test_a_retry_of_a_committed_publish_returns_normally(
+    durable_bus, sql, schema: str, channel: str
+):
+    """The same event under the same id again is an idempotent retry; another event is refused."""
+    ticket = ticket_type(channel)
+    bus: pgbus.Bus = durable_bus()
+    out = pgbus.Outgoing(channel, ticket(n=1), "c" * 32, 0.0, {})
+    out.payload = json.dumps(
+        {"v": 1, "id": "c" * 32, "type": "Ticket", "ts": 0.0, "data": {"n": 1}}
+    )
+    for _ in range(2):
+        taken = bus.plugins.publish(bus, [out], None)
+        assert taken is not None
+        await taken
+    other = pgbus.Outgoing(channel, ticket(n=2), "c" * 32, 0.0, {})
+    other.payload = out.payload.replace('"n": 1', '"n": 2')
+    taken = bus.plugins.publish(bus, [other], None)
+    assert taken is not None
+    with pytest.raises(pgbus.DuplicateEventId, match="c" * 32):
+        await taken
+    assert await sql.fetchval(f'SELECT payload FROM "{schema}".journal') == out.payload
     await bus.stop()
 
 

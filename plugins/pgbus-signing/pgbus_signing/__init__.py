@@ -19,6 +19,11 @@ encoder produced (the pgbus envelope, or another codec's JSON object)::
 added, so that a signature is bound to its channel and moment. Receivers that do not
 verify (the built-in codec ignores unknown members) still decode signed payloads.
 
+An event read from the durable journal (:attr:`pgbus.Message.stored_at` is set) is
+judged by when it was journaled, not by when it is delivered, is not subject to the
+replay window (journal rows are delivered again by design; their unique event id
+stands against replays), and its envelope id must be the row's event id.
+
 Configure it with keyword arguments::
 
     bus = pgbus.Bus(dsn, plugins=[SigningPlugin(keys={"k2": new, "k1": old}, key_id="k2")])
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
 import os
 import re
@@ -99,6 +105,15 @@ def _parse_keys(text: str) -> dict[str, bytes]:
             raise pgbus.ConfigError("PGBUS_SIGNING_KEYS is a comma-separated list of key_id:secret")
         keys[kid] = secret.encode()
     return keys
+
+
+def _id_of(payload: str) -> object:
+    """The ``id`` member of a JSON object payload (what an untyped decoder leaves unread)."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return obj.get("id") if isinstance(obj, dict) else None
 
 
 class _Replayed(Exception):  # noqa: N818 - private control flow, turned into a SignatureError
@@ -288,8 +303,14 @@ class SigningPlugin:
         kid, _, _ = self._check(channel, payload)
         return kid
 
-    def _check(self, channel: str, payload: str) -> tuple[str, str, float]:
-        """Verify; return ``(key id, mac, signing time)``."""
+    def _check(
+        self, channel: str, payload: str, stored_at: float | None = None
+    ) -> tuple[str, str, float]:
+        """Verify; return ``(key id, mac, signing time)``.
+
+        The age of the signature is taken at ``stored_at`` for an event read from the
+        durable journal (signed within ``max_age`` of being stored), else now.
+        """
         cut = payload.rfind(_MARKER)
         match = _SIG.fullmatch(payload, cut + len(_MARKER), len(payload) - 2) if cut > 0 else None
         if match is None or not payload.endswith('"}'):
@@ -302,7 +323,7 @@ class SigningPlugin:
         if not hmac.compare_digest(expected, mac):
             raise SignatureError(channel, payload, f"bad signature (key {kid!r})")
         signed_at = int(ms) / 1000
-        age = self._clock() - signed_at
+        age = (self._clock() if stored_at is None else stored_at) - signed_at
         if age > self._max_age:
             raise SignatureError(
                 channel, payload, f"signature expired: {age:.0f} s old, max_age {self._max_age:g} s"
@@ -319,9 +340,12 @@ class SigningPlugin:
         remember = self._remember
 
         def decode(message: pgbus.Message) -> pgbus.Delivery:
+            stored_at = message.stored_at
             try:
-                kid, mac, signed_at = check(channel, message.payload)
-                if duplicates:
+                kid, mac, signed_at = check(channel, message.payload, stored_at)
+                # A journal row is delivered again by design (redelivery, a lease that
+                # ran out); its unique event id, checked below, stands against replays.
+                if duplicates and stored_at is None:
                     remember(seen, mac, signed_at)
             except SignatureError:
                 rejected.add(message)
@@ -332,6 +356,16 @@ class SigningPlugin:
                     channel, message.payload, "replayed: this signature was already accepted"
                 ) from None
             delivery = inner(message)
+            if stored_at is not None:
+                signed_id = delivery.id if delivery.id is not None else _id_of(message.payload)
+                if signed_id != message.stored_id:
+                    rejected.add(message)
+                    raise SignatureError(
+                        channel,
+                        message.payload,
+                        f"the signed event id {signed_id!r} is not the journal row's"
+                        f" {message.stored_id!r}",
+                    )
             headers = dict(delivery.headers)
             headers[SIGNATURE_HEADER] = kid
             delivery.headers = headers
