@@ -34,6 +34,7 @@ from __future__ import annotations
 from pgbus import durable  # noqa: F401 - `pgbus.durable.DurablePlugin` after `import pgbus`
 from pgbus._api import close, configure, get_bus, notify, publish, publish_many
 from pgbus._bus import Bus
+from pgbus._config import resolve_dsn
 from pgbus._events import DeadLetter, Delivery, Event, Message, Outgoing
 from pgbus._markers import hookimpl  # first: plugins imported below mark their hooks with it
 from pgbus._metrics_publisher import MetricsPublisher
@@ -49,6 +50,7 @@ from pgbus.default_plugins.metrics import (
     SubscriptionStats,
 )
 from pgbus.errors import (
+    AlreadyStarted,
     BusClosed,
     ClusterError,
     ConfigError,
@@ -64,6 +66,7 @@ from pgbus.errors import (
 )
 
 __all__ = [
+    "AlreadyStarted",
     "Bus",
     "BusClosed",
     "BusState",
@@ -105,4 +108,5 @@ __all__ = [
     "notify",
     "publish",
     "publish_many",
+    "resolve_dsn",
 ]

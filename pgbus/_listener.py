@@ -43,7 +43,7 @@ from pgbus.errors import ListenerError
 
 if TYPE_CHECKING:
     from collections import deque
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from pgbus._events import Notification
 
@@ -198,11 +198,14 @@ DIRECT_NOTIFICATIONS = _can_take_notifications()
 
 
 class Listener:
-    """Owns the LISTEN connection of one Bus and keeps it alive."""
+    """Owns the LISTEN connection of one Bus and keeps it alive.
+
+    :param dsn: returns where to connect (asked at each connection attempt).
+    """
 
     def __init__(
         self,
-        dsn: str,
+        dsn: Callable[[], str],
         host: ListenerHost,
         *,
         connect_timeout: float,
@@ -321,7 +324,7 @@ class Listener:
             await self.stop()
             cause = self.last_error
             raise ListenerError(
-                f"could not connect to {redact_dsn(self._dsn)} within {timeout:g} s"
+                f"could not connect to {redact_dsn(self._dsn())} within {timeout:g} s"
                 + (f": {explain(cause)}" if cause else "")
             ) from cause
         except BaseException:
@@ -398,7 +401,7 @@ class Listener:
         if direct:
             kwargs = {**kwargs, "connection_class": ListenConnection}
         conn: asyncpg.Connection = await asyncpg.connect(
-            self._dsn, timeout=self._connect_timeout, **kwargs
+            self._dsn(), timeout=self._connect_timeout, **kwargs
         )
         if isinstance(conn, ListenConnection):
             conn.pgbus_listener = self
@@ -438,7 +441,7 @@ class Listener:
                 await asyncio.wait_for(came_back, timeout)
             except TimeoutError:
                 raise ListenerError(
-                    f"LISTEN does nothing on {redact_dsn(self._dsn)}: a NOTIFY sent on the"
+                    f"LISTEN does nothing on {redact_dsn(self._dsn())}: a NOTIFY sent on the"
                     f" listener's own connection did not come back within {timeout:g} s."
                     " Is a transaction-pooling proxy (PgBouncer with pool_mode=transaction"
                     " or statement) between pgbus and PostgreSQL? The listener needs a"
@@ -526,7 +529,7 @@ class Listener:
         if self._ready is None or self._ready.done():
             return False  # running already: keep trying, the database may come back
         self.last_error = error
-        failure = ListenerError(f"cannot listen on {redact_dsn(self._dsn)}: {explain(error)}")
+        failure = ListenerError(f"cannot listen on {redact_dsn(self._dsn())}: {explain(error)}")
         failure.__cause__ = error
         self._ready.set_exception(error if isinstance(error, ListenerError) else failure)
         return True
@@ -535,7 +538,7 @@ class Listener:
         self, attempt: int, error: BaseException | None, *, prefix: str = ""
     ) -> None:
         message = prefix or (
-            f"gave up reconnecting to {redact_dsn(self._dsn)} after {attempt - 1} attempts"
+            f"gave up reconnecting to {redact_dsn(self._dsn())} after {attempt - 1} attempts"
         )
         self.terminal_error = ListenerError(message + (f": {explain(error)}" if error else ""))
         self.terminal_error.__cause__ = error
@@ -552,7 +555,7 @@ class Listener:
         logger.log(
             level,
             "cannot connect the listener to %s (attempt %d): %s",
-            redact_dsn(self._dsn),
+            redact_dsn(self._dsn()),
             attempt,
             explain(error),
         )

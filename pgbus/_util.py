@@ -46,6 +46,11 @@ def redact_dsn(dsn: str) -> str:
     return _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``"1 channel"``, ``"2 channels"``: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
 async def await_all(results: list[Any]) -> None:
     """Await every awaitable among hook ``results`` (fan-out hooks may be ``async def``)."""
     awaitables = [r for r in results if inspect.isawaitable(r)]

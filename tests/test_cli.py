@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -32,14 +31,6 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["listen", "publish", "plugins", "doctor", "top", "schema", "demo"]
 DEAD_DSN = "postgresql://postgres@127.0.0.1:1/postgres"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PGBUS_DSN"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["COLUMNS"] = "200"
-    env.update(extra)
-    return env
 
 
 @pytest.fixture
@@ -92,49 +83,6 @@ async def ainvoke(
     *args: str, dsn: str | None = None, stdin: str | None = None
 ) -> tuple[int, str, str]:
     return await asyncio.to_thread(invoke, *args, dsn=dsn, stdin=stdin)
-
-
-class Process:
-    """A ``python -m pgbus`` subprocess whose output the test reads with timeouts."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def line(self, stream: str = "stdout", timeout: float = 15.0) -> str:
-        reader = self.proc.stdout if stream == "stdout" else self.proc.stderr
-        assert reader is not None
-        raw = await asyncio.wait_for(reader.readline(), timeout)
-        return raw.decode()
-
-    async def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
-        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[object]:
-    procs: list[asyncio.subprocess.Process] = []
-
-    async def start(*args: str, **env: str) -> Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pgbus",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=tmp_path,
-            env=_env(**env),
-        )
-        procs.append(proc)
-        return Process(proc)
-
-    yield start
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 # -- help and version --------------------------------------------------------------------
@@ -278,7 +226,7 @@ async def test_listen_fails_when_count_is_not_reached(pg_dsn: str, channel: str)
 @pytest.mark.parametrize(
     ("args", "needs_dsn", "message"),
     [
-        (["publish", "c", "x"], False, "no database: pass --dsn or set PGBUS_DSN"),
+        (["publish", "c", "x"], False, "no database: pass --dsn, set PGBUS_DSN, or set the libpq"),
         (["listen", "c"], False, "no database"),
         (["doctor"], False, "no database"),
         (["--dsn", DEAD_DSN, "--timeout", "1", "publish", "c", "x"], False, "Connect call failed"),

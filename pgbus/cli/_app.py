@@ -25,6 +25,7 @@ from pgbus.cli._common import (
     EXPECTED_ERRORS,
     CliError,
     State,
+    accept_dsn,
     dumps,
     import_module,
     load_model,
@@ -475,6 +476,11 @@ def _register_commands() -> None:
     from pgbus.cli import bench  # noqa: PLC0415 - pgbus bench (pgbus.bench)
 
     cli.add_command(bench.bench)
+    from pgbus.cli import _run  # noqa: PLC0415 - pgbus run MODULE:ATTR
+
+    cli.add_command(_run.run_command)
+    for command in cli.commands.values():
+        accept_dsn(command)
 
 
 _register_commands()

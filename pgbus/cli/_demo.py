@@ -18,7 +18,9 @@ import click
 from rich.table import Table
 
 import pgbus
+from pgbus._config import resolve_dsn
 from pgbus.cli._common import State, run, show_dsn, stdout
+from pgbus.errors import ConfigError
 from pgbus.server import DEFAULT_DSN, local_server
 
 if TYPE_CHECKING:
@@ -181,9 +183,13 @@ def _metrics_table(bus: pgbus.Bus) -> Table:
 
 @contextlib.contextmanager
 def _server(state: State, out: Console) -> Iterator[str]:
-    if state.dsn:
-        out.print(f"[dim]using {show_dsn(state.dsn)} (--dsn / PGBUS_DSN)[/]")
-        yield state.dsn
+    try:
+        configured = resolve_dsn(state.dsn, argument="--dsn")
+    except ConfigError:
+        configured = None
+    if configured is not None:
+        out.print(f"[dim]using {show_dsn(configured)} (--dsn, PGBUS_DSN or PG* variables)[/]")
+        yield configured
         return
     with contextlib.ExitStack() as stack:
         with out.status("looking for PostgreSQL (starting a throwaway one if needed)…"):
