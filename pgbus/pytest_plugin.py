@@ -100,7 +100,11 @@ async def _server_version(dsn: str) -> str:
 def _report(config: pytest.Config, line: str) -> None:
     logger.info("%s", line)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.ensure_newline()
         reporter.write_line(line)
 
 
