@@ -290,6 +290,28 @@ def test_plugins_lists_built_ins_and_code_plugins(models: tuple[str, str]) -> No
     assert rows["codec"]["hooks"] == ["pgbus_decoder", "pgbus_encoder"]
     code_plugins = [row for row in rows.values() if row["source"] == "code"]
     assert [row["hooks"] for row in code_plugins] == [["pgbus_on_received"]]
+    assert f"{module}:Plugin" in rows
+
+
+def test_plugins_warns_about_a_module_with_no_hooks() -> None:
+    """`pgbus plugins -p json` says that json implements no pgbus hook."""
+    code, _, err = invoke("plugins", "--no-entrypoints", "-p", "json")
+    assert code == 0
+    assert "warning: json implements no pgbus_* hook" in err
+
+
+def test_publish_without_a_payload_is_a_usage_error() -> None:
+    """`pgbus publish CHANNEL` with no PAYLOAD is a usage error (status 2), not an empty NOTIFY."""
+    code, _, err = invoke("publish", "orders")
+    assert code == 2
+    assert "give a PAYLOAD" in err
+
+
+async def test_dsn_is_taken_after_the_subcommand(pg_dsn: str, channel: str) -> None:
+    """--dsn works after the subcommand's name too (`pgbus publish c x --dsn ...`)."""
+    code, out, err = await ainvoke("publish", channel, "x", "--dsn", pg_dsn)
+    assert code == 0, err
+    assert f"published payload on {channel}" in out
 
 
 def test_plugins_table_names_the_sources() -> None:
@@ -368,6 +390,16 @@ def test_schema_asyncapi_document(models: tuple[str, str]) -> None:
     schema = doc["components"]["schemas"][ref]
     data_ref = schema["properties"]["data"]["$ref"].rsplit("/", 1)[1]
     assert doc["components"]["schemas"][data_ref]["title"] == "OrderPlaced"
+
+
+def test_schema_to_a_file_says_what_it_wrote(models: tuple[str, str], tmp_path: Path) -> None:
+    """`pgbus schema -o FILE` writes the file and says so on stderr."""
+    module, _ = models
+    code, out, err = invoke("schema", module, "-o", str(tmp_path / "events.json"))
+    assert code == 0
+    assert out == ""
+    assert f"wrote the JSON Schema of 2 event types to {tmp_path / 'events.json'}" in err
+    assert "OrderPlaced" in (tmp_path / "events.json").read_text()
 
 
 # -- top and the metrics publisher -------------------------------------------------------
@@ -627,10 +659,10 @@ async def test_doctor_reports_the_durable_schema(pg_dsn: str) -> None:
 
 
 async def test_listen_stops_cleanly_on_ctrl_c(pg_dsn: str, spawn, channel: str) -> None:
-    """Ctrl-C (SIGINT) ends `pgbus listen` with status 0 and no traceback."""
+    """Ctrl-C (SIGINT) ends `pgbus listen` with status 130, as a shell expects, no traceback."""
     listener = await spawn("listen", channel, PGBUS_DSN=pg_dsn)
     assert "listening on" in await listener.line("stderr")
     listener.proc.send_signal(signal.SIGINT)
     code, _, err = await listener.finish()
-    assert code == 0
+    assert code == 130
     assert "Traceback" not in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -28,6 +27,7 @@ from pgbus.cli._common import (
     accept_dsn,
     dumps,
     import_module,
+    interrupted,
     load_model,
     one_line,
     run,
@@ -286,7 +286,7 @@ def listen(
         raise click.UsageError("give at least one CHANNEL or --model")
     checked = _channels(channels)
     event_types = [load_model(path) for path in models]
-    with contextlib.suppress(KeyboardInterrupt):
+    with interrupted():
         run(_listen(state, checked, event_types, as_json=as_json, count=count, duration=timeout))
 
 
@@ -389,7 +389,7 @@ def publish(
     if payload is None:
         if event_type is not None:
             raise click.UsageError("give the event as JSON (or - to read it from stdin)")
-        payload = ""
+        raise click.UsageError("give a PAYLOAD (- reads it from stdin, '' sends an empty one)")
     result = run(_publish(state, checked, payload, event_type, headers))
     if as_json:
         click.echo(dumps(result))
@@ -432,9 +432,9 @@ def plugins(plugins: tuple[str, ...], no_entrypoints: bool, as_json: bool) -> No
     distribution's [project.entry-points.pgbus]) and "code" (Bus(plugins=[...])).
     PGBUS_DISABLE_PLUGINS and PGBUS_DISABLE_PLUGIN_AUTOLOAD are honoured.
     """
-    manager = PluginManager(
-        [_load_plugin(path) for path in plugins], load_entrypoints=not no_entrypoints
-    )
+    manager = PluginManager(load_entrypoints=not no_entrypoints)
+    for path in plugins:  # named by the path the user gave, not by pluggy's id() number
+        manager.register(_load_plugin(path), name=path)
     dists = {id(plugin): dist for plugin, dist in manager.pm.list_plugin_distinfo()}
     rows: list[dict[str, Any]] = []
     for name, plugin, origin, hooks in manager.list():
@@ -448,6 +448,12 @@ def plugins(plugins: tuple[str, ...], no_entrypoints: bool, as_json: bool) -> No
                 "hooks": hooks,
             }
         )
+    for row in rows:
+        if row["name"] in plugins and not row["hooks"]:
+            stderr().print(
+                f"warning: {row['name']} implements no pgbus_* hook: nothing will call it",
+                style="yellow",
+            )
     if as_json:
         click.echo(dumps(rows))
         return

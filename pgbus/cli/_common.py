@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import sys
@@ -21,7 +22,7 @@ from pgbus.errors import ConfigError, PgbusError
 from pgbus.server import ClusterError, ServerNotFound
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
     from types import ModuleType
 
 T = TypeVar("T")
@@ -91,6 +92,15 @@ def accept_dsn(command: click.Command) -> None:
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             accept_dsn(sub)
+
+
+@contextlib.contextmanager
+def interrupted() -> Iterator[None]:
+    """Turn Ctrl-C into exit status 130 (128 + SIGINT), as a shell reports it, quietly."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def stdout() -> Console:

@@ -121,6 +121,8 @@ async def _demo(dsn: str, out: Console) -> None:  # noqa: PLR0915 - a script, re
         payments.bump()
 
     async with bus:
+        pool = await bus.pool()
+        out.print(f"[dim]PostgreSQL {await pool.fetchval('SHOW server_version')}[/]")
         out.rule("[bold]1. Typed events")
         out.print(f"  listening on {', '.join(bus.channels)}")
         out.print("  publishing 3 OrderPlaced events in one statement")
@@ -172,12 +174,15 @@ def _metrics_table(bus: pgbus.Bus) -> Table:
     table.add_column("published", justify="right")
     table.add_column("received", justify="right")
     table.add_column("handled", justify="right")
-    table.add_column("failed", justify="right")
+    table.add_column("failed attempts", justify="right")
     for name, channel in snap.channels.items():
         table.add_row(name, str(channel.published), str(channel.received), "", "")
     for name, sub in snap.subscriptions.items():
         table.add_row(name, "", "", str(sub.handled), str(sub.failed))
-    table.caption = f"listener connects: {snap.connects}, disconnects: {snap.disconnects}"
+    table.caption = (
+        f"listener connects: {snap.connects}, disconnects: {snap.disconnects};"
+        " failed attempts count every failed try, retried ones included"
+    )
     return table
 
 

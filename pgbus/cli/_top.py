@@ -19,7 +19,7 @@ from rich.text import Text
 
 from pgbus._metrics_publisher import METRICS_CHANNEL
 from pgbus.cli._app import CONTEXT_SETTINGS, _bus, _channels
-from pgbus.cli._common import State, dumps, run, stderr, stdout
+from pgbus.cli._common import State, dumps, interrupted, run, stderr, stdout
 
 if TYPE_CHECKING:
     from pgbus._events import Message
@@ -191,5 +191,5 @@ def top(state: State, channel: str, as_json: bool, once: bool, timeout: float | 
     (checked,) = _channels([channel])
     if once and timeout is None:
         timeout = 10.0
-    with contextlib.suppress(KeyboardInterrupt):
+    with interrupted():
         run(_top(state, checked, as_json=as_json, once=once, duration=timeout))
