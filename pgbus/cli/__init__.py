@@ -11,6 +11,6 @@ usage error), never a traceback. Commands whose output a script would read take
 
 from __future__ import annotations
 
-from pgbus.cli._app import cli, main
+from pgbus.cli._main import cli, main
 
 __all__ = ["cli", "main"]

@@ -18,8 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pgbus._metrics_publisher import METRICS_CHANNEL
-from pgbus.cli._app import CONTEXT_SETTINGS, _bus, _channels
+from pgbus.cli._app import _bus, _channels
 from pgbus.cli._common import State, dumps, interrupted, run, stderr, stdout
+from pgbus.cli._main import CONTEXT_SETTINGS
 
 if TYPE_CHECKING:
     from pgbus._events import Message
