@@ -38,7 +38,7 @@ import asyncpg
 from asyncpg.exceptions._base import TargetServerAttributeNotMatched
 
 from pgbus._status import ListenerState
-from pgbus._util import CONNECTION_ERRORS, redact_dsn
+from pgbus._util import CONNECTION_ERRORS, plural, redact_dsn
 from pgbus.errors import ListenerError
 
 if TYPE_CHECKING:
@@ -514,9 +514,9 @@ class Listener:
             self.reconnects += 1
             self.last_gap = (disconnected_at, now)
             logger.info(
-                "listener reconnected after %.3f s; LISTEN re-issued on %d channels",
+                "listener reconnected after %.3f s; LISTEN re-issued on %s",
                 now - disconnected_at,
-                len(self.wanted),
+                plural(len(self.wanted), "channel"),
             )
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)

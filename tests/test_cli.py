@@ -446,7 +446,7 @@ async def test_top_once_prints_a_table(pg_dsn: str, spawn, make_bus, channel: st
     )
     code, out, err = await top.finish()
     assert code == 0, err
-    assert "pgbus top: 1 bus(es)" in out
+    assert "pgbus top: 1 bus\n" in out
     assert channel in out
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pgbus._metrics_publisher import METRICS_CHANNEL
+from pgbus._util import plural
 from pgbus.cli._app import _bus, _channels
 from pgbus.cli._common import State, dumps, interrupted, run, stderr, stdout
 from pgbus.cli._main import CONTEXT_SETTINGS
@@ -67,7 +68,9 @@ class Board:
 
     def table(self) -> Table:
         """The table to show: one row per bus and channel."""
-        table = Table(title=f"pgbus top: {len(self.latest)} bus(es)", title_justify="left")
+        table = Table(
+            title=f"pgbus top: {plural(len(self.latest), 'bus', 'buses')}", title_justify="left"
+        )
         for name, justify in (
             ("bus", "left"),
             ("channel", "left"),
