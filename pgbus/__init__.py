@@ -165,11 +165,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> _typing.Any:
-    if name == "durable":  # `pgbus.durable.DurablePlugin` after `import pgbus`
-        return _importlib.import_module("pgbus.durable")
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pgbus' has no attribute {name!r}")
+    if module is None:  # a submodule: `pgbus.durable.DurablePlugin` after `import pgbus`
+        try:
+            return _importlib.import_module(f"pgbus.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pgbus.{name}":
+                raise
+            raise AttributeError(f"module 'pgbus' has no attribute {name!r}") from None
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value

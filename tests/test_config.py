@@ -147,3 +147,13 @@ def test_plural() -> None:
 
 async def _handler(_: object) -> None:
     """A handler that does nothing."""
+
+
+async def test_the_dsn_can_be_named_before_start(bare_env, pg_dsn) -> None:
+    """bus.dsn = ... names the database of a bus built without one; once started it cannot."""
+    bus = pgbus.Bus(load_entrypoints=False)
+    bus.dsn = pg_dsn
+    async with bus:
+        assert bus.ready
+        with pytest.raises(pgbus.AlreadyStarted):
+            bus.dsn = pg_dsn

@@ -104,7 +104,7 @@ def test_example_runs(example: str, pg_dsn: str) -> None:
 
 
 async def test_two_processes_publisher_and_worker(start) -> None:
-    """Orders sent by publisher.py reach worker.py, a separate process; Ctrl-C stops it."""
+    """Orders sent by publisher.py reach worker.py, a separate process; SIGTERM stops it (0)."""
     worker = await start("worker.py", cwd=EXAMPLES / "two_processes")
     await worker.expect("worker: listening on orders")
     publisher = await start("publisher.py", "3", cwd=EXAMPLES / "two_processes")
@@ -113,7 +113,7 @@ async def test_two_processes_publisher_and_worker(start) -> None:
         line = await worker.expect(f"worker: order {n} for")
         assert line.strip().endswith(f"{9.90 * n:.2f}")
     assert await asyncio.wait_for(publisher.proc.wait(), 20) == 0
-    assert await worker.stop(signal.SIGINT) == 0
+    assert await worker.stop(signal.SIGTERM) == 0
 
 
 def _free_port() -> int:

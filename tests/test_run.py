@@ -114,6 +114,15 @@ async def test_run_takes_a_function_returning_a_bus(spawn, app, pg_dsn, channel,
     assert code == 0, err
 
 
+async def test_run_takes_the_dsn_as_an_option(spawn, app, pg_dsn, channel):
+    """`pgbus run --dsn DSN` names the database of a bus built without one."""
+    worker = await spawn("run", "app:bus", "--dsn", pg_dsn, APP_CHANNEL=channel)
+    await worker.until("bus listening on")
+    worker.signal(signal.SIGTERM)
+    code, _, err = await worker.finish()
+    assert code == 0, err
+
+
 async def test_run_refuses_what_is_not_a_bus(spawn, app, channel):
     """A target that is not a Bus is one line on stderr and status 1."""
     worker = await spawn("run", "app:not_a_bus", APP_CHANNEL=channel)
