@@ -46,20 +46,22 @@ def test_version_is_a_string():
 
 
 def test_importing_pgbus_and_its_help_stays_light():
-    """`import pgbus` and `pgbus --help` load no asyncpg, pydantic, bench nor server helpers."""
+    """`pgbus --help` loads no asyncpg, pydantic, bench nor server; `publish --help` no bench."""
     code = (
         "import sys, pgbus\n"
         "from pgbus.cli import main\n"
-        "sys.argv = ['pgbus', '--help']\n"
+        "sys.argv = ['pgbus', *sys.argv[1:], '--help']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = ('asyncpg', 'pydantic', 'rich', 'pgbus.bench', 'pgbus.server', 'pgbus._bus')\n"
         "print('LOADED', [m for m in heavy if m in sys.modules])\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    argv = [sys.executable, "-c", code]
+    result = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert "LOADED []" in result.stdout, result.stdout
     assert "run" in result.stdout  # the commands are listed all the same
+    result = subprocess.run([*argv, "publish"], capture_output=True, text=True, check=True)
+    assert "'pgbus.bench'" not in result.stdout
+    assert "'pgbus.server'" not in result.stdout
 
 
 def test_the_help_lists_each_command_with_its_own_short_help():

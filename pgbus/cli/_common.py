@@ -18,8 +18,7 @@ from rich.console import Console
 from pgbus._config import resolve_dsn
 from pgbus._events import Event
 from pgbus._util import redact_dsn
-from pgbus.errors import ConfigError, PgbusError
-from pgbus.server import ClusterError, ServerNotFound
+from pgbus.errors import ClusterError, ConfigError, PgbusError, ServerNotFound
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
