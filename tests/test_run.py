@@ -171,9 +171,9 @@ async def test_health_endpoints(spawn, app, publisher, pg_dsn, channel):
 
 
 async def test_workers_are_supervised_and_restarted(spawn, app, pg_dsn, channel):
-    """--workers 2 runs two workers; one that dies is restarted; SIGTERM stops both, exit 0."""
+    """--workers 2 runs two workers (on --dsn); one that dies is restarted; SIGTERM: exit 0."""
     supervisor = await spawn(
-        "run", "app:bus", "--workers", "2", PGBUS_DSN=pg_dsn, APP_CHANNEL=channel
+        "run", "app:bus", "--workers", "2", "--dsn", pg_dsn, APP_CHANNEL=channel
     )
     pids = {}
     for _ in range(2):
@@ -185,6 +185,7 @@ async def test_workers_are_supervised_and_restarted(spawn, app, pg_dsn, channel)
     await supervisor.until("worker 1 (pid")
     assert "exited with status -9" in supervisor.seen[-1]
     await supervisor.until("worker 1 started")
+    await supervisor.until("bus listening on")
     supervisor.signal(signal.SIGTERM)
     code, _, err = await supervisor.finish()
     assert code == 0, err

@@ -272,7 +272,12 @@ def _setup_logging() -> None:
     help="Serve /livez, /readyz and /metrics over HTTP (worker i of --workers: PORT+i).",
 )
 @click.option("--reload", is_flag=True, help="Restart the worker when a .py file here changes.")
-@click.option("--dsn", metavar="DSN", help="The database, for a bus built without one.")
+@click.option(
+    "--dsn",
+    metavar="DSN",
+    envvar="PGBUS_RUN_DSN",  # how --workers hands it to the workers: never in their argv (ps)
+    help="The database (it replaces the bus's own).",
+)
 @click.option(
     "--stop-timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -313,7 +318,7 @@ def run_command(
     if stop_timeout is not None:
         argv += ["--stop-timeout", str(stop_timeout)]
     if dsn is not None:
-        os.environ["PGBUS_DSN"] = dsn  # the workers' environment, never their argv (ps)
+        os.environ["PGBUS_RUN_DSN"] = dsn  # the workers' --dsn
     supervisor = Supervisor(
         argv, workers, health=health, stop_timeout=stop_timeout or 10.0, reload=reload
     )
