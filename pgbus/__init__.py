@@ -31,40 +31,96 @@ name, built-ins included.
 
 from __future__ import annotations
 
-from pgbus import durable  # noqa: F401 - `pgbus.durable.DurablePlugin` after `import pgbus`
-from pgbus._api import close, configure, get_bus, notify, publish, publish_many
-from pgbus._bus import Bus
-from pgbus._events import DeadLetter, Delivery, Event, Message, Outgoing
-from pgbus._markers import hookimpl  # first: plugins imported below mark their hooks with it
-from pgbus._metrics_publisher import MetricsPublisher
-from pgbus._status import BusState, BusStatus, Gap, ListenerState
-from pgbus._subscription import Overflow, Retry, Subscription
-from pgbus._version import __version__
-from pgbus.changes import ChangeTrigger, RowChanged
-from pgbus.default_plugins.backoff import ExponentialBackoff
-from pgbus.default_plugins.metrics import (
-    ChannelStats,
-    HistogramSnapshot,
-    MetricsSnapshot,
-    SubscriptionStats,
-)
-from pgbus.errors import (
-    BusClosed,
-    ClusterError,
-    ConfigError,
-    DecodeError,
-    DuplicateEventId,
-    InvalidChannel,
-    InvalidIdentifier,
-    ListenerError,
-    PayloadTooLarge,
-    PgbusError,
-    PluginError,
-    PublishError,
-    ServerNotFound,
-)
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from pgbus import durable  # noqa: F401 - `pgbus.durable` after `import pgbus`
+    from pgbus._api import close, configure, get_bus, notify, publish, publish_many
+    from pgbus._bus import Bus
+    from pgbus._config import resolve_dsn
+    from pgbus._events import DeadLetter, Delivery, Event, Message, Outgoing
+    from pgbus._markers import hookimpl
+    from pgbus._metrics_publisher import MetricsPublisher
+    from pgbus._status import BusState, BusStatus, Gap, ListenerState
+    from pgbus._subscription import Overflow, Retry, Subscription
+    from pgbus._version import __version__
+    from pgbus.changes import ChangeTrigger, RowChanged
+    from pgbus.default_plugins.backoff import ExponentialBackoff
+    from pgbus.default_plugins.metrics import (
+        ChannelStats,
+        HistogramSnapshot,
+        MetricsSnapshot,
+        SubscriptionStats,
+    )
+    from pgbus.errors import (
+        AlreadyStarted,
+        BusClosed,
+        ClusterError,
+        ConfigError,
+        DecodeError,
+        DuplicateEventId,
+        InvalidChannel,
+        InvalidIdentifier,
+        ListenerError,
+        PayloadTooLarge,
+        PgbusError,
+        PluginError,
+        PublishError,
+        ServerNotFound,
+    )
+
+#: Where each public name lives: imported on first use, so that ``import pgbus`` (and
+#: ``pgbus --help``) does not pay for asyncpg and pydantic until they are needed.
+_LAZY = {
+    "AlreadyStarted": "pgbus.errors",
+    "Bus": "pgbus._bus",
+    "BusClosed": "pgbus.errors",
+    "BusState": "pgbus._status",
+    "BusStatus": "pgbus._status",
+    "ChangeTrigger": "pgbus.changes",
+    "ChannelStats": "pgbus.default_plugins.metrics",
+    "ClusterError": "pgbus.errors",
+    "ConfigError": "pgbus.errors",
+    "DeadLetter": "pgbus._events",
+    "DecodeError": "pgbus.errors",
+    "Delivery": "pgbus._events",
+    "DuplicateEventId": "pgbus.errors",
+    "Event": "pgbus._events",
+    "ExponentialBackoff": "pgbus.default_plugins.backoff",
+    "Gap": "pgbus._status",
+    "HistogramSnapshot": "pgbus.default_plugins.metrics",
+    "InvalidChannel": "pgbus.errors",
+    "InvalidIdentifier": "pgbus.errors",
+    "ListenerError": "pgbus.errors",
+    "ListenerState": "pgbus._status",
+    "Message": "pgbus._events",
+    "MetricsPublisher": "pgbus._metrics_publisher",
+    "MetricsSnapshot": "pgbus.default_plugins.metrics",
+    "Outgoing": "pgbus._events",
+    "Overflow": "pgbus._subscription",
+    "PayloadTooLarge": "pgbus.errors",
+    "PgbusError": "pgbus.errors",
+    "PluginError": "pgbus.errors",
+    "PublishError": "pgbus.errors",
+    "Retry": "pgbus._subscription",
+    "RowChanged": "pgbus.changes",
+    "ServerNotFound": "pgbus.errors",
+    "Subscription": "pgbus._subscription",
+    "SubscriptionStats": "pgbus.default_plugins.metrics",
+    "__version__": "pgbus._version",
+    "close": "pgbus._api",
+    "configure": "pgbus._api",
+    "get_bus": "pgbus._api",
+    "hookimpl": "pgbus._markers",
+    "notify": "pgbus._api",
+    "publish": "pgbus._api",
+    "publish_many": "pgbus._api",
+    "resolve_dsn": "pgbus._config",
+}
 
 __all__ = [
+    "AlreadyStarted",
     "Bus",
     "BusClosed",
     "BusState",
@@ -107,4 +163,23 @@ __all__ = [
     "notify",
     "publish",
     "publish_many",
+    "resolve_dsn",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule: `pgbus.durable.DurablePlugin` after `import pgbus`
+        try:
+            return _importlib.import_module(f"pgbus.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pgbus.{name}":
+                raise
+            raise AttributeError(f"module 'pgbus' has no attribute {name!r}") from None
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "durable"})

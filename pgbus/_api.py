@@ -20,7 +20,8 @@ _default: Bus | None = None
 def configure(dsn: str | None = None, **options: Any) -> Bus:
     """Create the default bus used by :func:`publish`, :func:`publish_many` and :func:`notify`.
 
-    Without a ``dsn``, ``$PGBUS_DSN`` is used. Calling it again replaces the default bus
+    Without a ``dsn``, the bus finds its database on first use: ``$PGBUS_DSN``, else
+    libpq's environment (see :attr:`Bus.dsn`). Calling it again replaces the default bus
     (close the old one with :func:`close` first if it published).
 
     :param dsn: the database.
@@ -35,20 +36,21 @@ def configure(dsn: str | None = None, **options: Any) -> Bus:
 
 
 def get_bus() -> Bus:
-    """Return the default bus, creating it from ``$PGBUS_DSN`` on first use.
+    """Return the default bus, creating it on first use (from ``$PGBUS_DSN`` or libpq's env).
 
-    :raises ConfigError: when :func:`configure` was not called and ``PGBUS_DSN`` is unset.
+    :raises ConfigError: when no database is named (no :func:`configure` DSN, no
+        ``PGBUS_DSN``, no libpq environment).
 
     .. versionadded:: 0.1.0
     """
-    if _default is None or _default.state in (BusState.STOPPING, BusState.STOPPED):
-        try:
-            return configure()
-        except ConfigError:
-            raise ConfigError(
-                "no default bus: call pgbus.configure(dsn) or set PGBUS_DSN"
-            ) from None
-    return _default
+    bus = _default
+    if bus is None or bus.state in (BusState.STOPPING, BusState.STOPPED):
+        bus = configure()
+    try:
+        bus.dsn  # noqa: B018 - resolved now, so that a missing database is named here
+    except ConfigError as exc:
+        raise ConfigError(f"no default bus: call pgbus.configure(dsn); {exc}") from None
+    return bus
 
 
 async def publish(

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import typing
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 from pgbus import changes as _changes
 from pgbus._channels import check_channel
+from pgbus._config import resolve_dsn
 from pgbus._dispatch import Dispatcher
 from pgbus._events import Event, Outgoing
 from pgbus._listener import Listener
 from pgbus._plugins import PluginManager
 from pgbus._publish import Connection, Publisher, check_size
+from pgbus._signals import stop_on_signals
 from pgbus._status import BusState, BusStatus, ListenerState
 from pgbus._subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
-from pgbus._util import redact_dsn
-from pgbus.errors import BusClosed, ConfigError
+from pgbus._util import plural, redact_dsn
+from pgbus.errors import AlreadyStarted, BusClosed, ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,7 +56,10 @@ class Bus:
     :meth:`start` and :meth:`stop`. Subscribe before starting with the
     :meth:`subscribe` decorator, or at any time with :meth:`listen`.
 
-    :param dsn: a PostgreSQL URL or DSN; defaults to ``$PGBUS_DSN``.
+    :param dsn: a PostgreSQL URL or libpq keyword DSN (``"host=db dbname=app"``,
+        ``"service=mysvc"``). Without it the bus finds its database when it starts:
+        ``$PGBUS_DSN``, else libpq's ``PGHOST``/``PGPORT``/``PGUSER``/``PGDATABASE``/
+        ``PGSERVICE`` (see :attr:`dsn`).
     :param plugins: plugin objects to register after the built-ins and entry points.
     :param load_entrypoints: load plugins of the ``pgbus`` entry-point group
         (``PGBUS_DISABLE_PLUGIN_AUTOLOAD=1`` also turns this off).
@@ -113,9 +117,8 @@ class Bus:
         durable: bool = False,
         allow_sql_ascii: bool = False,
     ) -> None:
-        dsn = dsn if dsn is not None else os.environ.get("PGBUS_DSN")
-        if not dsn:
-            raise ConfigError("no database: pass a DSN to Bus() or set PGBUS_DSN")
+        if dsn is not None and not dsn.strip():
+            raise ConfigError("the DSN is empty: pass None to look it up when the bus starts")
         for name, value in (
             ("connect_timeout", connect_timeout),
             ("start_timeout", start_timeout),
@@ -128,7 +131,7 @@ class Bus:
                 raise ConfigError(f"{name} must be positive, not {value!r}")
         if publish_retries < 0:
             raise ConfigError(f"publish_retries must be 0 or more, not {publish_retries!r}")
-        self.dsn = dsn
+        self._dsn_given, self._dsn = dsn, None if dsn is None else resolve_dsn(dsn)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.max_pending = max_pending
@@ -142,7 +145,7 @@ class Bus:
             self.plugins.enable("durable")
         self._dispatch = Dispatcher(self.plugins, self)
         self._listener = Listener(
-            dsn,
+            self._resolve_dsn,
             self._dispatch,
             connect_timeout=connect_timeout,
             health_check_interval=health_check_interval,
@@ -152,7 +155,7 @@ class Bus:
         )
         self._dispatch.reader = self._listener
         self._publisher = Publisher(
-            dsn,
+            self._resolve_dsn,
             plugins=self.plugins,
             owner=self,
             connect_timeout=connect_timeout,
@@ -167,7 +170,37 @@ class Bus:
         self.plugins.hook.pgbus_configure.call_historic(kwargs={"bus": self})
 
     def __repr__(self) -> str:
-        return f"<Bus {redact_dsn(self.dsn)} {self._state.value}>"
+        where = redact_dsn(self._dsn) if self._dsn is not None else "(DSN not resolved yet)"
+        return f"<Bus {where} {self._state.value}>"
+
+    @property
+    def dsn(self) -> str:
+        """The database, as a URL: resolved on first use (at the latest by :meth:`start`).
+
+        From the ``dsn`` argument, else ``$PGBUS_DSN``, else libpq's environment and
+        files (see :func:`pgbus.resolve_dsn`).
+
+        :raises ConfigError: when none of them names a database.
+
+        .. versionchanged:: 0.2.0
+           Resolved lazily: ``Bus()`` can be built before the environment is set.
+        """
+        return self._resolve_dsn()
+
+    @dsn.setter
+    def dsn(self, dsn: str) -> None:
+        """Name the database of a bus built without one (``pgbus run --dsn``), before start.
+
+        :raises AlreadyStarted: once the bus started.
+        """
+        if self._state is not BusState.NEW:
+            raise AlreadyStarted("the database of a started bus cannot change")
+        self._dsn_given, self._dsn = dsn, resolve_dsn(dsn)
+
+    def _resolve_dsn(self) -> str:
+        if self._dsn is None:
+            self._dsn = resolve_dsn(self._dsn_given)
+        return self._dsn
 
     # -- state ---------------------------------------------------------------------------
 
@@ -210,7 +243,7 @@ class Bus:
         listener = self._listener
         state, since = listener.state, listener.state_since
         if self._state is BusState.NEW:
-            state = ListenerState.STARTING
+            state = ListenerState.NOT_STARTED
         elif self._state is BusState.STOPPED and state is not ListenerState.FAILED:
             state = ListenerState.STOPPED
         return BusStatus(state, since, listener.reconnects, listener.last_error, self.channels)
@@ -358,7 +391,7 @@ class Bus:
             ``durable`` plugin: ``Bus(dsn, durable=True)``): it is fed from the journal,
             keeps its position in the database, replays what it missed, and shares the
             work with the other subscriptions of that name (a consumer group).
-        :raises BusClosed: when the bus is already running (use :meth:`listen`).
+        :raises AlreadyStarted: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.
         :raises ConfigError: for anything else it cannot subscribe to.
         """
@@ -489,6 +522,7 @@ class Bus:
                 channels.append(check_channel(target))
             else:
                 raise ConfigError(f"cannot subscribe to {target!r}: not a pgbus.Event subclass")
+        self._check_twice(handler, name, channels, event_types)
         base = name or getattr(handler, "__qualname__", None) or repr(handler)
         unique, n = base, 1
         while unique in self._subscriptions:
@@ -506,6 +540,27 @@ class Bus:
             **options,
         )
 
+    def _check_twice(
+        self,
+        handler: Handler,
+        name: str | None,
+        channels: list[str],
+        event_types: list[type[Event]],
+    ) -> None:
+        """Refuse the same handler on the same targets again: it would run twice per event.
+
+        A subscription given a ``name`` of its own is taken as meant.
+        """
+        if name is not None:
+            return
+        wanted = (tuple(dict.fromkeys(channels)), tuple(event_types))
+        for sub in self._subscriptions.values():
+            if sub.handler is handler and (sub.channels, sub.event_types) == wanted:
+                raise ConfigError(
+                    f"{getattr(handler, '__qualname__', handler)!r} is already subscribed to"
+                    f" that (as {sub.name!r}); pass name= to subscribe it twice on purpose"
+                )
+
     def _check_durable(self, durable: object) -> None:
         if durable is None:
             return
@@ -516,12 +571,12 @@ class Bus:
                 "durable subscriptions need the durable plugin: Bus(dsn, durable=True)"
             )
         if self._state is not BusState.NEW:
-            raise BusClosed("durable subscriptions are made before the bus starts")
+            raise AlreadyStarted("durable subscriptions are made before the bus starts")
 
     def _add(self, sub: Subscription, *, running_ok: bool = False) -> None:
         self._check_open()
         if self._state is not BusState.NEW and not running_ok:
-            raise BusClosed(
+            raise AlreadyStarted(
                 "the bus is already running: use `await bus.listen(target, handler)` instead"
             )
         self._subscriptions[sub.name] = sub
@@ -546,11 +601,15 @@ class Bus:
         While the database is unreachable it keeps trying (per the backoff hook) for up
         to ``start_timeout`` seconds.
 
-        :raises BusClosed: when the bus was started before.
+        :raises AlreadyStarted: when the bus is starting or running.
+        :raises BusClosed: when the bus was stopped (a bus is single-use).
+        :raises ConfigError: when no database is named (see :attr:`dsn`).
         :raises ListenerError: when it could not connect in time, or not at all.
         """
-        if self._state is not BusState.NEW:
-            raise BusClosed(f"a bus can be started once; this one is {self._state.value}")
+        if self._state in (BusState.STARTING, BusState.RUNNING):
+            raise AlreadyStarted(f"this bus is already {self._state.value}")
+        self._check_open()
+        dsn = self.dsn
         self._state = BusState.STARTING
         self._closed = asyncio.Event()
         self._dispatch.start()
@@ -564,7 +623,9 @@ class Bus:
             raise
         self._state = BusState.RUNNING
         logger.info(
-            "bus listening on %d channels at %s", len(self._dispatch.channels), redact_dsn(self.dsn)
+            "bus listening on %s at %s",
+            plural(len(self._dispatch.channels), "channel"),
+            redact_dsn(dsn),
         )
 
     def _set_resync(self, sub: Subscription | Handler, on_resync: ResyncCallback | None) -> None:
@@ -630,16 +691,49 @@ class Bus:
             await self._closed.wait()
 
     async def run_forever(self) -> None:
-        """Start (unless running), then serve until cancelled; stop on the way out.
+        """Start (unless running), then serve until cancelled or signalled; stop on the way out.
+
+        In the main thread, SIGTERM and SIGINT stop it gracefully: it stops listening,
+        lets queued and running handlers finish for up to ``stop_timeout`` seconds, logs
+        what was left, and returns. A second signal stops it at once: what was still
+        queued or running is logged as abandoned and it raises ``SystemExit(128 +
+        signal)`` (130 for SIGINT, 143 for SIGTERM), as a shell reports a killed process.
 
         :raises ListenerError: when reconnecting gave up.
+
+        .. versionchanged:: 0.2.0
+           Handles SIGTERM and SIGINT.
         """
-        if self._state is BusState.NEW:
-            await self.start()
-        try:
-            await self.wait_closed()
-        finally:
-            await self.stop()
+        with stop_on_signals() as signals:
+            try:
+                if self._state is BusState.NEW:
+                    await self.start()
+                await _first(self.wait_closed(), signals.first.wait())
+            except BaseException:
+                await self.stop()
+                raise
+            if not signals.count:
+                await self.stop()
+                return
+            logger.warning(
+                "%s: stopping… (handlers get up to %g s to finish; a second signal stops at once)",
+                signals.name,
+                self.stop_timeout,
+            )
+            stopping = asyncio.ensure_future(self.stop())
+            await _first(asyncio.shield(stopping), signals.second.wait())
+            if stopping.done():
+                stopping.result()
+                return
+            abandoned = sum(sub.pending + sub.running for sub in self.subscriptions)
+            logger.error(
+                "%s again: stopping at once; %s abandoned",
+                signals.name,
+                plural(abandoned, "queued or running delivery", "queued or running deliveries"),
+            )
+            stopping.cancel()
+            await asyncio.wait([stopping], timeout=_CLEANUP_FLOOR)
+            raise SystemExit(signals.exit_status)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -819,6 +913,18 @@ class Bus:
         return await _changes.list_change_triggers(
             self if connection is None else connection, table=table, schema=schema
         )
+
+
+async def _first(*steps: typing.Awaitable[object]) -> None:
+    """Wait until the first of ``steps`` ends (re-raising its error); cancel the others."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for task in done:
+        task.result()
 
 
 async def _bounded(step: typing.Awaitable[None], timeout: float, what: str) -> None:  # noqa: ASYNC109 - a stop deadline

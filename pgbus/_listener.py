@@ -39,12 +39,12 @@ from asyncpg.exceptions._base import TargetServerAttributeNotMatched
 
 from pgbus._events import Message
 from pgbus._status import ListenerState
-from pgbus._util import CONNECTION_ERRORS, redact_dsn
+from pgbus._util import CONNECTION_ERRORS, plural, redact_dsn
 from pgbus.errors import DecodeError, ListenerError
 
 if TYPE_CHECKING:
     from collections import deque
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from pgbus._events import Notification
 
@@ -309,11 +309,14 @@ DIRECT_NOTIFICATIONS = _can_take_notifications()
 
 
 class Listener:
-    """Owns the LISTEN connection of one Bus and keeps it alive."""
+    """Owns the LISTEN connection of one Bus and keeps it alive.
+
+    :param dsn: returns where to connect (asked at each connection attempt).
+    """
 
     def __init__(
         self,
-        dsn: str,
+        dsn: Callable[[], str],
         host: ListenerHost,
         *,
         connect_timeout: float,
@@ -435,7 +438,7 @@ class Listener:
             await self.stop()
             cause = self.last_error
             raise ListenerError(
-                f"could not connect to {redact_dsn(self._dsn)} within {timeout:g} s"
+                f"could not connect to {redact_dsn(self._dsn())} within {timeout:g} s"
                 + (f": {explain(cause)}" if cause else "")
             ) from cause
         except BaseException:
@@ -512,7 +515,7 @@ class Listener:
         if direct:
             kwargs = {**kwargs, "connection_class": ListenConnection}
         conn: asyncpg.Connection = await asyncpg.connect(
-            self._dsn, timeout=self._connect_timeout, **kwargs
+            self._dsn(), timeout=self._connect_timeout, **kwargs
         )
         if isinstance(conn, ListenConnection):
             conn.pgbus_listener = self
@@ -541,7 +544,7 @@ class Listener:
         """
         if conn.get_settings().server_encoding == "SQL_ASCII" and not self._allow_sql_ascii:
             raise ListenerError(
-                f"cannot listen on {redact_dsn(self._dsn)}: {SQL_ASCII_RISK}; {SQL_ASCII_FIX}"
+                f"cannot listen on {redact_dsn(self._dsn())}: {SQL_ASCII_RISK}; {SQL_ASCII_FIX}"
             )
 
     async def _probe(self, conn: asyncpg.Connection) -> None:
@@ -564,7 +567,7 @@ class Listener:
                 await asyncio.wait_for(came_back, timeout)
             except TimeoutError:
                 raise ListenerError(
-                    f"LISTEN does nothing on {redact_dsn(self._dsn)}: a NOTIFY sent on the"
+                    f"LISTEN does nothing on {redact_dsn(self._dsn())}: a NOTIFY sent on the"
                     f" listener's own connection did not come back within {timeout:g} s."
                     " Is a transaction-pooling proxy (PgBouncer with pool_mode=transaction"
                     " or statement) between pgbus and PostgreSQL? The listener needs a"
@@ -654,9 +657,9 @@ class Listener:
             self.reconnects += 1
             self.last_gap = (disconnected_at, now)
             logger.info(
-                "listener reconnected after %.3f s; LISTEN re-issued on %d channels",
+                "listener reconnected after %.3f s; LISTEN re-issued on %s",
                 now - disconnected_at,
-                len(self.wanted),
+                plural(len(self.wanted), "channel"),
             )
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
@@ -669,7 +672,7 @@ class Listener:
         if self._ready is None or self._ready.done():
             return False  # running already: keep trying, the database may come back
         self.last_error = error
-        failure = ListenerError(f"cannot listen on {redact_dsn(self._dsn)}: {explain(error)}")
+        failure = ListenerError(f"cannot listen on {redact_dsn(self._dsn())}: {explain(error)}")
         failure.__cause__ = error
         self._ready.set_exception(error if isinstance(error, ListenerError) else failure)
         return True
@@ -678,7 +681,7 @@ class Listener:
         self, attempt: int, error: BaseException | None, *, prefix: str = ""
     ) -> None:
         message = prefix or (
-            f"gave up reconnecting to {redact_dsn(self._dsn)} after {attempt - 1} attempts"
+            f"gave up reconnecting to {redact_dsn(self._dsn())} after {attempt - 1} attempts"
         )
         self.terminal_error = ListenerError(message + (f": {explain(error)}" if error else ""))
         self.terminal_error.__cause__ = error
@@ -695,7 +698,7 @@ class Listener:
         logger.log(
             level,
             "cannot connect the listener to %s (attempt %d): %s",
-            redact_dsn(self._dsn),
+            redact_dsn(self._dsn()),
             attempt,
             explain(error),
         )

@@ -33,7 +33,7 @@ from pgbus._util import CONNECTION_ERRORS, keep_session, new_event_id, redact_ds
 from pgbus.errors import ConfigError, PayloadTooLarge, PublishError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from pgbus._events import Encoder
     from pgbus._plugins import PluginManager
@@ -64,7 +64,7 @@ def check_size(channel: str, payload: str) -> None:
 class Publisher:
     """Encodes events and sends them: through a plugin that takes over, else NOTIFY.
 
-    :param dsn: where to connect.
+    :param dsn: returns where to connect (asked when the pool is created).
     :param plugins: the bus's plugin facade (encoders, the publish take-over, backoff).
     :param owner: what the ``pgbus_publish`` hook receives as ``bus``.
     :param connect_timeout: seconds one connection attempt may take.
@@ -76,7 +76,7 @@ class Publisher:
 
     def __init__(
         self,
-        dsn: str,
+        dsn: Callable[[], str],
         *,
         plugins: PluginManager,
         owner: object,
@@ -167,7 +167,7 @@ class Publisher:
                 # min_size=0: nothing connects here, so this does not fail while the
                 # database is down; acquire() does, and is retried.
                 self._pool = await asyncpg.create_pool(
-                    self._dsn,
+                    self._dsn(),
                     min_size=0,
                     max_size=self._pool_max_size,
                     timeout=self._connect_timeout,
@@ -244,6 +244,8 @@ class Publisher:
                     f"NOTIFY did not complete within {self._timeout:g} s", attempt, exc
                 ) from exc
             return exc  # connecting timed out: safe to retry
+        except ConfigError:  # no database configured: the bus's own error, as it is
+            raise
         except (asyncpg.ClientConfigurationError, ValueError) as exc:  # a bad DSN: final
             raise PublishError(f"cannot publish: {exc}") from exc
         except CONNECTION_ERRORS as exc:
@@ -272,7 +274,7 @@ class Publisher:
         self._failures += 1
         detail = str(exc) or type(exc).__name__
         level = logging.WARNING if self._failures & (self._failures - 1) == 0 else logging.DEBUG
-        logger.log(level, "publish to %s failed: %s", redact_dsn(self._dsn), detail)
+        logger.log(level, "publish to %s failed: %s", redact_dsn(self._dsn()), detail)
         suffix = f" after {retries} retries" if retries else ""
         return PublishError(f"{what}{suffix}: {detail}")
 

@@ -27,7 +27,9 @@ class ListenerState(enum.Enum):
     .. versionadded:: 0.1.0
     """
 
-    #: Not started yet, or :meth:`~pgbus.Bus.start` is making the first connection.
+    #: :meth:`~pgbus.Bus.start` was not called yet.
+    NOT_STARTED = "not_started"
+    #: :meth:`~pgbus.Bus.start` is making the first connection.
     STARTING = "starting"
     #: Connected, and LISTENing to every channel.
     CONNECTED = "connected"

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
+from pgbus._util import plural
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -450,9 +451,9 @@ class Subscription:
             except TimeoutError:
                 left = len(pending) + self._active
                 logger.warning(
-                    "subscription %s: %d deliveries not handled within %.1f s of stop()",
+                    "subscription %s: %s not handled within %.1f s of stop(); dropped",
                     self.name,
-                    left,
+                    plural(left, "delivery", "deliveries"),
                     timeout,
                 )
             self._drained = None

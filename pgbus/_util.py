@@ -81,6 +81,11 @@ def _redact_match(decode: Callable[[str], str]) -> Callable[[re.Match[str]], str
     return replace
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``"1 channel"``, ``"2 channels"``: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
 async def await_all(results: list[Any]) -> None:
     """Await every awaitable among hook ``results`` (fan-out hooks may be ``async def``)."""
     awaitables = [r for r in results if inspect.isawaitable(r)]

@@ -9,6 +9,7 @@ The tree::
     │   └── PluginError                      a plugin that cannot be registered as written
     ├── PayloadTooLarge (also ValueError)    an encoded payload over NOTIFY's 8000-byte limit
     ├── BusClosed (also RuntimeError)        the bus was used in a state that does not allow it
+    │   └── AlreadyStarted (also ConfigError) the bus is running: too late for that call
     ├── DecodeError                          a notification that no model accepts
     ├── PublishError                         a publish that did not reach PostgreSQL
     │   └── DuplicateEventId                 a durable publish whose id is taken in the journal
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "AlreadyStarted",
     "BusClosed",
     "ClusterError",
     "ConfigError",
@@ -97,6 +99,17 @@ class PayloadTooLarge(PgbusError, ValueError):  # noqa: N818 - the name the publ
 
 class BusClosed(PgbusError, RuntimeError):  # noqa: N818 - reads as a state, like httpx's
     """The bus was used after ``stop()``, or started twice."""
+
+
+class AlreadyStarted(BusClosed, ConfigError):  # noqa: N818 - the name the public API promises
+    """A call that must come before :meth:`~pgbus.Bus.start`, made while the bus runs.
+
+    Subscribing with the decorator, making a durable subscription, or starting it again.
+    It is a :class:`BusClosed` (what earlier versions raised) and a :class:`ConfigError`
+    (the fix is in the code's order).
+
+    .. versionadded:: 0.2.0
+    """
 
 
 class DecodeError(PgbusError):

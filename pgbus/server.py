@@ -847,7 +847,7 @@ def server_reachable(dsn: str, timeout: float = 2.0) -> bool:
 
 
 @contextlib.contextmanager
-def local_server(*, env_var: str = "PGBUS_DSN") -> Iterator[str]:
+def local_server(*, env_var: str = "PGBUS_DSN", try_default: bool = True) -> Iterator[str]:
     """Provide the DSN of a PostgreSQL server to use, starting one if needed.
 
     In order: the DSN in ``$env_var``; :data:`DEFAULT_DSN` if a server answers there
@@ -860,17 +860,21 @@ def local_server(*, env_var: str = "PGBUS_DSN") -> Iterator[str]:
             async with pgbus.Bus(dsn) as bus: ...
 
     :param env_var: the environment variable that may hold a DSN.
+    :param try_default: look for a server at :data:`DEFAULT_DSN`; ``False`` goes from
+        ``$env_var`` straight to a throwaway cluster (a server nobody named is never used).
     :returns: a context manager yielding a DSN.
     :raises ServerNotFound: if there is no DSN, no local server and no binaries that
         work; the message says what to install or set.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       ``try_default``.
     """
     if dsn := os.environ.get(env_var):
         logger.info("using the PostgreSQL server from $%s: %s", env_var, redact_dsn(dsn))
         yield dsn
         return
-    if server_reachable(DEFAULT_DSN, timeout=2.0):
+    if try_default and server_reachable(DEFAULT_DSN, timeout=2.0):
         logger.info("using the PostgreSQL server at %s", DEFAULT_DSN)
         yield DEFAULT_DSN
         return

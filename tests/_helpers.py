@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -28,36 +29,6 @@ def missing(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(reason)
     pytest.skip(reason)
-
-
-class Program:
-    """A running example whose output lines the test reads with timeouts."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-
-    async def expect(self, text: str, *, stream: str = "stdout", timeout: float = 20.0) -> str:
-        reader = self.proc.stdout if stream == "stdout" else self.proc.stderr
-        assert reader is not None
-
-        async def find() -> str:
-            while True:
-                raw = await reader.readline()
-                if not raw:
-                    raise AssertionError(f"{text!r} never came; got {self.lines}")
-                line = raw.decode()
-                self.lines.append(line)
-                if text in line:
-                    return line
-
-        return await asyncio.wait_for(find(), timeout)
-
-    async def stop(self, sig: signal.Signals = signal.SIGINT, timeout: float = 20.0) -> int:
-        self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
 
 
 def event_on(channel: str, name: str = "Ping") -> type[pgbus.Event]:
@@ -158,3 +129,60 @@ class Letters:
 
     async def next(self) -> pgbus.DeadLetter:
         return await asyncio.wait_for(self.queue.get(), 5)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m pgbus`` subprocess: no PGBUS_DSN unless given."""
+    env = {k: v for k, v in os.environ.items() if k != "PGBUS_DSN"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A subprocess whose output the test reads with timeouts."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        #: Every line read so far from stderr (for :meth:`until`'s failure message).
+        self.seen: list[str] = []
+
+    async def line(self, stream: str = "stdout", timeout: float = 15.0) -> str:
+        reader = self.proc.stdout if stream == "stdout" else self.proc.stderr
+        assert reader is not None
+        raw = await asyncio.wait_for(reader.readline(), timeout)
+        return raw.decode()
+
+    async def until(self, text: str, stream: str = "stderr", timeout: float = 20.0) -> str:
+        """Read lines of ``stream`` until one contains ``text``; return it."""
+
+        async def find() -> str:
+            while True:
+                line = await self.line(stream, timeout)
+                self.seen.append(line)
+                if text in line:
+                    return line
+                if not line:
+                    raise AssertionError(f"{text!r} never came; got:\n{''.join(self.seen)}")
+
+        return await asyncio.wait_for(find(), timeout)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process."""
+        self.proc.send_signal(signum)
+
+    async def stop(self, sig: int | None = None, timeout: float = 20.0) -> int:
+        """Send ``sig`` (SIGINT by default) and return the exit status once it has ended."""
+        self.proc.send_signal(signal.SIGINT if sig is None else sig)
+        await asyncio.wait_for(self.proc.wait(), timeout)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
+        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, out.decode(), "".join(self.seen) + err.decode()

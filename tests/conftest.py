@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from _helpers import missing
+from _helpers import Process, cli_env, missing
 from _proxy import TcpProxy  # tests/ is on sys.path: pytest puts a rootless conftest's dir there
 
 import pgbus
 from pgbus.server import DEFAULT_DSN, ClusterError, TempCluster, find_bindirs, server_reachable
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from pathlib import Path
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +82,34 @@ def sql_ascii_dsn(pg_dsn: str) -> Iterator[str]:
         yield urlsplit(pg_dsn)._replace(path=f"/{name}").geturl()
     finally:
         asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Process]]]:
+    """Start ``python -m pgbus ARGS`` (``python ARGS`` with ``python=True``) in ``tmp_path``.
+
+    Keyword arguments are environment variables; every process is killed at teardown.
+    """
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(*args: str, python: bool = False, **env: str) -> Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *(() if python else ("-m", "pgbus")),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+            env=cli_env(**env),
+        )
+        procs.append(proc)
+        return Process(proc)
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 @pytest.fixture

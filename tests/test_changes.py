@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from decimal import Decimal
@@ -654,3 +655,39 @@ def test_pgbus_command_has_the_triggers_group(pg_dsn, schema, orders, channel):
     result = runner.invoke(cli, [*args, "--channel", channel], env={"PGBUS_DSN": None})
     assert result.exit_code == 0, result.output
     assert result.output.startswith("installed trigger pgbus_changes")
+
+
+def test_cli_list_keeps_names_whole_at_80_columns(pg_dsn, schema, orders, channel):
+    """At 80 columns the trigger table wraps lists, never a table or channel name."""
+    from pgbus.cli import cli
+
+    runner = CliRunner()
+    env = {"PGBUS_DSN": pg_dsn, "COLUMNS": "80"}
+    installed = runner.invoke(
+        cli, ["triggers", "install", "orders", "--schema", schema, "--channel", channel], env=env
+    )
+    assert installed.exit_code == 0, installed.output
+    listed = runner.invoke(cli, ["triggers", "list", "--schema", schema], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert max(len(line) for line in listed.output.splitlines()) <= 80
+    assert f"{schema}.orders" in listed.output
+    assert channel in listed.output
+
+
+async def test_cli_errors_name_options_not_arguments(pg_dsn, schema, pg_conn, channel):
+    """The triggers commands' errors name their options (--channel, --key), not keywords."""
+    from pgbus.cli import cli
+
+    def invoke(*args: str) -> Any:
+        return CliRunner().invoke(cli, ["triggers", *args], env={"PGBUS_DSN": pg_dsn})
+
+    no_channel = await asyncio.to_thread(invoke, "install", "orders", "--schema", schema)
+    assert no_channel.exit_code == 1
+    assert "pass --channel (or a --model with one)" in no_channel.output
+    await pg_conn.execute(f"CREATE TABLE {schema}.logs (line text)")
+    no_key = await asyncio.to_thread(
+        invoke, "install", "logs", "--schema", schema, "--channel", channel
+    )
+    assert no_key.exit_code == 1
+    assert "pass --key COLUMN (repeatable)" in no_key.output
+    assert "key=" not in no_key.output

@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -32,14 +31,6 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["listen", "publish", "plugins", "doctor", "top", "schema", "demo"]
 DEAD_DSN = "postgresql://postgres@127.0.0.1:1/postgres"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PGBUS_DSN"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["COLUMNS"] = "200"
-    env.update(extra)
-    return env
 
 
 @pytest.fixture
@@ -92,49 +83,6 @@ async def ainvoke(
     *args: str, dsn: str | None = None, stdin: str | None = None
 ) -> tuple[int, str, str]:
     return await asyncio.to_thread(invoke, *args, dsn=dsn, stdin=stdin)
-
-
-class Process:
-    """A ``python -m pgbus`` subprocess whose output the test reads with timeouts."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def line(self, stream: str = "stdout", timeout: float = 15.0) -> str:
-        reader = self.proc.stdout if stream == "stdout" else self.proc.stderr
-        assert reader is not None
-        raw = await asyncio.wait_for(reader.readline(), timeout)
-        return raw.decode()
-
-    async def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
-        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[object]:
-    procs: list[asyncio.subprocess.Process] = []
-
-    async def start(*args: str, **env: str) -> Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pgbus",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=tmp_path,
-            env=_env(**env),
-        )
-        procs.append(proc)
-        return Process(proc)
-
-    yield start
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 # -- help and version --------------------------------------------------------------------
@@ -278,7 +226,7 @@ async def test_listen_fails_when_count_is_not_reached(pg_dsn: str, channel: str)
 @pytest.mark.parametrize(
     ("args", "needs_dsn", "message"),
     [
-        (["publish", "c", "x"], False, "no database: pass --dsn or set PGBUS_DSN"),
+        (["publish", "c", "x"], False, "no database: pass --dsn, set PGBUS_DSN, or set the libpq"),
         (["listen", "c"], False, "no database"),
         (["doctor"], False, "no database"),
         (["--dsn", DEAD_DSN, "--timeout", "1", "publish", "c", "x"], False, "Connect call failed"),
@@ -342,6 +290,28 @@ def test_plugins_lists_built_ins_and_code_plugins(models: tuple[str, str]) -> No
     assert rows["codec"]["hooks"] == ["pgbus_decoder", "pgbus_encoder"]
     code_plugins = [row for row in rows.values() if row["source"] == "code"]
     assert [row["hooks"] for row in code_plugins] == [["pgbus_on_received"]]
+    assert f"{module}:Plugin" in rows
+
+
+def test_plugins_warns_about_a_module_with_no_hooks() -> None:
+    """`pgbus plugins -p json` says that json implements no pgbus hook."""
+    code, _, err = invoke("plugins", "--no-entrypoints", "-p", "json")
+    assert code == 0
+    assert "warning: json implements no pgbus_* hook" in err
+
+
+def test_publish_without_a_payload_is_a_usage_error() -> None:
+    """`pgbus publish CHANNEL` with no PAYLOAD is a usage error (status 2), not an empty NOTIFY."""
+    code, _, err = invoke("publish", "orders")
+    assert code == 2
+    assert "give a PAYLOAD" in err
+
+
+async def test_dsn_is_taken_after_the_subcommand(pg_dsn: str, channel: str) -> None:
+    """--dsn works after the subcommand's name too (`pgbus publish c x --dsn ...`)."""
+    code, out, err = await ainvoke("publish", channel, "x", "--dsn", pg_dsn)
+    assert code == 0, err
+    assert f"published payload on {channel}" in out
 
 
 def test_plugins_table_names_the_sources() -> None:
@@ -434,6 +404,16 @@ def test_schema_asyncapi_document(models: tuple[str, str]) -> None:
     assert doc["components"]["schemas"][data_ref]["title"] == "OrderPlaced"
 
 
+def test_schema_to_a_file_says_what_it_wrote(models: tuple[str, str], tmp_path: Path) -> None:
+    """`pgbus schema -o FILE` writes the file and says so on stderr."""
+    module, _ = models
+    code, out, err = invoke("schema", module, "-o", str(tmp_path / "events.json"))
+    assert code == 0
+    assert out == ""
+    assert f"wrote the JSON Schema of 2 event types to {tmp_path / 'events.json'}" in err
+    assert "OrderPlaced" in (tmp_path / "events.json").read_text()
+
+
 # -- top and the metrics publisher -------------------------------------------------------
 
 
@@ -478,7 +458,7 @@ async def test_top_once_prints_a_table(pg_dsn: str, spawn, make_bus, channel: st
     )
     code, out, err = await top.finish()
     assert code == 0, err
-    assert "pgbus top: 1 bus(es)" in out
+    assert "pgbus top: 1 bus\n" in out
     assert channel in out
 
 
@@ -691,10 +671,10 @@ async def test_doctor_reports_the_durable_schema(pg_dsn: str) -> None:
 
 
 async def test_listen_stops_cleanly_on_ctrl_c(pg_dsn: str, spawn, channel: str) -> None:
-    """Ctrl-C (SIGINT) ends `pgbus listen` with status 0 and no traceback."""
+    """Ctrl-C (SIGINT) ends `pgbus listen` with status 130, as a shell expects, no traceback."""
     listener = await spawn("listen", channel, PGBUS_DSN=pg_dsn)
     assert "listening on" in await listener.line("stderr")
     listener.proc.send_signal(signal.SIGINT)
     code, _, err = await listener.finish()
-    assert code == 0
+    assert code == 130
     assert "Traceback" not in err

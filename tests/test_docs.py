@@ -203,3 +203,15 @@ def test_page_runs(
             module = sys.modules[name]
             if str(tmp_path) in str(getattr(module, "__file__", "") or ""):
                 del sys.modules[name]
+
+
+def test_pages_with_top_level_await_say_where_it_runs() -> None:
+    """A page whose snippets use top-level await says they run in `python -m asyncio`."""
+    top_level = re.compile(r"^(await |async with |async for )", re.MULTILINE)
+    unexplained = [
+        page.relative_to(ROOT)
+        for page in sorted(DOCS.rglob("*.md"))
+        if any(top_level.search(b.code) for b in blocks(page))
+        and "python -m asyncio" not in page.read_text()
+    ]
+    assert unexplained == []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from _helpers import Program
+from _helpers import Process
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -37,7 +37,7 @@ def _env(dsn: str, **extra: str) -> dict[str, str]:
 async def start(pg_dsn: str) -> AsyncIterator[Callable[..., object]]:
     procs: list[asyncio.subprocess.Process] = []
 
-    async def run(*args: str, cwd: Path = EXAMPLES) -> Program:
+    async def run(*args: str, cwd: Path = EXAMPLES) -> Process:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *args,
@@ -47,7 +47,7 @@ async def start(pg_dsn: str) -> AsyncIterator[Callable[..., object]]:
             env=_env(pg_dsn),
         )
         procs.append(proc)
-        return Program(proc)
+        return Process(proc)
 
     yield run
     for proc in procs:
@@ -75,16 +75,16 @@ def test_example_runs(example: str, pg_dsn: str) -> None:
 
 
 async def test_two_processes_publisher_and_worker(start) -> None:
-    """Orders sent by publisher.py reach worker.py, a separate process; Ctrl-C stops it."""
+    """Orders sent by publisher.py reach worker.py, a separate process; SIGTERM stops it (0)."""
     worker = await start("worker.py", cwd=EXAMPLES / "two_processes")
-    await worker.expect("worker: listening on orders")
+    await worker.until("worker: listening on orders", stream="stdout")
     publisher = await start("publisher.py", "3", cwd=EXAMPLES / "two_processes")
-    await publisher.expect("publisher: sent order 3")
+    await publisher.until("publisher: sent order 3", stream="stdout")
     for n in (1, 2, 3):
-        line = await worker.expect(f"worker: order {n} for")
+        line = await worker.until(f"worker: order {n} for", stream="stdout")
         assert line.strip().endswith(f"{9.90 * n:.2f}")
     assert await asyncio.wait_for(publisher.proc.wait(), 20) == 0
-    assert await worker.stop(signal.SIGINT) == 0
+    assert await worker.stop(signal.SIGTERM) == 0
 
 
 def _free_port() -> int:
@@ -103,7 +103,7 @@ async def test_fastapi_app_publishes_and_streams_events(start) -> None:
     app = await start(
         "-m", "uvicorn", "--app-dir", str(EXAMPLES), "fastapi_app:app", "--port", str(port)
     )
-    await app.expect("Application startup complete", stream="stderr")
+    await app.until("Application startup complete")
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         assert (await client.get("/ready")).json() == {"listening": True}
@@ -134,7 +134,7 @@ async def test_fastapi_app_publishes_and_streams_events(start) -> None:
         assert bad.status_code == 422
     # uvicorn shuts down gracefully (the lifespan stops the bus), then re-raises SIGTERM
     assert await app.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
-    await app.expect("Application shutdown complete", stream="stderr")
+    await app.until("Application shutdown complete")
 
 
 @pytest.fixture(scope="session")

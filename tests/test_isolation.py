@@ -104,11 +104,11 @@ def test_an_async_synchronous_observer_is_refused(pg_dsn):
         async def pgbus_on_received(self, messages):
             pass
 
-    with pytest.raises(pgbus.PluginError, match="pgbus_on_received.*must not be async"):
+    with pytest.raises(pgbus.PluginError, match=r"pgbus_on_received.*must not be async"):
         pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[Async()])
 
 
-class Stop(BaseException):  # noqa: N818 - raised by a handler, like KeyboardInterrupt
+class Stop(BaseException):
     """A BaseException of the user's own."""
 
 
@@ -139,9 +139,7 @@ async def test_a_handler_raising_a_base_exception_fails_like_any_other(make_bus,
     assert bus.metrics.snapshot().subscriptions[handle.__qualname__].failed == 1
 
 
-async def test_stop_returns_by_its_deadline_when_a_handler_swallows_cancellation(
-    make_bus, channel
-):
+async def test_stop_returns_by_its_deadline_when_a_handler_swallows_cancellation(make_bus, channel):
     """A handler that ignores cancellation is abandoned and named; stop() does not hang."""
     Ping = event_on(channel)
     bus = make_bus()
@@ -167,9 +165,9 @@ async def test_stop_returns_by_its_deadline_when_a_handler_swallows_cancellation
     release.set()  # let the abandoned handler end, for a clean test
     assert took < 1.0 + 0.5, took
     assert bus.subscriptions[0].abandoned == 1
-    assert any(
-        "stubborn" in r.getMessage() and "abandoned" in r.getMessage() for r in records
-    ), [r.getMessage() for r in records]
+    assert any("stubborn" in r.getMessage() and "abandoned" in r.getMessage() for r in records), [
+        r.getMessage() for r in records
+    ]
     await asyncio.sleep(0)  # its last step
 
 
@@ -188,7 +186,7 @@ async def test_stop_does_not_pull_the_servers_backlog_into_the_process(make_bus,
         for start in range(0, total, 10_000):
             await bus.publish_many([Ping(n=i) for i in range(start, start + 10_000)])
         async with asyncio.timeout(20):
-            while not bus._listener.paused:
+            while not bus._listener.paused:  # noqa: ASYNC110 - a flag with no event; bounded
                 await asyncio.sleep(0.01)
         taken_in = bus._listener.notifications
     assert bus._listener.notifications == taken_in < total // 2

@@ -108,7 +108,7 @@ async def test_status_and_readiness_follow_the_connection(
     events = ConnectEvents()
     bus = make_bus(plugins=[events])
     bus.subscribe(channel)(recorder)
-    assert bus.status.state is pgbus.ListenerState.STARTING
+    assert bus.status.state is pgbus.ListenerState.NOT_STARTED
     assert not bus.ready
     await bus.start()
     await asyncio.wait_for(events.connects.get(), 5)

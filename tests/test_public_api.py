@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pgbus
 
 
 def test_all_lists_exactly_the_public_names():
-    """__all__ is sorted and equals the module's public names."""
+    """__all__ is sorted and equals the module's public names (each one loads)."""
+    for name in pgbus.__all__:  # the names are imported on first use
+        getattr(pgbus, name)
     public = {n for n in vars(pgbus) if not n.startswith("_")} - {
         "annotations",
         "errors",
@@ -39,3 +43,35 @@ def test_version_is_a_string():
     """__version__ is set."""
     assert isinstance(pgbus.__version__, str)
     assert pgbus.__version__.count(".") >= 2
+
+
+def test_importing_pgbus_and_its_help_stays_light():
+    """`pgbus --help` loads no asyncpg, pydantic, bench nor server; `publish --help` no bench."""
+    code = (
+        "import sys, pgbus\n"
+        "from pgbus.cli import main\n"
+        "sys.argv = ['pgbus', *sys.argv[1:], '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = ('asyncpg', 'pydantic', 'rich', 'pgbus.bench', 'pgbus.server', 'pgbus._bus')\n"
+        "print('LOADED', [m for m in heavy if m in sys.modules])\n"
+    )
+    argv = [sys.executable, "-c", code]
+    result = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert "LOADED []" in result.stdout, result.stdout
+    assert "run" in result.stdout  # the commands are listed all the same
+    result = subprocess.run([*argv, "publish"], capture_output=True, text=True, check=True)
+    assert "'pgbus.bench'" not in result.stdout
+    assert "'pgbus.server'" not in result.stdout
+
+
+def test_the_help_lists_each_command_with_its_own_short_help():
+    """pgbus --help's command list (kept without importing them) matches each command's help."""
+    import click
+
+    from pgbus.cli import _main
+
+    ctx = click.Context(_main.cli)
+    for name, _, text in _main.COMMANDS:
+        command = _main.cli.get_command(ctx, name)
+        assert command is not None
+        assert command.get_short_help_str(limit=90) == text, name

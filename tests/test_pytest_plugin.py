@@ -241,3 +241,68 @@ def test_fixtures_are_listed_and_can_be_turned_off(pytester: pytest.Pytester) ->
         return  # not installed: there is no entry point to turn off
     off = pytester.runpytest_subprocess("--fixtures", "-p", "no:pgbus")
     assert not any(line.startswith("pgbus_bus") for line in off.outlines)
+
+
+MODULE_LEVEL_BUS = """
+    import pgbus
+
+    bus = pgbus.Bus(load_entrypoints=False)  # at import time, as the docs show
+
+
+    async def test_the_module_level_bus_uses_the_test_database(pgbus_dsn):
+        async with bus:
+            assert bus.dsn == pgbus_dsn
+            assert bus.ready
+"""
+
+
+def test_pgbus_env_points_a_module_level_bus_at_the_test_database(
+    pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ini line (usefixtures = pgbus_env) makes an import-time Bus() use the test database."""
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        f"pgbus_test_dsn = {pg_dsn}\nusefixtures = pgbus_env\n"
+    )
+    pytester.makepyfile(test_app=textwrap.dedent(MODULE_LEVEL_BUS))
+    monkeypatch.delenv("PGBUS_TEST_DSN", raising=False)
+    result = pytester.runpytest_subprocess(*_plugin_args())
+    result.assert_outcomes(passed=1)
+    assert any("(the pgbus_test_dsn ini option)" in line for line in result.outlines)
+
+
+def test_a_wrong_test_dsn_is_one_error_naming_the_variable(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreachable $PGBUS_TEST_DSN stops the session with one line naming it, not per test."""
+    monkeypatch.setenv("PGBUS_TEST_DSN", "postgresql://u:secret@127.0.0.1:1/db")
+    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+    pytester.makepyfile(
+        test_many="import pytest\n\n"
+        "@pytest.mark.parametrize('n', range(3))\n"
+        "def test_n(pgbus_dsn, n):\n"
+        "    pass\n"
+    )
+    result = pytester.runpytest_subprocess(*_plugin_args())
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.outlines + result.errlines if "cannot use" in line]
+    assert len(errors) == 1
+    assert "pgbus: cannot use $PGBUS_TEST_DSN (postgresql://u:***@127.0.0.1:1/db)" in errors[0]
+    assert "secret" not in result.stdout.str() + result.stderr.str()
+
+
+def test_without_a_named_server_the_plugin_starts_a_throwaway_one(
+    pytester: pytest.Pytester, pg_cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no PGBUS_TEST_DSN nor ini option, a throwaway cluster is used, and it says so."""
+    monkeypatch.delenv("PGBUS_TEST_DSN", raising=False)
+    monkeypatch.setenv("PGBUS_PG_BINDIR", str(pg_cluster.bindir))
+    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+    pytester.makepyfile(
+        test_where="def test_where(pgbus_server_dsn):\n"
+        "    assert ':5432/' not in pgbus_server_dsn\n"
+    )
+    result = pytester.runpytest_subprocess(*_plugin_args())
+    result.assert_outcomes(passed=1)
+    assert any("pgbus: a throwaway PostgreSQL" in line for line in result.outlines)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import jsonschema
 import pytest
-from _helpers import Program, missing
+from _helpers import Process, missing
 
 import pgbus
 from pgbus.default_plugins.codec import is_envelope, wire_schema
@@ -97,7 +97,7 @@ async def run(pg_dsn: str) -> AsyncIterator[Callable[..., object]]:
     """Start a program; every one still running at the end is killed."""
     procs: list[asyncio.subprocess.Process] = []
 
-    async def start(*args: str | Path, cwd: Path = WIRE) -> Program:
+    async def start(*args: str | Path, cwd: Path = WIRE) -> Process:
         proc = await asyncio.create_subprocess_exec(
             *args,
             stdout=asyncio.subprocess.PIPE,
@@ -105,7 +105,7 @@ async def run(pg_dsn: str) -> AsyncIterator[Callable[..., object]]:
             cwd=cwd,
         )
         procs.append(proc)
-        return Program(proc)
+        return Process(proc)
 
     yield start
     for proc in procs:
@@ -114,7 +114,7 @@ async def run(pg_dsn: str) -> AsyncIterator[Callable[..., object]]:
             await proc.wait()
 
 
-async def finished(program: Program) -> None:
+async def finished(program: Process) -> None:
     """Wait for ``program`` to end, and check it ended well."""
     await asyncio.wait_for(program.proc.wait(), 30)
     assert program.proc.stderr is not None
@@ -251,13 +251,13 @@ async def test_a_node_publisher_reaches_a_pgbus_subscriber(
     conforms(payload)
 
 
-async def listened(make_bus, channel: str, program: Program) -> None:
+async def listened(make_bus, channel: str, program: Process) -> None:
     """Publish an OrderPlaced with pgbus once ``program`` listens; check what it printed."""
-    await program.expect("listening")
+    await program.until("listening", stream="stdout")
     Order = order_on(channel)
     async with make_bus() as bus:
         event_id = await bus.publish(Order(order_id=42, total=Decimal("9.90")))
-    line = await program.expect("OrderPlaced")
+    line = await program.until("OrderPlaced", stream="stdout")
     assert line.split() == ["OrderPlaced", f"id={event_id}", "order_id=42", "total=9.90"]
     await finished(program)
 

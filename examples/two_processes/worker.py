@@ -1,4 +1,8 @@
-"""The worker: handles every OrderPlaced that any process publishes, until Ctrl-C.
+"""The worker: handles every OrderPlaced that any process publishes, until stopped.
+
+Ctrl-C or `kill -TERM` (what Docker, systemd and Kubernetes send) stop it cleanly: it
+stops listening, finishes the handlers already running or queued, and exits 0.
+`pgbus run worker:bus` serves the same bus without main().
 
 export PGBUS_DSN=postgresql://postgres@127.0.0.1:5432/postgres
 python examples/two_processes/worker.py      # in one terminal
@@ -6,7 +10,6 @@ python examples/two_processes/publisher.py   # in another
 """
 
 import asyncio
-import contextlib
 
 from events import OrderPlaced
 
@@ -21,11 +24,10 @@ async def on_order(event: OrderPlaced) -> None:
 
 
 async def main() -> None:
-    async with bus:
-        print(f"worker: listening on {', '.join(bus.channels)}", flush=True)
-        await bus.wait_closed()  # serve until cancelled (Ctrl-C) or the bus gives up
+    await bus.start()
+    print(f"worker: listening on {', '.join(bus.channels)}", flush=True)
+    await bus.run_forever()  # until SIGTERM or Ctrl-C (drained), or the bus gives up
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    asyncio.run(main())

@@ -1,18 +1,14 @@
-"""The ``pgbus`` group and its data commands: ``listen``, ``publish``, ``plugins``."""
+"""The data commands of ``pgbus``: ``listen``, ``publish``, ``plugins``."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import logging
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.highlighter import JSONHighlighter
-from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
@@ -20,19 +16,18 @@ from pgbus._bus import Bus
 from pgbus._channels import check_channel
 from pgbus._markers import hookimpl
 from pgbus._plugins import PluginManager
-from pgbus._version import __version__
 from pgbus.cli._common import (
-    EXPECTED_ERRORS,
     CliError,
     State,
     dumps,
     import_module,
+    interrupted,
     load_model,
-    one_line,
     run,
     stderr,
     stdout,
 )
+from pgbus.cli._main import CONTEXT_SETTINGS
 from pgbus.errors import InvalidChannel
 
 if TYPE_CHECKING:
@@ -41,70 +36,6 @@ if TYPE_CHECKING:
     from pgbus._events import Delivery, Event, Message
     from pgbus._subscription import Subscription
     from pgbus.types import Outgoing
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class _Group(click.Group):
-    """A group whose commands report expected errors in one line, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError:
-            raise
-        except EXPECTED_ERRORS as exc:
-            raise click.ClickException(one_line(exc)) from exc
-
-
-@click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
-@click.option(
-    "--dsn",
-    envvar="PGBUS_DSN",
-    default=None,
-    show_envvar=True,
-    metavar="DSN",
-    help="The PostgreSQL database, e.g. postgresql://user@host:5432/db.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.0,
-    show_default=True,
-    help="Seconds to keep trying to connect before giving up.",
-)
-@click.option("-v", "--verbose", count=True, help="Log what pgbus does (-vv: debug).")
-@click.version_option(__version__, "-V", "--version", prog_name="pgbus")
-@click.pass_context
-def cli(ctx: click.Context, dsn: str | None, timeout: float, verbose: int) -> None:
-    """pgbus: a typed event bus on PostgreSQL LISTEN/NOTIFY.
-
-    Start with `pgbus demo`: it needs no setup.
-    """
-    if not verbose:  # the commands report what matters; -v shows pgbus's own log
-        log = logging.getLogger("pgbus")
-        if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
-            log.addHandler(logging.NullHandler())  # no "last resort" stderr output
-    else:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose > 1 else logging.INFO,
-            format="%(message)s",
-            handlers=[RichHandler(console=stderr(), show_path=False)],
-        )
-    ctx.obj = State(dsn, timeout)
-
-
-def main() -> None:
-    """Run the ``pgbus`` command line (the console script's entry point).
-
-    .. versionadded:: 0.1.0
-    """
-    try:
-        cli(prog_name="pgbus")
-    except BrokenPipeError:  # `pgbus listen --json | head`: the reader is gone; so are we
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(1)
 
 
 def _channels(values: Sequence[str]) -> list[str]:
@@ -242,7 +173,7 @@ async def _listen(
         )
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("channels", nargs=-1, metavar="[CHANNEL]...")
 @click.option(
     "-m",
@@ -285,7 +216,7 @@ def listen(
         raise click.UsageError("give at least one CHANNEL or --model")
     checked = _channels(channels)
     event_types = [load_model(path) for path in models]
-    with contextlib.suppress(KeyboardInterrupt):
+    with interrupted():
         run(_listen(state, checked, event_types, as_json=as_json, count=count, duration=timeout))
 
 
@@ -338,7 +269,7 @@ def _header(
     return headers
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("channel")
 @click.argument("payload", required=False, metavar="[PAYLOAD|-]")
 @click.option(
@@ -388,7 +319,7 @@ def publish(
     if payload is None:
         if event_type is not None:
             raise click.UsageError("give the event as JSON (or - to read it from stdin)")
-        payload = ""
+        raise click.UsageError("give a PAYLOAD (- reads it from stdin, '' sends an empty one)")
     result = run(_publish(state, checked, payload, event_type, headers))
     if as_json:
         click.echo(dumps(result))
@@ -411,7 +342,7 @@ def _load_plugin(path: str) -> object:
     return obj() if isinstance(obj, type) else obj
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option(
     "-p",
     "--plugin",
@@ -431,9 +362,9 @@ def plugins(plugins: tuple[str, ...], no_entrypoints: bool, as_json: bool) -> No
     distribution's [project.entry-points.pgbus]) and "code" (Bus(plugins=[...])).
     PGBUS_DISABLE_PLUGINS and PGBUS_DISABLE_PLUGIN_AUTOLOAD are honoured.
     """
-    manager = PluginManager(
-        [_load_plugin(path) for path in plugins], load_entrypoints=not no_entrypoints
-    )
+    manager = PluginManager(load_entrypoints=not no_entrypoints)
+    for path in plugins:  # named by the path the user gave, not by pluggy's id() number
+        manager.register(_load_plugin(path), name=path)
     dists = {id(plugin): dist for plugin, dist in manager.pm.list_plugin_distinfo()}
     rows: list[dict[str, Any]] = []
     for name, plugin, origin, hooks in manager.list():
@@ -447,6 +378,12 @@ def plugins(plugins: tuple[str, ...], no_entrypoints: bool, as_json: bool) -> No
                 "hooks": hooks,
             }
         )
+    for row in rows:
+        if row["name"] in plugins and not row["hooks"]:
+            stderr().print(
+                f"warning: {row['name']} implements no pgbus_* hook: nothing will call it",
+                style="yellow",
+            )
     if as_json:
         click.echo(dumps(rows))
         return
@@ -458,23 +395,3 @@ def plugins(plugins: tuple[str, ...], no_entrypoints: bool, as_json: bool) -> No
         source = row["source"] + (f" ({row['distribution']})" if row["distribution"] else "")
         table.add_row(row["name"], source, ", ".join(row["hooks"]))
     stdout().print(table)
-
-
-def _register_commands() -> None:
-    from pgbus.cli import _demo, _doctor, _schema, _top  # noqa: PLC0415 - they import this module
-
-    for command in (_doctor.doctor, _top.top, _schema.schema, _demo.demo):
-        cli.add_command(command)
-    from pgbus.cli import durable  # noqa: PLC0415 - durable mode: migrate, dead-letters
-
-    cli.add_command(durable.migrate_command)
-    cli.add_command(durable.dead_letters)
-    from pgbus.cli import triggers  # noqa: PLC0415 - table change triggers (pgbus.changes)
-
-    cli.add_command(triggers.triggers)
-    from pgbus.cli import bench  # noqa: PLC0415 - pgbus bench (pgbus.bench)
-
-    cli.add_command(bench.bench)
-
-
-_register_commands()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import sys
@@ -14,12 +15,12 @@ import click
 import pydantic
 from rich.console import Console
 
+from pgbus._config import resolve_dsn
 from pgbus._events import Event
-from pgbus.errors import PgbusError
-from pgbus.server import ClusterError, ServerNotFound
+from pgbus.errors import ClusterError, ConfigError, PgbusError, ServerNotFound
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
     from types import ModuleType
 
 T = TypeVar("T")
@@ -60,10 +61,44 @@ class State:
         self.timeout = timeout
 
     def require_dsn(self) -> str:
-        """The DSN, or a one-line usage error when there is none."""
-        if not self.dsn:
-            raise CliError("no database: pass --dsn or set PGBUS_DSN")
-        return self.dsn
+        """The DSN (``--dsn``, ``$PGBUS_DSN``, libpq's environment), or a one-line error."""
+        try:
+            return resolve_dsn(self.dsn, argument="--dsn")
+        except ConfigError as exc:
+            raise CliError(str(exc)) from exc
+
+
+def _set_dsn(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        state = ctx.find_object(State)
+        if state is not None:
+            state.dsn = value
+
+
+def accept_dsn(command: click.Command) -> None:
+    """Let ``command`` (and its subcommands) take ``--dsn`` after its name too."""
+    if not any("--dsn" in getattr(p, "opts", ()) for p in command.params):
+        command.params.append(
+            click.Option(
+                ["--dsn"],
+                metavar="DSN",
+                expose_value=False,
+                callback=_set_dsn,
+                help="The database (as pgbus --dsn).",
+            )
+        )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            accept_dsn(sub)
+
+
+@contextlib.contextmanager
+def interrupted() -> Iterator[None]:
+    """Turn Ctrl-C into exit status 130 (128 + SIGINT), as a shell reports it, quietly."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def stdout() -> Console:

@@ -18,8 +18,10 @@ import click
 from rich.table import Table
 
 import pgbus
+from pgbus._config import resolve_dsn
 from pgbus._util import redact_dsn
 from pgbus.cli._common import State, run, stdout
+from pgbus.errors import ConfigError
 from pgbus.server import DEFAULT_DSN, local_server
 
 if TYPE_CHECKING:
@@ -120,6 +122,8 @@ async def _demo(dsn: str, out: Console) -> None:  # noqa: PLR0915 - a script, re
         payments.bump()
 
     async with bus:
+        pool = await bus.pool()
+        out.print(f"[dim]PostgreSQL {await pool.fetchval('SHOW server_version')}[/]")
         out.rule("[bold]1. Typed events")
         out.print(f"  listening on {', '.join(bus.channels)}")
         out.print("  publishing 3 OrderPlaced events in one statement")
@@ -171,20 +175,27 @@ def _metrics_table(bus: pgbus.Bus) -> Table:
     table.add_column("published", justify="right")
     table.add_column("received", justify="right")
     table.add_column("handled", justify="right")
-    table.add_column("failed", justify="right")
+    table.add_column("failed attempts", justify="right")
     for name, channel in snap.channels.items():
         table.add_row(name, str(channel.published), str(channel.received), "", "")
     for name, sub in snap.subscriptions.items():
         table.add_row(name, "", "", str(sub.handled), str(sub.failed))
-    table.caption = f"listener connects: {snap.connects}, disconnects: {snap.disconnects}"
+    table.caption = (
+        f"listener connects: {snap.connects}, disconnects: {snap.disconnects};"
+        " failed attempts count every failed try, retried ones included"
+    )
     return table
 
 
 @contextlib.contextmanager
 def _server(state: State, out: Console) -> Iterator[str]:
-    if state.dsn:
-        out.print(f"[dim]using {redact_dsn(state.dsn)} (--dsn / PGBUS_DSN)[/]")
-        yield state.dsn
+    try:
+        configured = resolve_dsn(state.dsn, argument="--dsn")
+    except ConfigError:
+        configured = None
+    if configured is not None:
+        out.print(f"[dim]using {redact_dsn(configured)} (--dsn, PGBUS_DSN or PG* variables)[/]")
+        yield configured
         return
     with contextlib.ExitStack() as stack:
         with out.status("looking for PostgreSQL (starting a throwaway one if needed)…"):

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import TypeAdapter
 
+from pgbus._util import plural
 from pgbus._version import __version__
-from pgbus.cli._common import load_models, model_path
+from pgbus.cli._common import load_models, model_path, stderr
 from pgbus.default_plugins.codec import ENVELOPE_VERSION, envelope_type
 
 if TYPE_CHECKING:
@@ -154,3 +155,6 @@ def schema(targets: tuple[str, ...], asyncapi: bool, title: str, output: Any) ->
     models = load_models(targets)
     document = asyncapi_document(models, title) if asyncapi else pgbus_document(models)
     output.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    if output.name != "<stdout>":
+        what = "an AsyncAPI document" if asyncapi else "the JSON Schema"
+        stderr().print(f"wrote {what} of {plural(len(models), 'event type')} to {output.name}")

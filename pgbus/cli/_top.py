@@ -18,8 +18,10 @@ from rich.table import Table
 from rich.text import Text
 
 from pgbus._metrics_publisher import METRICS_CHANNEL
-from pgbus.cli._app import CONTEXT_SETTINGS, _bus, _channels
-from pgbus.cli._common import State, dumps, run, stderr, stdout
+from pgbus._util import plural
+from pgbus.cli._app import _bus, _channels
+from pgbus.cli._common import State, dumps, interrupted, run, stderr, stdout
+from pgbus.cli._main import CONTEXT_SETTINGS
 
 if TYPE_CHECKING:
     from pgbus._events import Message
@@ -66,7 +68,9 @@ class Board:
 
     def table(self) -> Table:
         """The table to show: one row per bus and channel."""
-        table = Table(title=f"pgbus top: {len(self.latest)} bus(es)", title_justify="left")
+        table = Table(
+            title=f"pgbus top: {plural(len(self.latest), 'bus', 'buses')}", title_justify="left"
+        )
         for name, justify in (
             ("bus", "left"),
             ("channel", "left"),
@@ -191,5 +195,5 @@ def top(state: State, channel: str, as_json: bool, once: bool, timeout: float | 
     (checked,) = _channels([channel])
     if once and timeout is None:
         timeout = 10.0
-    with contextlib.suppress(KeyboardInterrupt):
+    with interrupted():
         run(_top(state, checked, as_json=as_json, once=once, duration=timeout))

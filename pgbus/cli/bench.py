@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 import click
 
 from pgbus import bench as _bench
+from pgbus.cli._main import CONTEXT_SETTINGS
 
 if TYPE_CHECKING:
     from pgbus.cli._common import State
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.table import Table
 
 from pgbus import changes
-from pgbus.cli._common import State, dumps, load_model, stdout, with_connection
+from pgbus.cli._common import CliError, State, dumps, load_model, stdout, with_connection
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    import asyncpg
+
+T = TypeVar("T")
 
 __all__ = ["triggers"]
 
@@ -45,6 +52,27 @@ def triggers(ctx: click.Context, dsn: str | None) -> None:
         dsn = parent.dsn if parent is not None else os.environ.get("PGBUS_DSN")
     timeout = parent.timeout if parent is not None else 5.0
     ctx.obj = State(dsn, timeout)
+
+
+#: What :mod:`pgbus.changes` calls an argument, and the option that sets it here.
+_OPTIONS = (
+    ("pass key=[...] columns", "pass --key COLUMN (repeatable) for the columns"),
+    ("choose another name=", "choose another --name"),
+    ("pass channel= (or a model= bound to a channel)", "pass --channel (or a --model with one)"),
+    ("event_type ", "--type "),
+    ("model must be", "--model must be"),
+)
+
+
+def _in_cli_words(state: State, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run ``work`` like :func:`with_connection`, its errors naming options, not arguments."""
+    try:
+        return with_connection(state, work)
+    except click.ClickException as exc:
+        message = exc.message
+        for python, cli in _OPTIONS:
+            message = message.replace(python, cli)
+        raise CliError(message) from exc
 
 
 def _row(trigger: changes.ChangeTrigger) -> dict[str, Any]:
@@ -113,7 +141,7 @@ def install(
             raise click.BadParameter(
                 f"{model} is not a pgbus.RowChanged subclass", param_hint="--model"
             )
-    trigger: changes.ChangeTrigger = with_connection(
+    trigger: changes.ChangeTrigger = _in_cli_words(
         state,
         lambda conn: changes.install_change_trigger(
             conn,
@@ -166,7 +194,8 @@ def list_(state: State, table: str | None, schema: str | None, as_json: bool) ->
         "columns",
         "journal",
     ):
-        out.add_column(column, overflow="fold")
+        # a name is never split mid-word at 80 columns ("public.i" / "tems"): lists wrap
+        out.add_column(column, no_wrap=column in ("table", "trigger", "channel", "type"))
     for t in found:
         out.add_row(
             f"{t.schema}.{t.table}",

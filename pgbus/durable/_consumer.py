@@ -87,6 +87,9 @@ class Consumer:
         self._acks: list[int] = []
         self._task: asyncio.Task[None] | None = None
         self._claimed: list[int] = []
+        #: The batch in hand: rows acked without a handler, and those awaiting one.
+        self._batch_acks: list[int] = []
+        self._waiting: list[tuple[int, str, Inflight]] = []
 
     def __repr__(self) -> str:
         return f"<Consumer {self.group!r} member {self.member}>"
@@ -103,12 +106,17 @@ class Consumer:
         self.wakeup.set()
 
     async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline
-        """Finish the batch in hand (up to ``timeout`` s), ack it, release the rest."""
+        """Finish the batch in hand (up to ``timeout`` s), ack it, release the rest.
+
+        Cut short (the bus's stop deadline came first) or out of time, it still acks
+        what was handled and hands the rest back, before it returns or re-raises.
+        """
         self._stopping = True
         self.wakeup.set()
         task = self._task
         if task is None:
             return
+        interrupted = False
         try:
             if not task.done():
                 await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -118,21 +126,37 @@ class Consumer:
                 self.group,
                 timeout,
             )
-            task.cancel()
+        except asyncio.CancelledError:
+            interrupted = True
         if not task.done():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         elif not task.cancelled() and task.exception() is not None:
             logger.error(
                 "durable subscription %s: consumer died", self.group, exc_info=task.exception()
             )
-        await self._flush_acks()  # if the loop was cancelled before it could
-        if self._claimed:  # handed back at once rather than after the lease
+        await self._hand_back()
+        if interrupted:
+            raise asyncio.CancelledError
+
+    async def _hand_back(self) -> None:
+        """After the loop: ack what was handled, release what was not (not after the lease)."""
+        if self._claimed:  # cut short mid-batch: what was handled is acked, not released
+            self._claimed = self._settle()
+        await self._flush_acks()
+        if self._claimed:
+            left = len(self._claimed)
             with contextlib.suppress(*DRIVER_ERRORS):
                 await asyncio.wait_for(
                     self._execute(self.plugin.sql.release, self.group, self.member, self._claimed),
                     timeout=5.0,
                 )
+            logger.warning(
+                "durable subscription %s: %d unfinished events handed back for later",
+                self.group,
+                left,
+            )
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -254,8 +278,8 @@ class Consumer:
 
     async def _handle(self, rows: list[Any]) -> None:
         self._claimed = [row["journal_id"] for row in rows]
-        acks: list[int] = []
-        waiting: list[tuple[int, str, Inflight]] = []
+        self._batch_acks = []
+        self._waiting = []
         failure: BaseException | None = None
         for row in rows:
             journal_id: int = row["journal_id"]
@@ -265,27 +289,37 @@ class Consumer:
                 failure = exc
                 break
             if inflight is None:
-                acks.append(journal_id)
+                self._batch_acks.append(journal_id)
             else:
-                waiting.append((journal_id, row["event_id"], inflight))
-        await self._wait_outcomes([w[2] for w in waiting])
-        again: list[int] = []
-        for journal_id, event_id, inflight in waiting:
-            self.plugin.forget(self.group, event_id)
-            outcome = inflight.future.result() if inflight.future.done() else AGAIN
-            if outcome == AGAIN:
-                again.append(journal_id)
-                continue
-            acks.append(journal_id)
-            if outcome == OK:
-                self.handled += 1
-                self._remember(event_id)
-        self._acks.extend(acks)  # deleted by the next claim, in the same statement
+                self._waiting.append((journal_id, row["event_id"], inflight))
+        await self._wait_outcomes([w[2] for w in self._waiting])
+        offered = {w[0] for w in self._waiting}  # the rows after a failure stay claimed
+        again = [j for j in self._settle() if j in offered]
         if again:
             await self._execute(self.plugin.sql.release, self.group, self.member, again)
         self._claimed = []
         if failure is not None:
             raise failure
+
+    def _settle(self) -> list[int]:
+        """Queue the acks of the batch's outcomes so far; return the claims to hand back.
+
+        Run when the batch is done, and by :meth:`stop` when it cancelled the batch: an
+        event handled before the deadline is acked then, never released to run again.
+        """
+        decided = set(self._batch_acks)
+        for journal_id, event_id, inflight in self._waiting:
+            self.plugin.forget(self.group, event_id)
+            outcome = inflight.future.result() if inflight.future.done() else AGAIN
+            if outcome == AGAIN:
+                continue
+            decided.add(journal_id)
+            if outcome == OK:
+                self.handled += 1
+                self._remember(event_id)
+        self._waiting, self._batch_acks = [], []
+        self._acks.extend(j for j in self._claimed if j in decided)  # acked by the next claim
+        return [j for j in self._claimed if j not in decided]
 
     async def _offer(self, row: Any) -> Inflight | None:
         """Hand one claimed row to the subscription; ``None`` when it needs no handler."""

@@ -11,7 +11,7 @@ import asyncpg
 
 from pgbus._events import Message
 from pgbus._markers import hookimpl
-from pgbus._util import keep_session, redact_dsn
+from pgbus._util import keep_session, plural, redact_dsn
 from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
 from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
@@ -251,10 +251,10 @@ class DurablePlugin:
         if self.prune_interval is not None:
             self._pruner = asyncio.create_task(self._prune_loop(), name="pgbus-durable-prune")
         logger.info(
-            "durable delivery on %s (schema %s): %d durable subscriptions",
+            "durable delivery on %s (schema %s): %s",
             redact_dsn(bus.dsn),
             self.schema,
-            len(self.consumers),
+            plural(len(self.consumers), "durable subscription"),
         )
 
     async def _register(self, conn: Connection, sub: Subscription) -> None:

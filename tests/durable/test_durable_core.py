@@ -516,3 +516,30 @@ async def test_unlisten_a_durable_subscription(durable_bus, channel):
         await bus.unlisten(sub)
         await bus.publish(ticket(n=2))
     assert [e.n for e in got.items] == [1]
+
+
+async def test_stop_out_of_time_acks_what_was_handled(durable_bus, channel: str):
+    """A stop whose deadline cuts a batch short acks the handled events; only the rest return."""
+    ticket = ticket_type(channel)
+    handled = Collector()
+    never = asyncio.Event()
+
+    async def slow_on_two(event: Any) -> None:
+        if event.n == 2:
+            await never.wait()
+        await handled(event)
+
+    bus1: pgbus.Bus = durable_bus(stop_timeout=0.5)
+    bus1.subscribe(ticket, durable="billing")(slow_on_two)
+    async with bus1:
+        await bus1.publish_many([ticket(n=i) for i in range(3)])
+        await handled.wait_for(2)
+    again = Collector()
+    bus2: pgbus.Bus = durable_bus()
+    bus2.subscribe(ticket, durable="billing")(again)
+    async with bus2:
+        await again.wait_for(1)
+        await bus2.publish(ticket(n=3))
+        await again.wait_for(2)
+    assert [e.n for e in handled.items] == [0, 1]
+    assert [e.n for e in again.items] == [2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -50,3 +51,13 @@ async def main(pool: asyncpg.Pool) -> None:
     pgbus.configure("postgresql://localhost/app")
     await pgbus.publish(OrderPlaced(order_id=4, total=Decimal(1)))
     await pgbus.close()
+
+
+async def serve() -> None:
+    lazy = pgbus.Bus()  # the DSN is resolved at start(): argument, PGBUS_DSN, libpq's env
+    lazy.dsn = pgbus.resolve_dsn("host=db dbname=app")
+    where: str = lazy.dsn
+    with contextlib.suppress(pgbus.AlreadyStarted):
+        await lazy.run_forever()  # SIGTERM/SIGINT: drain, then return
+    state: pgbus.ListenerState = lazy.status.state
+    del where, state
