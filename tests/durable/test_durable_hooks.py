@@ -133,3 +133,31 @@ async def test_hook_pgbus_migrate(make_bus):
     assert ran == [bus]
     with pytest.raises(pgbus.ConfigError, match="durable=True"):
         await make_bus().migrate()
+
+
+async def test_a_plugins_router_decides_for_durable_subscriptions(durable_bus, channel: str):
+    """A replaced pgbus_router routes durable deliveries too, as it does plain ones."""
+    ticket = ticket_type(channel)
+    got: asyncio.Queue[int] = asyncio.Queue()
+
+    class OnlyOdd:
+        @pgbus.hookimpl
+        def pgbus_router(self, channel, subscriptions):
+            def route(delivery):
+                return subscriptions if delivery.event.n % 2 else ()
+
+            return route
+
+    bus: pgbus.Bus = durable_bus(disable_plugins=["routing"])
+    bus.plugins.register(OnlyOdd())
+
+    @bus.subscribe(ticket, durable="odd")
+    async def odd(event: Any) -> None:
+        await got.put(event.n)
+
+    async with bus:
+        await bus.publish_many([ticket(n=i) for i in range(6)])
+        seen = [await asyncio.wait_for(got.get(), 10) for _ in range(3)]
+        await bus.publish(ticket(n=7))
+        seen.append(await asyncio.wait_for(got.get(), 10))
+    assert seen == [1, 3, 5, 7]
