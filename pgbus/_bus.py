@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     import asyncpg
 
+    from pgbus._drivers import AsyncConnection
     from pgbus._events import DeadLetter
     from pgbus._status import ResyncCallback
     from pgbus._subscription import Handler, Retry, TimeoutAction
@@ -770,19 +771,22 @@ class Bus:
         self,
         event: Event,
         *,
-        connection: Connection | None = None,
+        connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Publish ``event`` on its channel.
 
         :param event: the event; its class names the channel.
-        :param connection: an asyncpg connection (e.g. inside your transaction) to
-            NOTIFY on; the event is then delivered only if that transaction commits.
+        :param connection: your connection (e.g. inside your transaction) to publish on:
+            asyncpg's, SQLAlchemy's ``AsyncConnection``/``AsyncSession`` (asyncpg or
+            psycopg dialect) or psycopg's ``AsyncConnection``; the event is then delivered
+            only if that transaction commits. pgbus never commits or rolls it back.
         :param headers: string headers carried in the envelope.
         :returns: the event's id.
         :raises PayloadTooLarge: when the encoded event is 8000 bytes or more (nothing is
             sent); in durable mode large events are journaled and sent by reference.
         :raises PublishError: when PostgreSQL could not be reached.
+        :raises ConfigError: for a ``connection`` of none of those drivers.
         :raises BusClosed: after :meth:`stop`.
         """
         self._check_open()
@@ -795,7 +799,7 @@ class Bus:
         self,
         events: Iterable[Event],
         *,
-        connection: Connection | None = None,
+        connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> list[str]:
         """Publish many events in one statement (one round trip, all or nothing).
@@ -814,7 +818,7 @@ class Bus:
         return [o.id for o in outs]
 
     async def notify(
-        self, channel: str, payload: str = "", *, connection: Connection | None = None
+        self, channel: str, payload: str = "", *, connection: AsyncConnection | None = None
     ) -> None:
         """Send a plain ``NOTIFY channel, payload`` (no envelope), as any client would.
 

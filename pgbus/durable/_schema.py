@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import asyncpg
-
+from pgbus._drivers import sqlstate
 from pgbus._identifiers import check_identifier, quote_ident
 from pgbus.errors import ConfigError
 
@@ -27,6 +26,8 @@ DEFAULT_SCHEMA = "pgbus"
 
 #: Starts the text of the error a publish fails with when an event id is taken.
 TAKEN_IDS_MARKER = "pgbus: event ids taken: "
+# The SQLSTATEs a failed publish is told by (any driver's error carries them).
+UNDEFINED_TABLE, INVALID_SCHEMA_NAME, INVALID_TEXT_REPRESENTATION = "42P01", "3F000", "22P02"
 
 #: NOTIFY refuses payloads of this many bytes or more; bigger events travel by reference.
 NOTIFY_LIMIT = 8000
@@ -207,12 +208,12 @@ async def migrate(conn: Connection, schema: str = DEFAULT_SCHEMA) -> tuple[int, 
 
 def is_missing_relation(exc: BaseException) -> bool:
     """Whether ``exc`` says a table or schema of the durable schema does not exist."""
-    return isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError)
+    return sqlstate(exc) in {UNDEFINED_TABLE, INVALID_SCHEMA_NAME}
 
 
 def taken_ids(exc: BaseException) -> list[str]:
     """The event ids a failed publish statement found taken (empty for another error)."""
-    if not isinstance(exc, asyncpg.InvalidTextRepresentationError):
+    if sqlstate(exc) != INVALID_TEXT_REPRESENTATION:
         return []
     _, marker, rest = str(exc).partition(TAKEN_IDS_MARKER)
     return rest.rstrip('"').split(",") if marker else []
