@@ -18,12 +18,11 @@ from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
     Sql,
     check_schema,
-    is_missing_relation,
+    journal_args,
     migrate,
-    missing_schema_error,
-    taken_ids,
+    publish_error,
 )
-from pgbus.errors import ConfigError, DecodeError, DuplicateEventId, PublishError
+from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping, Sequence
@@ -344,12 +343,7 @@ class DurablePlugin:
     async def _publish(
         self, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
     ) -> None:
-        args = (
-            [o.channel for o in outgoing],
-            [o.id for o in outgoing],
-            [o.event.pgbus_type if o.event is not None else "" for o in outgoing],
-            [o.payload for o in outgoing],
-        )
+        args = journal_args(outgoing)
         try:
             if connection is not None:  # the caller's transaction, whatever its driver
                 await executor(connection).execute(self.sql.publish, *args)
@@ -357,12 +351,7 @@ class DurablePlugin:
             pool = await self.publish_pool()
             await pool.execute(self.sql.publish, *args)
         except (DriverError, *DRIVER_ERRORS) as exc:
-            if is_missing_relation(exc):
-                raise missing_schema_error(self.schema) from exc
-            taken = taken_ids(exc)
-            if taken:
-                raise DuplicateEventId(taken) from exc
-            raise PublishError(f"durable publish failed: {exc}") from exc
+            raise publish_error(exc, self.schema) from exc
 
     @hookimpl
     def pgbus_resolve_reference(

@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING
 
 from pgbus._drivers import sqlstate
 from pgbus._identifiers import check_identifier, quote_ident
-from pgbus.errors import ConfigError
+from pgbus.errors import ConfigError, DuplicateEventId, PgbusError, PublishError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pgbus._events import Outgoing
     from pgbus._publish import Connection
 
 logger = logging.getLogger(__name__)
@@ -217,6 +220,26 @@ def taken_ids(exc: BaseException) -> list[str]:
         return []
     _, marker, rest = str(exc).partition(TAKEN_IDS_MARKER)
     return rest.rstrip('"').split(",") if marker else []
+
+
+def journal_args(outgoing: Sequence[Outgoing]) -> tuple[list[str], ...]:
+    """The arguments of :attr:`Sql.publish` for encoded events: channels, ids, types, payloads."""
+    return (
+        [o.channel for o in outgoing],
+        [o.id for o in outgoing],
+        [o.event.pgbus_type if o.event is not None else "" for o in outgoing],
+        [o.payload for o in outgoing],
+    )
+
+
+def publish_error(exc: BaseException, schema: str) -> PgbusError:
+    """What a failed journal insert into ``schema`` raises, for any driver's ``exc``."""
+    if is_missing_relation(exc):
+        return missing_schema_error(schema)
+    taken = taken_ids(exc)
+    if taken:
+        return DuplicateEventId(taken)
+    return PublishError(f"durable publish failed: {exc}")
 
 
 def missing_schema_error(schema: str) -> SchemaError:

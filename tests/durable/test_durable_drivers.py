@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from _drivers import ASYNC_DRIVERS, BlockError, open_driver
 from _helpers import Collector, ticket_type
 
 import pgbus
+import pgbus.sync
 from pgbus.durable import DurablePlugin, SchemaError
 
 
@@ -52,3 +54,32 @@ async def test_missing_schema_is_a_schema_error_on_any_driver(pg_dsn, schema_nam
         await bus.publish(ticket(n=1), connection=tx.target)
     await tx.rollback()
     await bus.stop()
+
+
+async def test_sync_durable_publish_journals_in_the_callers_transaction(
+    durable_bus, sql, schema, pg_dsn, channel
+):
+    """pgbus.sync.publish(durable=True) journals on commit only; durable subscribers get it."""
+    ticket = ticket_type(channel)
+    seen = Collector()
+    bus: pgbus.Bus = durable_bus()
+    bus.subscribe(ticket, durable="sync")(seen)
+    async with bus:
+        with psycopg.connect(pg_dsn) as conn:
+            pgbus.sync.publish(ticket(n=1), connection=conn, durable=True, schema=schema)
+            conn.rollback()
+            with conn.transaction():
+                sent = pgbus.sync.publish_many(
+                    [ticket(n=2), ticket(n=3)], connection=conn, durable=True, schema=schema
+                )
+        await seen.wait_for(2)
+    assert [e.n for e in seen.items] == [2, 3]
+    rows = await sql.fetch(f'SELECT event_id FROM "{schema}".journal ORDER BY id')
+    assert [r["event_id"] for r in rows] == sent
+
+
+def test_sync_durable_publish_without_the_schema_names_migrate(pg_dsn, schema_name, channel):
+    """A sync durable publish into a schema never migrated raises SchemaError."""
+    ticket = ticket_type(channel)
+    with psycopg.connect(pg_dsn) as conn, pytest.raises(SchemaError, match="pgbus migrate"):
+        pgbus.sync.publish(ticket(n=1), connection=conn, durable=True, schema=schema_name)
