@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 #: The asynchronous connections ``publish(..., connection=…)`` accepts.
 AsyncConnection: TypeAlias = (
-    "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+    "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any]"
     " | sqlalchemy.ext.asyncio.AsyncConnection | sqlalchemy.ext.asyncio.AsyncSession"
     " | psycopg.AsyncConnection[Any]"
 )
@@ -46,7 +46,7 @@ SyncConnection: TypeAlias = (
 )
 
 ASYNC_TYPES = (
-    "an asyncpg Connection or pool connection, a SQLAlchemy AsyncConnection or AsyncSession,"
+    "an asyncpg Connection, pool connection or Pool, a SQLAlchemy AsyncConnection or AsyncSession,"
     " or a psycopg AsyncConnection"
 )
 SYNC_TYPES = (
@@ -140,7 +140,8 @@ _ASYNCPG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 
 class _Asyncpg:
     def __init__(
-        self, conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]
+        self,
+        conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any],
     ) -> None:
         self._conn = conn
 
@@ -215,7 +216,8 @@ def executor(connection: object) -> Executor:
 
     :raises ConfigError: for an object none of the supported drivers made.
     """
-    if isinstance(connection, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
+    # A Pool is no transaction, but it always worked here: each statement autocommits.
+    if isinstance(connection, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool):
         return _Asyncpg(connection)
     sa = sys.modules.get("sqlalchemy.ext.asyncio")
     if sa is not None and isinstance(connection, sa.AsyncConnection | sa.AsyncSession):

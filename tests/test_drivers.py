@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import TYPE_CHECKING
 
+import asyncpg
+import psycopg
 import pytest
 from _drivers import ASYNC_DRIVERS, BlockError, open_driver
 from _helpers import Collector, event_on
 
 import pgbus
 from pgbus._drivers import _pyformat
-
-if TYPE_CHECKING:
-    import asyncpg
 
 
 @pytest.fixture(params=ASYNC_DRIVERS)
@@ -123,6 +121,28 @@ async def test_unsupported_connection_is_a_config_error(make_bus, channel):
     async with make_bus() as bus:
         with pytest.raises(pgbus.ConfigError, match="SQLAlchemy AsyncConnection or AsyncSession"):
             await bus.publish(Ping(n=1), connection=object())  # type: ignore[arg-type]
+
+
+async def test_sync_connection_points_to_pgbus_sync(make_bus, pg_dsn, channel):
+    """A sync connection given to the async publish says to use pgbus.sync.publish."""
+    Ping = event_on(channel)
+    async with make_bus() as bus:
+        with (
+            psycopg.connect(pg_dsn) as conn,
+            pytest.raises(pgbus.ConfigError, match=r"pgbus\.sync"),
+        ):
+            await bus.publish(Ping(n=1), connection=conn)  # type: ignore[arg-type]
+
+
+async def test_an_asyncpg_pool_still_publishes(make_bus, pg_dsn, channel):
+    """An asyncpg Pool as connection= publishes at once, as before the other drivers came."""
+    Ping = event_on(channel)
+    seen = Collector()
+    bus = make_bus()
+    bus.subscribe(Ping)(seen)
+    async with bus, asyncpg.create_pool(pg_dsn, min_size=1, max_size=1) as pool:
+        await bus.publish(Ping(n=1), connection=pool)
+        await seen.wait_for(1)
 
 
 def test_placeholders_become_pyformat_in_reference_order():
