@@ -20,6 +20,7 @@ from pgbus._config import resolve_dsn
 from pgbus._dispatch import Dispatcher
 from pgbus._events import Event, Outgoing
 from pgbus._listener import Listener
+from pgbus._memory import MemoryListener, broker, is_memory, no_database
 from pgbus._plugins import PluginManager
 from pgbus._publish import Connection, Publisher, check_size
 from pgbus._signals import stop_on_signals
@@ -60,7 +61,8 @@ class Bus:
     :param dsn: a PostgreSQL URL or libpq keyword DSN (``"host=db dbname=app"``,
         ``"service=mysvc"``). Without it the bus finds its database when it starts:
         ``$PGBUS_DSN``, else libpq's ``PGHOST``/``PGPORT``/``PGUSER``/``PGDATABASE``/
-        ``PGSERVICE`` (see :attr:`dsn`).
+        ``PGSERVICE`` (see :attr:`dsn`). ``"memory://name"`` builds an in-memory bus
+        for tests, with no PostgreSQL: buses of one name in a process share a broker.
     :param plugins: plugin objects to register after the built-ins and entry points.
     :param load_entrypoints: load plugins of the ``pgbus`` entry-point group
         (``PGBUS_DISABLE_PLUGIN_AUTOLOAD=1`` also turns this off).
@@ -142,18 +144,25 @@ class Bus:
         )
         kwargs = dict(connect_kwargs or {})
         self._connect_kwargs, self._connect_timeout = kwargs, connect_timeout
+        memory = broker(dsn) if dsn is not None and is_memory(dsn) else None
         if durable:
+            if memory is not None:
+                raise no_database("durable mode needs PostgreSQL (Bus(dsn, durable=True))")
             self.plugins.enable("durable")
         self._dispatch = Dispatcher(self.plugins, self)
-        self._listener = Listener(
-            self._resolve_dsn,
-            self._dispatch,
-            connect_timeout=connect_timeout,
-            health_check_interval=health_check_interval,
-            health_check_timeout=health_check_timeout,
-            connect_kwargs=kwargs,
-            allow_sql_ascii=allow_sql_ascii,
-        )
+        self._listener: Listener | MemoryListener
+        if memory is not None:
+            self._listener = MemoryListener(memory, self._dispatch)
+        else:
+            self._listener = Listener(
+                self._resolve_dsn,
+                self._dispatch,
+                connect_timeout=connect_timeout,
+                health_check_interval=health_check_interval,
+                health_check_timeout=health_check_timeout,
+                connect_kwargs=kwargs,
+                allow_sql_ascii=allow_sql_ascii,
+            )
         self._dispatch.reader = self._listener
         self._publisher = Publisher(
             self._resolve_dsn,
@@ -164,6 +173,7 @@ class Bus:
             connect_kwargs=kwargs,
             retries=publish_retries,
             timeout=publish_timeout,
+            memory=memory,
         )
         self._state = BusState.NEW
         self._subscriptions: dict[str, Subscription] = {}

@@ -30,6 +30,7 @@ import asyncpg
 from pgbus._channels import MAX_PAYLOAD_BYTES
 from pgbus._drivers import DriverError, executor
 from pgbus._events import NO_HEADERS, Event, Outgoing
+from pgbus._memory import no_database
 from pgbus._util import CONNECTION_ERRORS, keep_session, new_event_id, redact_dsn
 from pgbus.errors import ConfigError, PayloadTooLarge, PublishError
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
     from pgbus._drivers import AsyncConnection
     from pgbus._events import Encoder
+    from pgbus._memory import Broker
     from pgbus._plugins import PluginManager
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class Publisher(Encoding):
     :param connect_kwargs: extra :func:`asyncpg.connect` arguments.
     :param retries: how many times a publish through the pool is retried.
     :param timeout: seconds a publish through the pool may take, retries included.
+    :param memory: the broker of a ``memory://`` bus, which replaces NOTIFY and the pool.
     """
 
     def __init__(
@@ -145,8 +148,10 @@ class Publisher(Encoding):
         connect_kwargs: Mapping[str, Any],
         retries: int = 3,
         timeout: float = 10.0,
+        memory: Broker | None = None,
     ) -> None:
         super().__init__(plugins)
+        self._memory = memory
         self._dsn = dsn
         self._owner = owner
         self._connect_timeout = connect_timeout
@@ -169,7 +174,7 @@ class Publisher(Encoding):
         :raises ConfigError: for a ``connection`` no supported driver made.
         """
         if connection is not None:
-            executor(connection)  # an unsupported object fails here, whoever sends
+            self._check_connection(connection)
         taken = self._plugins.publish(self._owner, outs, connection)
         if taken is not None:
             await taken
@@ -180,11 +185,19 @@ class Publisher(Encoding):
 
     # -- sending --------------------------------------------------------------------------
 
+    def _check_connection(self, connection: AsyncConnection) -> None:
+        """Fail here, whoever sends, for a ``connection`` the bus cannot publish on."""
+        if self._memory is not None:
+            raise no_database("connection= has no transaction to join; publish without it")
+        executor(connection)
+
     async def pool(self) -> asyncpg.Pool:
         """The publish pool, created on first use (nothing connects until it is used)."""
         pool = self._pool
         if pool is not None:
             return pool
+        if self._memory is not None:
+            raise no_database("there is no publish pool")
         async with self._pool_lock:
             if self._pool is None:
                 # min_size=0: nothing connects here, so this does not fail while the
@@ -209,6 +222,11 @@ class Publisher(Encoding):
 
         :raises PublishError: when it failed; through the pool, after the retries.
         """
+        if self._memory is not None:
+            if connection is not None:
+                self._check_connection(connection)
+            self._memory.notify(channels, payloads)
+            return
         query, args = notify(channels, payloads)
         if connection is not None:  # the caller's transaction: never retried
             try:
