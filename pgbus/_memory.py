@@ -14,19 +14,17 @@ What has no meaning without a database is refused with a :class:`~pgbus.ConfigEr
 from __future__ import annotations
 
 import asyncio
-import time
 import weakref
 from typing import TYPE_CHECKING
 
-from pgbus._listener import INBOUND_HIGH_WATER
+from pgbus._listener import Inlet
 from pgbus._status import ListenerState
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from pgbus._listener import ListenerHost
-    from pgbus.errors import ListenerError
 
 SCHEME = "memory://"
 
@@ -74,32 +72,13 @@ class Broker:
                     listener.take(self.pid, channel, payload)
 
 
-class MemoryListener:
+class MemoryListener(Inlet):
     """What :class:`~pgbus._listener.Listener` is to a bus, on a :class:`Broker`."""
 
     def __init__(self, broker: Broker, host: ListenerHost) -> None:
+        super().__init__(host)
         self._broker = broker
-        self._host = host
-        self._inbound = host.inbound
-        self.wanted: dict[str, None] = {}
-        self.terminal_error: ListenerError | None = None
-        self.reconnects = 0
-        self.notifications = 0
-        self.paused = False
-        self.pauses = 0
-        self.last_error: BaseException | None = None
-        self.state = ListenerState.STARTING
-        self.state_since = time.time()
         self._stopped: asyncio.Event | None = None
-
-    @property
-    def channels(self) -> tuple[str, ...]:
-        """The channels listened to."""
-        return tuple(self.wanted)
-
-    def set_channels(self, channels: Iterable[str]) -> None:
-        """Set the channels to listen to once started."""
-        self.wanted = dict.fromkeys(channels)
 
     @property
     def connected(self) -> bool:
@@ -111,31 +90,11 @@ class MemoryListener:
         """The broker's pid while connected (what its notifications carry)."""
         return self._broker.pid if self.connected else None
 
-    def pause_reading(self) -> None:
-        """Note that handlers are behind (nothing to pause: the publisher waits for no one)."""
-        if not self.paused:
-            self.paused = True
-            self.pauses += 1
-
-    def resume_reading(self) -> None:
-        """Note that handlers caught up."""
-        self.paused = False
-
-    def take(self, pid: int, channel: str, payload: str) -> None:
-        """Take one notification in, as the LISTEN connection does."""
-        self.notifications += 1
-        inbound = self._inbound
-        if not inbound:
-            self._host.inbound_ready()
-        inbound.append((channel, payload, pid, time.time()))
-        if len(inbound) >= INBOUND_HIGH_WATER:
-            self.pause_reading()
-
     async def start(self, timeout: float) -> None:  # noqa: ARG002, ASYNC109 - the Listener's signature
         """Attach to the broker; the plugins' connect hooks run as after a LISTEN."""
         self._stopped = asyncio.Event()
         self._broker.attach(self)
-        self.state, self.state_since = ListenerState.CONNECTED, time.time()
+        self._set_state(ListenerState.CONNECTED)
         await self._host.on_connected(self.channels, None, self.state_since)
 
     async def wait(self) -> None:
@@ -146,7 +105,7 @@ class MemoryListener:
     async def stop(self) -> None:
         """Detach from the broker."""
         self._broker.detach(self)
-        self.state, self.state_since = ListenerState.STOPPED, time.time()
+        self._set_state(ListenerState.STOPPED)
         if self._stopped is not None:
             self._stopped.set()
 

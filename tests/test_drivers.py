@@ -30,16 +30,23 @@ async def table(pg_conn: asyncpg.Connection):
     await pg_conn.execute(f"DROP TABLE {name}")
 
 
-async def rows(pg_conn: asyncpg.Connection, table: str) -> list[int]:
-    return [r[0] for r in await pg_conn.fetch(f"SELECT n FROM {table} ORDER BY n")]
-
-
-async def test_commit_delivers_with_the_callers_statements(make_bus, tx, table, pg_conn, channel):
-    """A publish and publish_many in the caller's block arrive on commit, with its rows."""
+@pytest.fixture
+def subscribed(make_bus, channel):
+    """An event type on the test's channel, and a bus whose subscriber collects it."""
     Ping = event_on(channel)
     seen = Collector()
     bus = make_bus()
     bus.subscribe(Ping)(seen)
+    return Ping, seen, bus
+
+
+async def rows(pg_conn: asyncpg.Connection, table: str) -> list[int]:
+    return [r[0] for r in await pg_conn.fetch(f"SELECT n FROM {table} ORDER BY n")]
+
+
+async def test_commit_delivers_with_the_callers_statements(subscribed, tx, table, pg_conn):
+    """A publish and publish_many in the caller's block arrive on commit, with its rows."""
+    Ping, seen, bus = subscribed
     async with bus:
         async with tx.block():
             await tx.run(f"INSERT INTO {table} VALUES (1)")
@@ -53,12 +60,9 @@ async def test_commit_delivers_with_the_callers_statements(make_bus, tx, table, 
     assert await rows(pg_conn, table) == [1, 2]
 
 
-async def test_rollback_delivers_nothing(make_bus, tx, table, pg_conn, channel):
+async def test_rollback_delivers_nothing(subscribed, tx, table, pg_conn):
     """Events published in a transaction the caller rolls back never arrive."""
-    Ping = event_on(channel)
-    seen = Collector()
-    bus = make_bus()
-    bus.subscribe(Ping)(seen)
+    Ping, seen, bus = subscribed
     async with bus:
         await tx.begin()
         await tx.run(f"INSERT INTO {table} VALUES (1)")
@@ -71,12 +75,9 @@ async def test_rollback_delivers_nothing(make_bus, tx, table, pg_conn, channel):
     assert await rows(pg_conn, table) == []
 
 
-async def test_exception_in_the_block_delivers_nothing(make_bus, tx, table, pg_conn, channel):
+async def test_exception_in_the_block_delivers_nothing(subscribed, tx, table, pg_conn):
     """An exception leaving the caller's transaction block takes the events with it."""
-    Ping = event_on(channel)
-    seen = Collector()
-    bus = make_bus()
-    bus.subscribe(Ping)(seen)
+    Ping, seen, bus = subscribed
     async with bus:
 
         async def body() -> None:
