@@ -621,6 +621,11 @@ class Bus:
             raise AlreadyStarted(f"this bus is already {self._state.value}")
         self._check_open()
         dsn = self.dsn
+        if is_memory(dsn) and not isinstance(self._listener, MemoryListener):
+            raise no_database(
+                "a memory:// bus is chosen when it is built: pass the DSN to Bus() itself,"
+                " not through PGBUS_DSN or the dsn setter"
+            )
         self._state = BusState.STARTING
         self._closed = asyncio.Event()
         self._dispatch.start()

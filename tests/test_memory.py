@@ -158,6 +158,14 @@ async def test_what_needs_a_database_is_a_config_error(channel):
             await bus.pool()
 
 
+async def test_a_memory_dsn_found_late_is_a_config_error(monkeypatch):
+    """A memory:// DSN from PGBUS_DSN at start raises ConfigError, not a connection error."""
+    monkeypatch.setenv("PGBUS_DSN", "memory://late")
+    bus = pgbus.Bus(load_entrypoints=False)
+    with pytest.raises(pgbus.ConfigError, match=r"pass the DSN to Bus\(\) itself"):
+        await bus.start()
+
+
 async def test_stop_ends_run_forever(channel):
     """wait_closed returns once a memory bus is stopped, as with a server."""
     bus = pgbus.Bus("memory://", load_entrypoints=False)
