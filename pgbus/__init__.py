@@ -182,4 +182,4 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, "durable"})
+    return sorted({*globals(), *__all__, "durable", "sync"})

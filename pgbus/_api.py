@@ -11,8 +11,8 @@ from pgbus.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from pgbus._drivers import AsyncConnection
     from pgbus._events import Event
-    from pgbus._publish import Connection
 
 _default: Bus | None = None
 
@@ -56,7 +56,7 @@ def get_bus() -> Bus:
 async def publish(
     event: Event,
     *,
-    connection: Connection | None = None,
+    connection: AsyncConnection | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> str:
     """Publish ``event`` through the default bus (see :meth:`Bus.publish`).
@@ -67,7 +67,7 @@ async def publish(
 
 
 async def publish_many(
-    events: Iterable[Event], *, connection: Connection | None = None
+    events: Iterable[Event], *, connection: AsyncConnection | None = None
 ) -> list[str]:
     """Publish events in one statement through the default bus (see :meth:`Bus.publish_many`).
 
@@ -76,7 +76,9 @@ async def publish_many(
     return await get_bus().publish_many(events, connection=connection)
 
 
-async def notify(channel: str, payload: str = "", *, connection: Connection | None = None) -> None:
+async def notify(
+    channel: str, payload: str = "", *, connection: AsyncConnection | None = None
+) -> None:
     """Send a plain NOTIFY through the default bus (see :meth:`Bus.notify`).
 
     .. versionadded:: 0.1.0

@@ -20,6 +20,7 @@ from pgbus._config import resolve_dsn
 from pgbus._dispatch import Dispatcher
 from pgbus._events import Event, Outgoing
 from pgbus._listener import Listener
+from pgbus._memory import MemoryListener, broker, is_memory, no_database
 from pgbus._plugins import PluginManager
 from pgbus._publish import Connection, Publisher, check_size
 from pgbus._signals import stop_on_signals
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
     import asyncpg
 
+    from pgbus._drivers import AsyncConnection
     from pgbus._events import DeadLetter
     from pgbus._status import ResyncCallback
     from pgbus._subscription import Handler, Retry, TimeoutAction
@@ -59,7 +61,8 @@ class Bus:
     :param dsn: a PostgreSQL URL or libpq keyword DSN (``"host=db dbname=app"``,
         ``"service=mysvc"``). Without it the bus finds its database when it starts:
         ``$PGBUS_DSN``, else libpq's ``PGHOST``/``PGPORT``/``PGUSER``/``PGDATABASE``/
-        ``PGSERVICE`` (see :attr:`dsn`).
+        ``PGSERVICE`` (see :attr:`dsn`). ``"memory://name"`` builds an in-memory bus
+        for tests, with no PostgreSQL: buses of one name in a process share a broker.
     :param plugins: plugin objects to register after the built-ins and entry points.
     :param load_entrypoints: load plugins of the ``pgbus`` entry-point group
         (``PGBUS_DISABLE_PLUGIN_AUTOLOAD=1`` also turns this off).
@@ -141,18 +144,25 @@ class Bus:
         )
         kwargs = dict(connect_kwargs or {})
         self._connect_kwargs, self._connect_timeout = kwargs, connect_timeout
+        memory = broker(dsn) if dsn is not None and is_memory(dsn) else None
         if durable:
+            if memory is not None:
+                raise no_database("durable mode needs PostgreSQL (Bus(dsn, durable=True))")
             self.plugins.enable("durable")
         self._dispatch = Dispatcher(self.plugins, self)
-        self._listener = Listener(
-            self._resolve_dsn,
-            self._dispatch,
-            connect_timeout=connect_timeout,
-            health_check_interval=health_check_interval,
-            health_check_timeout=health_check_timeout,
-            connect_kwargs=kwargs,
-            allow_sql_ascii=allow_sql_ascii,
-        )
+        self._listener: Listener | MemoryListener
+        if memory is not None:
+            self._listener = MemoryListener(memory, self._dispatch)
+        else:
+            self._listener = Listener(
+                self._resolve_dsn,
+                self._dispatch,
+                connect_timeout=connect_timeout,
+                health_check_interval=health_check_interval,
+                health_check_timeout=health_check_timeout,
+                connect_kwargs=kwargs,
+                allow_sql_ascii=allow_sql_ascii,
+            )
         self._dispatch.reader = self._listener
         self._publisher = Publisher(
             self._resolve_dsn,
@@ -163,6 +173,7 @@ class Bus:
             connect_kwargs=kwargs,
             retries=publish_retries,
             timeout=publish_timeout,
+            memory=memory,
         )
         self._state = BusState.NEW
         self._subscriptions: dict[str, Subscription] = {}
@@ -610,6 +621,11 @@ class Bus:
             raise AlreadyStarted(f"this bus is already {self._state.value}")
         self._check_open()
         dsn = self.dsn
+        if is_memory(dsn) and not isinstance(self._listener, MemoryListener):
+            raise no_database(
+                "a memory:// bus is chosen when it is built: pass the DSN to Bus() itself,"
+                " not through PGBUS_DSN or the dsn setter"
+            )
         self._state = BusState.STARTING
         self._closed = asyncio.Event()
         self._dispatch.start()
@@ -770,19 +786,22 @@ class Bus:
         self,
         event: Event,
         *,
-        connection: Connection | None = None,
+        connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Publish ``event`` on its channel.
 
         :param event: the event; its class names the channel.
-        :param connection: an asyncpg connection (e.g. inside your transaction) to
-            NOTIFY on; the event is then delivered only if that transaction commits.
+        :param connection: your connection (e.g. inside your transaction) to publish on:
+            asyncpg's, SQLAlchemy's ``AsyncConnection``/``AsyncSession`` (asyncpg or
+            psycopg dialect) or psycopg's ``AsyncConnection``; the event is then delivered
+            only if that transaction commits. pgbus never commits or rolls it back.
         :param headers: string headers carried in the envelope.
         :returns: the event's id.
         :raises PayloadTooLarge: when the encoded event is 8000 bytes or more (nothing is
             sent); in durable mode large events are journaled and sent by reference.
         :raises PublishError: when PostgreSQL could not be reached.
+        :raises ConfigError: for a ``connection`` of none of those drivers.
         :raises BusClosed: after :meth:`stop`.
         """
         self._check_open()
@@ -795,7 +814,7 @@ class Bus:
         self,
         events: Iterable[Event],
         *,
-        connection: Connection | None = None,
+        connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> list[str]:
         """Publish many events in one statement (one round trip, all or nothing).
@@ -814,7 +833,7 @@ class Bus:
         return [o.id for o in outs]
 
     async def notify(
-        self, channel: str, payload: str = "", *, connection: Connection | None = None
+        self, channel: str, payload: str = "", *, connection: AsyncConnection | None = None
     ) -> None:
         """Send a plain ``NOTIFY channel, payload`` (no envelope), as any client would.
 

@@ -308,7 +308,64 @@ class ListenConnection(asyncpg.Connection):
 DIRECT_NOTIFICATIONS = _can_take_notifications()
 
 
-class Listener:
+class Inlet:
+    """What the listener of either transport shares: the channels, its state, taking in.
+
+    :param host: what the notifications are handed to (the bus's dispatcher).
+    """
+
+    def __init__(self, host: ListenerHost) -> None:
+        self._host = host
+        self._inbound = host.inbound
+        #: The channels to LISTEN to (a dict: ordered, and a fast ``in`` per notification).
+        self.wanted: dict[str, None] = {}
+        self.terminal_error: ListenerError | None = None
+        self.reconnects = 0
+        #: Notifications received over the bus's life (the health check watches it move).
+        self.notifications = 0
+        #: Whether reading is paused (back-pressure), and how often it was.
+        self.paused = False
+        self.pauses = 0
+        self.last_error: BaseException | None = None
+        self.state = ListenerState.STARTING
+        self.state_since = time.time()
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels LISTENed to (or to be, once connected)."""
+        return tuple(self.wanted)
+
+    def set_channels(self, channels: Iterable[str]) -> None:
+        """Set the channels to LISTEN to once started (before :meth:`start` only)."""
+        self.wanted = dict.fromkeys(channels)
+
+    def _set_state(self, state: ListenerState) -> None:
+        if state is not self.state:
+            self.state = state
+            self.state_since = time.time()
+
+    def pause_reading(self) -> None:
+        """Stop taking notifications in until :meth:`resume_reading` (handlers are behind)."""
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+
+    def resume_reading(self) -> None:
+        """Take notifications in again."""
+        self.paused = False
+
+    def take(self, pid: int, channel: str, payload: str) -> None:
+        """Take one notification in: called for every one, so no await and one tuple."""
+        self.notifications += 1
+        inbound = self._inbound
+        if not inbound:  # the host may be waiting for one
+            self._host.inbound_ready()
+        inbound.append((channel, payload, pid, time.time()))
+        if len(inbound) >= INBOUND_HIGH_WATER and not self.paused:
+            self.pause_reading()
+
+
+class Listener(Inlet):
     """Owns the LISTEN connection of one Bus and keeps it alive.
 
     :param dsn: returns where to connect (asked at each connection attempt).
@@ -325,44 +382,22 @@ class Listener:
         connect_kwargs: Mapping[str, Any],
         allow_sql_ascii: bool = False,
     ) -> None:
+        super().__init__(host)
         self._dsn = dsn
         self._allow_sql_ascii = allow_sql_ascii
         self._last_words: LastWords | None = None
-        self._host = host
-        self._inbound = host.inbound
         self._connect_timeout = connect_timeout
         self._health_interval = health_check_interval
         self._health_timeout = health_check_timeout
         self._connect_kwargs = dict(connect_kwargs)
-        #: The channels to LISTEN to (a dict: ordered, and a fast ``in`` per notification).
-        self.wanted: dict[str, None] = {}
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self.terminal_error: ListenerError | None = None
-        self.reconnects = 0
-        #: Notifications received over the bus's life (the health check watches it move).
-        self.notifications = 0
-        #: Whether reading from the LISTEN socket is paused (back-pressure), and how often.
-        self.paused = False
-        self.pauses = 0
         self.connected_since: float | None = None
-        self.last_error: BaseException | None = None
-        self.state = ListenerState.STARTING
-        self.state_since = time.time()
         #: ``(disconnected_at, reconnected_at)`` of the last reconnect.
         self.last_gap: tuple[float, float] | None = None
-
-    @property
-    def channels(self) -> tuple[str, ...]:
-        """The channels LISTENed to (or to be, once connected)."""
-        return tuple(self.wanted)
-
-    def set_channels(self, channels: Iterable[str]) -> None:
-        """Set the channels to LISTEN to once started (before :meth:`start` only)."""
-        self.wanted = dict.fromkeys(channels)
 
     @property
     def connected(self) -> bool:
@@ -373,11 +408,6 @@ class Listener:
     def backend_pid(self) -> int | None:
         """The PostgreSQL backend pid of the LISTEN connection, while connected."""
         return self._conn.get_server_pid() if self.connected and self._conn else None
-
-    def _set_state(self, state: ListenerState) -> None:
-        if state is not self.state:
-            self.state = state
-            self.state_since = time.time()
 
     def pause_reading(self) -> None:
         """Stop reading notifications from the socket until :meth:`resume_reading`.
@@ -410,16 +440,6 @@ class Listener:
     def _callback(self, _conn: object, pid: int, channel: str, payload: object) -> None:
         """The ``add_listener`` callback (when :data:`DIRECT_NOTIFICATIONS` is off)."""
         self.take(pid, channel, str(payload))
-
-    def take(self, pid: int, channel: str, payload: str) -> None:
-        """Take one notification in: called for every one, so no await and one tuple."""
-        self.notifications += 1
-        inbound = self._inbound
-        if not inbound:  # the host may be waiting for one
-            self._host.inbound_ready()
-        inbound.append((channel, payload, pid, time.time()))
-        if len(inbound) >= INBOUND_HIGH_WATER and not self.paused:
-            self.pause_reading()
 
     async def start(self, timeout: float) -> None:  # noqa: ASYNC109 - a start deadline the caller sets
         """Start the supervisor and return once LISTEN is in place.

@@ -28,14 +28,18 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
+from pgbus._drivers import DriverError, executor
 from pgbus._events import NO_HEADERS, Event, Outgoing
+from pgbus._memory import no_database
 from pgbus._util import CONNECTION_ERRORS, keep_session, new_event_id, redact_dsn
 from pgbus.errors import ConfigError, PayloadTooLarge, PublishError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
+    from pgbus._drivers import AsyncConnection
     from pgbus._events import Encoder
+    from pgbus._memory import Broker
     from pgbus._plugins import PluginManager
 
 logger = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ NOTIFY_MANY_CHANNELS = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[
 #: What the driver raises when a statement or a connection fails.
 DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-#: What a connection accepted by ``publish(..., connection=…)`` must offer.
+#: An asyncpg connection (what ``notify``, ``changes`` and the durable tools take).
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
@@ -61,47 +65,25 @@ def check_size(channel: str, payload: str) -> None:
         raise PayloadTooLarge(channel, size, MAX_PAYLOAD_BYTES - 1)
 
 
-class Publisher:
-    """Encodes events and sends them: through a plugin that takes over, else NOTIFY.
+def notify(channels: Sequence[str], payloads: Sequence[str]) -> tuple[str, tuple[object, ...]]:
+    """The one statement that NOTIFYs ``payloads[i]`` on ``channels[i]``, and its arguments."""
+    first = channels[0]
+    if len(payloads) == 1:
+        return NOTIFY_ONE, (first, payloads[0])
+    if channels.count(first) == len(channels):
+        return NOTIFY_MANY, (first, list(payloads))
+    return NOTIFY_MANY_CHANNELS, (list(channels), list(payloads))
 
-    :param dsn: returns where to connect (asked when the pool is created).
-    :param plugins: the bus's plugin facade (encoders, the publish take-over, backoff).
-    :param owner: what the ``pgbus_publish`` hook receives as ``bus``.
-    :param connect_timeout: seconds one connection attempt may take.
-    :param pool_max_size: the pool's size.
-    :param connect_kwargs: extra :func:`asyncpg.connect` arguments.
-    :param retries: how many times a publish through the pool is retried.
-    :param timeout: seconds a publish through the pool may take, retries included.
+
+class Encoding:
+    """Gives events their ids and publish time, and encodes them (the bus's and the sync path's).
+
+    :param plugins: the plugin facade whose encoders are used.
     """
 
-    def __init__(
-        self,
-        dsn: Callable[[], str],
-        *,
-        plugins: PluginManager,
-        owner: object,
-        connect_timeout: float,
-        pool_max_size: int,
-        connect_kwargs: Mapping[str, Any],
-        retries: int = 3,
-        timeout: float = 10.0,
-    ) -> None:
-        self._dsn = dsn
+    def __init__(self, plugins: PluginManager) -> None:
         self._plugins = plugins
-        self._owner = owner
-        self._connect_timeout = connect_timeout
-        self._pool_max_size = pool_max_size
-        self._connect_kwargs = dict(connect_kwargs)
-        self._backoff = plugins.backoff
-        self._retries = retries
-        self._timeout = timeout
-        self._pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
         self._encoders: dict[type[Event], tuple[str, Encoder]] = {}
-        self.retried = 0
-        self._failures = 0
-
-    # -- encoding -------------------------------------------------------------------------
 
     def _encoder(self, event: Event) -> tuple[str, Encoder]:
         """The channel and the encoder of ``event``'s class, found once per class."""
@@ -140,13 +122,59 @@ class Publisher:
             outs.append(out)
         return outs
 
-    async def publish(self, outs: Sequence[Outgoing], connection: Connection | None) -> None:
+
+class Publisher(Encoding):
+    """Encodes events and sends them: through a plugin that takes over, else NOTIFY.
+
+    :param dsn: returns where to connect (asked when the pool is created).
+    :param plugins: the bus's plugin facade (encoders, the publish take-over, backoff).
+    :param owner: what the ``pgbus_publish`` hook receives as ``bus``.
+    :param connect_timeout: seconds one connection attempt may take.
+    :param pool_max_size: the pool's size.
+    :param connect_kwargs: extra :func:`asyncpg.connect` arguments.
+    :param retries: how many times a publish through the pool is retried.
+    :param timeout: seconds a publish through the pool may take, retries included.
+    :param memory: the broker of a ``memory://`` bus, which replaces NOTIFY and the pool.
+    """
+
+    def __init__(
+        self,
+        dsn: Callable[[], str],
+        *,
+        plugins: PluginManager,
+        owner: object,
+        connect_timeout: float,
+        pool_max_size: int,
+        connect_kwargs: Mapping[str, Any],
+        retries: int = 3,
+        timeout: float = 10.0,
+        memory: Broker | None = None,
+    ) -> None:
+        super().__init__(plugins)
+        self._memory = memory
+        self._dsn = dsn
+        self._owner = owner
+        self._connect_timeout = connect_timeout
+        self._pool_max_size = pool_max_size
+        self._connect_kwargs = dict(connect_kwargs)
+        self._backoff = plugins.backoff
+        self._retries = retries
+        self._timeout = timeout
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self.retried = 0
+        self._failures = 0
+
+    async def publish(self, outs: Sequence[Outgoing], connection: AsyncConnection | None) -> None:
         """Send encoded events: through a plugin that takes over (durable), else NOTIFY.
 
         :raises PayloadTooLarge: on the NOTIFY path, for a payload of 8000 bytes or more
             (nothing is sent).
         :raises PublishError: when it did not reach PostgreSQL.
+        :raises ConfigError: for a ``connection`` no supported driver made.
         """
+        if connection is not None:
+            self._check_connection(connection)
         taken = self._plugins.publish(self._owner, outs, connection)
         if taken is not None:
             await taken
@@ -157,11 +185,19 @@ class Publisher:
 
     # -- sending --------------------------------------------------------------------------
 
+    def _check_connection(self, connection: AsyncConnection) -> None:
+        """Fail here, whoever sends, for a ``connection`` the bus cannot publish on."""
+        if self._memory is not None:
+            raise no_database("connection= has no transaction to join; publish without it")
+        executor(connection)
+
     async def pool(self) -> asyncpg.Pool:
         """The publish pool, created on first use (nothing connects until it is used)."""
         pool = self._pool
         if pool is not None:
             return pool
+        if self._memory is not None:
+            raise no_database("there is no publish pool")
         async with self._pool_lock:
             if self._pool is None:
                 # min_size=0: nothing connects here, so this does not fail while the
@@ -180,29 +216,27 @@ class Publisher:
         self,
         channels: Sequence[str],
         payloads: Sequence[str],
-        connection: Connection | None = None,
+        connection: AsyncConnection | None = None,
     ) -> None:
         """NOTIFY ``payloads[i]`` on ``channels[i]``, in order, in one statement.
 
         :raises PublishError: when it failed; through the pool, after the retries.
         """
-        args: tuple[object, object]
-        first = channels[0]
-        if len(payloads) == 1:
-            query, args = NOTIFY_ONE, (first, payloads[0])
-        elif channels.count(first) == len(channels):
-            query, args = NOTIFY_MANY, (first, list(payloads))
-        else:
-            query, args = NOTIFY_MANY_CHANNELS, (list(channels), list(payloads))
+        if self._memory is not None:
+            if connection is not None:
+                self._check_connection(connection)
+            self._memory.notify(channels, payloads)
+            return
+        query, args = notify(channels, payloads)
         if connection is not None:  # the caller's transaction: never retried
             try:
-                await connection.execute(query, *args)
-            except DRIVER_ERRORS as exc:
+                await executor(connection).execute(query, *args)
+            except DriverError as exc:
                 raise PublishError(f"NOTIFY failed: {exc}") from exc
             return
         await self._send_pooled(query, args)
 
-    async def _send_pooled(self, query: str, args: tuple[object, object]) -> None:
+    async def _send_pooled(self, query: str, args: tuple[object, ...]) -> None:
         deadline = time.monotonic() + self._timeout
         attempt = 0
         while True:
@@ -221,7 +255,7 @@ class Publisher:
             await asyncio.sleep(delay)
 
     async def _attempt(
-        self, query: str, args: tuple[object, object], deadline: float, attempt: int
+        self, query: str, args: tuple[object, ...], deadline: float, attempt: int
     ) -> BaseException | None:
         """Send once: ``None`` when sent, the error when a fresh connection may work.
 

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping, Sequence
 
     from pgbus._bus import Bus
+    from pgbus._drivers import AsyncConnection
     from pgbus._events import DeadLetter, Decoder, Delivery, Encoder, Event, Message, Outgoing
-    from pgbus._publish import Connection
     from pgbus._subscription import Middleware, Overflow, Router, Subscription
     from pgbus.errors import ListenerError
 
@@ -137,7 +137,7 @@ def pgbus_handler_middleware(subscription: Subscription) -> Middleware | None:
 
 @hookspec(firstresult=True)
 def pgbus_publish(
-    bus: Bus, outgoing: Sequence[Outgoing], connection: Connection | None
+    bus: Bus, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
 ) -> Awaitable[None] | None:
     """Take over sending encoded events, instead of the built-in ``NOTIFY``.
 

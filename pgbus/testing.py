@@ -1,4 +1,10 @@
-"""Helpers for testing code that uses pgbus, against a real PostgreSQL.
+"""Helpers for testing code that uses pgbus, against a real PostgreSQL or in memory.
+
+The helpers work on any bus. ``pgbus.Bus("memory://")`` runs the whole receive path
+(codec, routing, retries, dead letters, metrics, the handler context) without a server:
+prefer it for unit tests of handlers. Use a real server (the pytest plugin's fixtures)
+for what only PostgreSQL does: publishing in your transaction (``connection=``), durable
+mode, reconnects and the server's limits.
 
 :func:`wait_for` waits (with a timeout) for an event of a given type to arrive on a bus;
 :class:`RecordingPlugin` records what a bus publishes, handles and fails on, and lets a

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from pgbus._drivers import DriverError, executor
 from pgbus._events import Message
 from pgbus._markers import hookimpl
 from pgbus._util import keep_session, plural, redact_dsn
@@ -17,17 +18,17 @@ from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
     Sql,
     check_schema,
-    is_missing_relation,
+    journal_args,
     migrate,
-    missing_schema_error,
-    taken_ids,
+    publish_error,
 )
-from pgbus.errors import ConfigError, DecodeError, DuplicateEventId, PublishError
+from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping, Sequence
 
     from pgbus._bus import Bus
+    from pgbus._drivers import AsyncConnection
     from pgbus._events import DeadLetter, Delivery
     from pgbus._publish import Connection
     from pgbus._subscription import Overflow, Subscription
@@ -332,33 +333,25 @@ class DurablePlugin:
 
     @hookimpl
     def pgbus_publish(
-        self, bus: Bus, outgoing: Sequence[Outgoing], connection: Connection | None
+        self, bus: Bus, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
     ) -> Awaitable[None] | None:
         """Journal and notify in one statement (the caller's transaction, if given)."""
         if bus is not self._bus or not all(o.event is not None for o in outgoing):
             return None
         return self._publish(outgoing, connection)
 
-    async def _publish(self, outgoing: Sequence[Outgoing], connection: Connection | None) -> None:
-        args = (
-            [o.channel for o in outgoing],
-            [o.id for o in outgoing],
-            [o.event.pgbus_type if o.event is not None else "" for o in outgoing],
-            [o.payload for o in outgoing],
-        )
+    async def _publish(
+        self, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
+    ) -> None:
+        args = journal_args(outgoing)
         try:
-            if connection is not None:
-                await connection.execute(self.sql.publish, *args)
+            if connection is not None:  # the caller's transaction, whatever its driver
+                await executor(connection).execute(self.sql.publish, *args)
                 return
             pool = await self.publish_pool()
             await pool.execute(self.sql.publish, *args)
-        except DRIVER_ERRORS as exc:
-            if is_missing_relation(exc):
-                raise missing_schema_error(self.schema) from exc
-            taken = taken_ids(exc)
-            if taken:
-                raise DuplicateEventId(taken) from exc
-            raise PublishError(f"durable publish failed: {exc}") from exc
+        except (DriverError, *DRIVER_ERRORS) as exc:
+            raise publish_error(exc, self.schema) from exc
 
     @hookimpl
     def pgbus_resolve_reference(

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import asyncpg
-
+from pgbus._drivers import sqlstate
 from pgbus._identifiers import check_identifier, quote_ident
-from pgbus.errors import ConfigError
+from pgbus.errors import ConfigError, DuplicateEventId, PgbusError, PublishError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pgbus._events import Outgoing
     from pgbus._publish import Connection
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ DEFAULT_SCHEMA = "pgbus"
 
 #: Starts the text of the error a publish fails with when an event id is taken.
 TAKEN_IDS_MARKER = "pgbus: event ids taken: "
+# The SQLSTATEs a failed publish is told by (any driver's error carries them).
+UNDEFINED_TABLE, INVALID_SCHEMA_NAME, INVALID_TEXT_REPRESENTATION = "42P01", "3F000", "22P02"
 
 #: NOTIFY refuses payloads of this many bytes or more; bigger events travel by reference.
 NOTIFY_LIMIT = 8000
@@ -207,15 +211,35 @@ async def migrate(conn: Connection, schema: str = DEFAULT_SCHEMA) -> tuple[int, 
 
 def is_missing_relation(exc: BaseException) -> bool:
     """Whether ``exc`` says a table or schema of the durable schema does not exist."""
-    return isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError)
+    return sqlstate(exc) in {UNDEFINED_TABLE, INVALID_SCHEMA_NAME}
 
 
 def taken_ids(exc: BaseException) -> list[str]:
     """The event ids a failed publish statement found taken (empty for another error)."""
-    if not isinstance(exc, asyncpg.InvalidTextRepresentationError):
+    if sqlstate(exc) != INVALID_TEXT_REPRESENTATION:
         return []
     _, marker, rest = str(exc).partition(TAKEN_IDS_MARKER)
     return rest.rstrip('"').split(",") if marker else []
+
+
+def journal_args(outgoing: Sequence[Outgoing]) -> tuple[list[str], ...]:
+    """The arguments of :attr:`Sql.publish` for encoded events: channels, ids, types, payloads."""
+    return (
+        [o.channel for o in outgoing],
+        [o.id for o in outgoing],
+        [o.event.pgbus_type if o.event is not None else "" for o in outgoing],
+        [o.payload for o in outgoing],
+    )
+
+
+def publish_error(exc: BaseException, schema: str) -> PgbusError:
+    """What a failed journal insert into ``schema`` raises, for any driver's ``exc``."""
+    if is_missing_relation(exc):
+        return missing_schema_error(schema)
+    taken = taken_ids(exc)
+    if taken:
+        return DuplicateEventId(taken)
+    return PublishError(f"durable publish failed: {exc}")
 
 
 def missing_schema_error(schema: str) -> SchemaError:

@@ -7,9 +7,13 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import pgbus
+import pgbus.sync
 
 if TYPE_CHECKING:
     import asyncpg
+    import psycopg
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
 
 
 class OrderPlaced(pgbus.Event, channel="orders"):
@@ -51,6 +55,25 @@ async def main(pool: asyncpg.Pool) -> None:
     pgbus.configure("postgresql://localhost/app")
     await pgbus.publish(OrderPlaced(order_id=4, total=Decimal(1)))
     await pgbus.close()
+
+
+async def other_drivers(session: AsyncSession, aconn: psycopg.AsyncConnection[object]) -> None:
+    async with session.begin():
+        await bus.publish(OrderPlaced(order_id=5, total=Decimal(1)), connection=session)
+    async with aconn.transaction():
+        await bus.publish_many([OrderPlaced(order_id=6, total=Decimal(1))], connection=aconn)
+
+
+def sync_publishers(conn: psycopg.Connection[object], orm: Session) -> None:
+    with conn.transaction():
+        event_id: str = pgbus.sync.publish(
+            OrderPlaced(order_id=7, total=Decimal(1)), connection=conn
+        )
+    with orm.begin():
+        ids: list[str] = pgbus.sync.publish_many(
+            [OrderPlaced(order_id=8, total=Decimal(1))], connection=orm, durable=True
+        )
+    del event_id, ids
 
 
 async def serve() -> None:
