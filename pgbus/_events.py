@@ -125,8 +125,11 @@ class Delivery:
         publisher), when there was one.
     :ivar headers: the envelope's headers (empty for bare payloads).
     :ivar attempt: the handler attempt this delivery is on, starting at 1.
+    :ivar redelivered: whether it was handed to its subscription before and is queued
+        again (a :class:`~pgbus.Nack`, a durable redelivery).
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``redelivered``.
     """
 
     message: Message
@@ -135,6 +138,7 @@ class Delivery:
     published_at: float | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=lambda: NO_HEADERS)
     attempt: int = 1
+    redelivered: bool = False
 
     @property
     def channel(self) -> str:

@@ -9,12 +9,14 @@ import enum
 import inspect
 import logging
 import math
+import operator
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
+from pgbus._context import context_parameter, is_async, with_context
 from pgbus._util import plural
 from pgbus.errors import ConfigError
 
@@ -241,6 +243,9 @@ class Subscription:
             raise ConfigError(
                 f"subscription {name!r}: overflow must be one of {choices}, not {overflow!r}"
             ) from None
+        #: Where the handler takes its Context (checked now: a parameter pgbus cannot
+        #: fill is a ConfigError at subscribe time, not a failure of every delivery).
+        self._context = context_parameter(handler, name)
         self.name = name
         self.channels = tuple(dict.fromkeys(channels))
         self.event_types = tuple(event_types)
@@ -273,6 +278,10 @@ class Subscription:
         self._idle: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
         self._drained: asyncio.Future[None] | None = None
+        #: Deliveries waiting out a delay before their next attempt (:meth:`defer`), and
+        #: the ids of those whose handler chain is returning after deferring them.
+        self._delayed: set[asyncio.TimerHandle] = set()
+        self._deferring: set[int] = set()
 
     def __repr__(self) -> str:
         what = ", ".join(t.__name__ for t in self.event_types) or "untyped"
@@ -293,25 +302,47 @@ class Subscription:
         """Deliveries its handler chain is working on right now."""
         return self._active
 
+    @property
+    def delayed(self) -> int:
+        """Deliveries waiting out a delay before their next attempt (see :meth:`defer`)."""
+        return len(self._delayed)
+
+    def defer(self, delivery: Delivery, delay: float) -> None:
+        """Queue ``delivery`` again after ``delay`` seconds, as its next attempt.
+
+        For a middleware (the retry plugin on :class:`~pgbus.Nack`) that returns right
+        after: the worker goes on with the deliveries behind it, and the return is not
+        reported as handled. The delivery comes back with ``attempt`` increased and
+        ``redelivered`` set, through the queue (its overflow policy applies). One still
+        waiting when the subscription stops is dropped, and counted by :meth:`stop`.
+
+        :param delivery: the delivery being handled.
+        :param delay: seconds to wait, at least 0.
+
+        .. versionadded:: 0.3.0
+        """
+        self._deferring.add(id(delivery))
+        if not self._started:
+            return
+        again = dataclasses.replace(delivery, attempt=delivery.attempt + 1, redelivered=True)
+
+        def due() -> None:
+            self._delayed.discard(handle)
+            self.offer(again)
+
+        handle = asyncio.get_running_loop().call_later(delay, due)
+        self._delayed.add(handle)
+
     def handler_call(self) -> CallNext:
-        """The innermost step of the chain: call the user's handler with the event."""
-        handler = self.handler
-        typed = self.typed
-        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
-        ):
+        """The innermost step of the chain: call the user's handler with the event.
 
-            async def call_async(delivery: Delivery) -> None:
-                await handler(delivery.event if typed else delivery.message)  # type: ignore[misc]
-
-            return call_async
-
-        async def call_in_thread(delivery: Delivery) -> None:
-            result = await asyncio.to_thread(handler, delivery.event if typed else delivery.message)
-            if inspect.isawaitable(result):
-                await result
-
-        return call_in_thread
+        Its shape was read when the subscription was made: a handler that takes a
+        :class:`~pgbus.Context` gets one built per call, others pay nothing for it.
+        """
+        argument = _EVENT if self.typed else _MESSAGE
+        if self._context is None:
+            return _call(self.handler, argument)
+        return _call(with_context(self.handler, self._context, self.name, argument), _itself)
 
     def start(self, middleware: Sequence[Middleware], host: SubscriptionHost) -> None:
         """Compose the handler chain and start the workers (the bus's dispatcher calls this).
@@ -387,6 +418,7 @@ class Subscription:
         if chain is None or host is None:  # pragma: no cover - start() sets both
             return
         handled = host.handled if host.wants_handled else None
+        deferring = self._deferring
         current = self._current
         clock = time.perf_counter
         while True:
@@ -406,11 +438,12 @@ class Subscription:
                     raise
                 await host.failed(self, delivery, exc)
             else:
-                if handled is not None:
+                if handled is not None and id(delivery) not in deferring:
                     handled(self, delivery, clock() - started)
             finally:
                 self._active -= 1
                 current[index] = None
+                deferring.discard(id(delivery))
             if self._drained is not None:
                 self._check_drained()
 
@@ -458,6 +491,16 @@ class Subscription:
                 )
             self._drained = None
         self._started = False
+        delayed, self._delayed = self._delayed, set()
+        for timer in delayed:
+            timer.cancel()
+        if delayed:
+            left += len(delayed)
+            logger.warning(
+                "subscription %s: %s waiting for a delayed retry at stop(); dropped",
+                self.name,
+                plural(len(delayed), "delivery", "deliveries"),
+            )
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.cancel()
@@ -522,6 +565,32 @@ def _wake_future(waiter: asyncio.Future[None]) -> bool:
         return False
     waiter.set_result(None)
     return True
+
+
+#: What a handler is given: the event (typed subscriptions) or the raw message.
+_EVENT = operator.attrgetter("event")
+_MESSAGE = operator.attrgetter("message")
+
+
+def _itself(delivery: Delivery) -> Delivery:
+    return delivery
+
+
+def _call(handler: Callable[[Any], Any], argument: Callable[[Delivery], Any]) -> CallNext:
+    """Call ``handler`` with ``argument(delivery)``: awaited, or run in a worker thread."""
+    if is_async(handler):
+
+        async def call_async(delivery: Delivery) -> None:
+            await handler(argument(delivery))
+
+        return call_async
+
+    async def call_in_thread(delivery: Delivery) -> None:
+        result = await asyncio.to_thread(handler, argument(delivery))
+        if inspect.isawaitable(result):
+            await result
+
+    return call_in_thread
 
 
 def _bind(mw: Middleware, call_next: CallNext) -> CallNext:
