@@ -29,7 +29,7 @@ from pgbus._util import plural, redact_dsn
 from pgbus.errors import AlreadyStarted, BusClosed, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
     from types import TracebackType
 
     import asyncpg
@@ -346,6 +346,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
     ) -> Callable[[H], H]: ...
     def subscribe(
         self,
@@ -361,6 +362,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
     ) -> Any:
         """Decorate a handler to subscribe it, before the bus starts.
 
@@ -391,6 +393,10 @@ class Bus:
             ``durable`` plugin: ``Bus(dsn, durable=True)``): it is fed from the journal,
             keeps its position in the database, replays what it missed, and shares the
             work with the other subscriptions of that name (a consumer group).
+        :param key: a function of the event (the message, for a channel subscription)
+            returning a hashable key: events with equal keys are handled one at a time,
+            in publish order, events with different keys in parallel (up to
+            ``concurrency``). An event whose key function raises is dead-lettered.
         :raises AlreadyStarted: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.
         :raises ConfigError: for anything else it cannot subscribe to.
@@ -403,6 +409,7 @@ class Bus:
             "where": where,
             "overflow": overflow,
             "durable": durable,
+            "key": key,
         }
         if len(targets) == 1 and callable(targets[0]) and not _is_target(targets[0]):
             handler = targets[0]
@@ -433,6 +440,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to ``target``; while running, LISTEN before returning.
 
@@ -455,6 +463,7 @@ class Bus:
             where=where,
             overflow=overflow,
             durable=durable,
+            key=key,
         )
         self._add(sub, running_ok=True)
         self._set_resync(sub, on_resync)

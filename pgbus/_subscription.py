@@ -13,7 +13,7 @@ import operator
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 from pgbus._context import context_parameter, is_async, with_context
@@ -216,6 +216,7 @@ class Subscription:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"subscription {name!r}: concurrency must be at least 1")
@@ -234,6 +235,8 @@ class Subscription:
             )
         if where is not None and not callable(where):
             raise ConfigError(f"subscription {name!r}: where must be callable")
+        if key is not None and not callable(key):
+            raise ConfigError(f"subscription {name!r}: key must be callable, not {key!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"subscription {name!r}: retry must be a pgbus.Retry")
         try:
@@ -260,6 +263,8 @@ class Subscription:
         self.overflow = policy
         self.dropped = 0
         self.durable = durable
+        self.key = key
+        self._keys = None if key is None else _KeyOrder(key, _EVENT if event_types else _MESSAGE)
         #: Deliveries waiting for a worker, in order; beyond ``max_pending`` (only with
         #: ``Overflow.WAIT``) they are the backlog the bus counts against its bound.
         self._pending: deque[Delivery] = deque()
@@ -294,8 +299,8 @@ class Subscription:
 
     @property
     def pending(self) -> int:
-        """Deliveries waiting for the handler (in the queue and behind it)."""
-        return len(self._pending)
+        """Deliveries waiting for the handler (in the queue, behind it, and behind their key)."""
+        return len(self._pending) + (self._keys.parked if self._keys is not None else 0)
 
     @property
     def running(self) -> int:
@@ -412,7 +417,7 @@ class Subscription:
             if self._idle:
                 _wake(self._idle)
 
-    async def _work(self, index: int) -> None:
+    async def _work(self, index: int) -> None:  # noqa: C901 - the hot loop, inlined on purpose
         pending = self._pending
         chain, host = self._chain, self._host
         if chain is None or host is None:  # pragma: no cover - start() sets both
@@ -421,31 +426,51 @@ class Subscription:
         deferring = self._deferring
         current = self._current
         clock = time.perf_counter
+        keys = self._keys
         while True:
-            if not pending:
+            if not pending or (keys is not None and keys.parked >= self.max_pending):
                 await _wait(self._idle)
                 continue
-            delivery = pending.popleft()
+            delivery: Delivery | None = pending.popleft()
             if len(pending) >= self.max_pending or self._putters:
                 self._made_room()
-            self._active += 1
-            current[index] = delivery
-            started = clock() if handled is not None else 0.0
-            try:
-                await chain(delivery)
-            except BaseException as exc:  # whatever a handler raises is its failure ...
-                if is_own_cancellation(exc):  # ... but stop() cancelling this worker
-                    raise
-                await host.failed(self, delivery, exc)
-            else:
-                if handled is not None and id(delivery) not in deferring:
-                    handled(self, delivery, clock() - started)
-            finally:
-                self._active -= 1
-                current[index] = None
-                deferring.discard(id(delivery))
+            if keys is not None:
+                delivery = await self._claim(keys, delivery)  # type: ignore[arg-type]
+            while delivery is not None:  # with a key: then its key's next, in order
+                self._active += 1
+                current[index] = delivery
+                started = clock() if handled is not None else 0.0
+                try:
+                    await chain(delivery)
+                except BaseException as exc:  # whatever a handler raises is its failure ...
+                    if is_own_cancellation(exc):  # ... but stop() cancelling this worker
+                        raise
+                    await host.failed(self, delivery, exc)
+                else:
+                    if handled is not None and id(delivery) not in deferring:
+                        handled(self, delivery, clock() - started)
+                finally:
+                    self._active -= 1
+                    current[index] = None
+                    deferring.discard(id(delivery))
+                delivery = None if keys is None else keys.release(delivery, self._idle)
             if self._drained is not None:
                 self._check_drained()
+
+    async def _claim(self, keys: _KeyOrder, delivery: Delivery) -> Delivery | None:
+        """``delivery`` if its key is free (now taken), else ``None``: parked, or dead."""
+        try:
+            return delivery if keys.claim(delivery) else None
+        except Exception as exc:  # the key function raised: a dead letter, never stuck
+            logger.warning(
+                "subscription %s: its key function failed on %s: %r",
+                self.name,
+                f"event {delivery.id}" if delivery.id else "a delivery",
+                exc,
+                extra={"channel": delivery.channel},
+            )
+            await self._host.failed(self, delivery, exc)  # type: ignore[union-attr]  # started
+            return None
 
     def _made_room(self) -> None:
         """A worker took a delivery: one moves up from the backlog, or a producer may go on."""
@@ -482,7 +507,7 @@ class Subscription:
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained), max(0.0, timeout - grace))
             except TimeoutError:
-                left = len(pending) + self._active
+                left = self.pending + self._active
                 logger.warning(
                     "subscription %s: %s not handled within %.1f s of stop(); dropped",
                     self.name,
@@ -491,16 +516,7 @@ class Subscription:
                 )
             self._drained = None
         self._started = False
-        delayed, self._delayed = self._delayed, set()
-        for timer in delayed:
-            timer.cancel()
-        if delayed:
-            left += len(delayed)
-            logger.warning(
-                "subscription %s: %s waiting for a delayed retry at stop(); dropped",
-                self.name,
-                plural(len(delayed), "delivery", "deliveries"),
-            )
+        left += self._drop_delayed()
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.cancel()
@@ -517,13 +533,32 @@ class Subscription:
                 f"event {delivery.id}" if delivery is not None and delivery.id else "a delivery",
                 delivery.channel if delivery is not None else "?",
             )
-        behind = len(pending) - self.max_pending
+        self._forget_queued()
+        return left
+
+    def _drop_delayed(self) -> int:
+        """Cancel the delayed retries (stop): how many there were, logged."""
+        delayed, self._delayed = self._delayed, set()
+        for timer in delayed:
+            timer.cancel()
+        if delayed:
+            logger.warning(
+                "subscription %s: %s waiting for a delayed retry at stop(); dropped",
+                self.name,
+                plural(len(delayed), "delivery", "deliveries"),
+            )
+        return len(delayed)
+
+    def _forget_queued(self) -> None:
+        """Drop what is still queued (stop), and let waiting producers go."""
+        behind = len(self._pending) - self.max_pending
         if behind > 0 and self._host is not None:  # no longer counted by the bus
             self._host.backlog_changed(-behind)
-        pending.clear()
+        self._pending.clear()
+        if self._keys is not None:
+            self._keys.clear()
         while self._putters:
             _wake(self._putters)
-        return left
 
 
 def is_own_cancellation(error: BaseException) -> bool:
@@ -565,6 +600,58 @@ def _wake_future(waiter: asyncio.Future[None]) -> bool:
         return False
     waiter.set_result(None)
     return True
+
+
+class _KeyOrder:
+    """The keys being handled, and the deliveries parked behind each, in order."""
+
+    __slots__ = ("argument", "held", "key", "parked", "taken")
+
+    def __init__(self, key: Callable[[Any], Hashable], argument: Callable[[Delivery], Any]) -> None:
+        self.key = key
+        self.argument = argument
+        #: Each key being handled: the deliveries of that key waiting behind it.
+        self.held: dict[Hashable, deque[Delivery]] = {}
+        #: The key of each delivery being handled, by ``id()``.
+        self.taken: dict[int, Hashable] = {}
+        self.parked = 0
+
+    def claim(self, delivery: Delivery) -> bool:
+        """Take ``delivery``'s key (``True``), or park it behind that key (``False``).
+
+        :raises Exception: what the key function raised, or ``TypeError`` for a key
+            that is not hashable.
+        """
+        key = self.key(self.argument(delivery))
+        behind = self.held.get(key)
+        if behind is not None:
+            behind.append(delivery)
+            self.parked += 1
+            return False
+        self.held[key] = deque()
+        self.taken[id(delivery)] = key
+        return True
+
+    def release(self, delivery: Delivery, idle: deque[asyncio.Future[None]]) -> Delivery | None:
+        """``delivery`` is done: the next one of its key (the key stays taken), or ``None``."""
+        key = self.taken.pop(id(delivery))
+        behind = self.held[key]
+        if not behind:
+            del self.held[key]
+            return None
+        after = behind.popleft()
+        self.parked -= 1
+        self.taken[id(after)] = key
+        if idle:  # a worker may have stopped taking deliveries while too many were parked
+            _wake(idle)
+        return after
+
+    def clear(self) -> int:
+        """Forget every key (the subscription stops); returns how many were parked."""
+        parked, self.parked = self.parked, 0
+        self.held.clear()
+        self.taken.clear()
+        return parked
 
 
 #: What a handler is given: the event (typed subscriptions) or the raw message.

@@ -183,8 +183,9 @@ class Nack(Exception):  # noqa: N818 - the name the public API promises
     was the last one, the delivery is dead-lettered with this ``Nack`` as its error.
     Unlike a failure, a plain subscription does not wait for the delay in its worker:
     the delivery is queued again when the delay is over, and the events behind it are
-    handled meanwhile (a key-ordered subscription keeps that key's later events waiting).
-    A durable subscription waits in its worker (its retries are not persisted yet)::
+    handled meanwhile. A key-ordered subscription (``key=``) waits in the worker, so
+    that key's later events wait too, and so does a durable one (its retries are not
+    persisted yet)::
 
         @bus.subscribe(OrderPlaced)
         async def charge(event: OrderPlaced) -> None:

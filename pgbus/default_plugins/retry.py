@@ -86,7 +86,10 @@ def _retry(policy: Retry, subscription: Subscription, bus: Bus | None) -> Middle
     attempts = policy.attempts
     retry_on = policy.on
     name = subscription.name
-    defer = subscription.defer if subscription.durable is None else None
+    # in place, in the worker: a key-ordered one (the key's later events wait) or a
+    # durable one (its retries are not persisted yet)
+    in_place = subscription.durable is not None or subscription.key is not None
+    defer = None if in_place else subscription.defer
 
     async def retry(delivery: Delivery, call_next: CallNext) -> None:
         while True:
@@ -122,7 +125,7 @@ def _retry(policy: Retry, subscription: Subscription, bus: Bus | None) -> Middle
             if nacked and defer is not None:  # the worker goes on; the delivery comes back
                 defer(delivery, delay)
                 return
-            await asyncio.sleep(delay)  # in place: keeps order (durable: not persisted yet)
+            await asyncio.sleep(delay)  # in place: keeps the order
             delivery.attempt = attempt + 1
 
     return retry
