@@ -40,7 +40,7 @@ if _typing.TYPE_CHECKING:
     from pgbus._bus import Bus
     from pgbus._config import resolve_dsn
     from pgbus._context import Context
-    from pgbus._events import DeadLetter, Delivery, Event, Message, Outgoing
+    from pgbus._events import Batch, DeadLetter, Delivery, Event, Message, Outgoing
     from pgbus._markers import hookimpl
     from pgbus._metrics_publisher import MetricsPublisher
     from pgbus._status import BusState, BusStatus, Gap, ListenerState
@@ -77,6 +77,7 @@ if _typing.TYPE_CHECKING:
 #: ``pgbus --help``) does not pay for asyncpg and pydantic until they are needed.
 _LAZY = {
     "AlreadyStarted": "pgbus.errors",
+    "Batch": "pgbus._events",
     "Bus": "pgbus._bus",
     "BusClosed": "pgbus.errors",
     "BusState": "pgbus._status",
@@ -127,6 +128,7 @@ _LAZY = {
 
 __all__ = [
     "AlreadyStarted",
+    "Batch",
     "Bus",
     "BusClosed",
     "BusState",

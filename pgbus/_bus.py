@@ -347,6 +347,8 @@ class Bus:
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
         key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> Callable[[H], H]: ...
     def subscribe(
         self,
@@ -363,6 +365,8 @@ class Bus:
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
         key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> Any:
         """Decorate a handler to subscribe it, before the bus starts.
 
@@ -397,6 +401,11 @@ class Bus:
             returning a hashable key: events with equal keys are handled one at a time,
             in publish order, events with different keys in parallel (up to
             ``concurrency``). An event whose key function raises is dead-lettered.
+        :param batch: make it a batch handler: it gets a list of up to ``batch`` events
+            (messages, for a channel subscription) at once, what is queued or arrives
+            within ``batch_wait`` seconds (default 0.05); the batch is retried whole and
+            dead-lettered event by event.
+        :param batch_wait: how long a batch waits to fill, in seconds.
         :raises AlreadyStarted: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.
         :raises ConfigError: for anything else it cannot subscribe to.
@@ -410,6 +419,8 @@ class Bus:
             "overflow": overflow,
             "durable": durable,
             "key": key,
+            "batch": batch,
+            "batch_wait": batch_wait,
         }
         if len(targets) == 1 and callable(targets[0]) and not _is_target(targets[0]):
             handler = targets[0]
@@ -441,6 +452,8 @@ class Bus:
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
         key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to ``target``; while running, LISTEN before returning.
 
@@ -464,6 +477,8 @@ class Bus:
             overflow=overflow,
             durable=durable,
             key=key,
+            batch=batch,
+            batch_wait=batch_wait,
         )
         self._add(sub, running_ok=True)
         self._set_resync(sub, on_resync)

@@ -14,7 +14,9 @@ import inspect
 import json
 from typing import TYPE_CHECKING, Any
 
-from pgbus._events import NO_HEADERS
+from pydantic import BaseModel
+
+from pgbus._events import NO_HEADERS, Message
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -115,11 +117,14 @@ class ContextParameter:
     positional: bool
 
 
-def context_parameter(handler: Callable[..., Any], subscription: str) -> ContextParameter | None:
+def context_parameter(
+    handler: Callable[..., Any], subscription: str, *, batch: bool = False
+) -> ContextParameter | None:
     """Check that pgbus can call ``handler``; where it takes a :class:`Context`, if anywhere.
 
     :param handler: the user's handler.
     :param subscription: names the subscription in the error.
+    :param batch: whether it is a batch handler (it takes a list, and no context yet).
     :returns: the context parameter, or ``None`` when the handler takes none.
     :raises ConfigError: for a handler without a parameter for the event, or with a
         parameter that has no default and that pgbus cannot fill.
@@ -131,12 +136,7 @@ def context_parameter(handler: Callable[..., Any], subscription: str) -> Context
     except Exception:  # an annotation that cannot be resolved: read them as written
         signature = inspect.signature(handler)
     params = list(signature.parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not params or params[0].kind not in (*positional, inspect.Parameter.VAR_POSITIONAL):
-        raise ConfigError(
-            f"subscription {subscription!r}: its handler must take the event as its first"
-            " positional parameter"
-        )
+    _check_event_parameter(params, subscription)
     found: ContextParameter | None = None
     for index, param in enumerate(params[1:], start=1):
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -161,7 +161,40 @@ def context_parameter(handler: Callable[..., Any], subscription: str) -> Context
                 f" {param.name!r}{named}; it fills the event and a parameter annotated"
                 " pgbus.Context, others need a default"
             )
+    if batch:
+        _check_batch_handler(params[0], found, subscription)
     return found
+
+
+def _check_event_parameter(params: list[inspect.Parameter], subscription: str) -> None:
+    """Refuse a handler without a first positional parameter for the event."""
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    if not params or params[0].kind not in positional:
+        raise ConfigError(
+            f"subscription {subscription!r}: its handler must take the event as its first"
+            " positional parameter"
+        )
+
+
+def _check_batch_handler(
+    param: inspect.Parameter, context: ContextParameter | None, subscription: str
+) -> None:
+    """Refuse a batch handler that takes one event (or message), or a context."""
+    if context is not None:
+        raise ConfigError(
+            f"subscription {subscription!r}: a batch handler gets no pgbus.Context"
+            f" (parameter {context.name!r}) yet"
+        )
+    what = param.annotation
+    if isinstance(what, type) and issubclass(what, BaseModel | Message):
+        raise ConfigError(
+            f"subscription {subscription!r}: a batch handler gets a list; annotate"
+            f" {param.name!r} as list[{what.__qualname__}]"
+        )
 
 
 def _name(annotation: object) -> str:

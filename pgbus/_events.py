@@ -147,6 +147,35 @@ class Delivery:
 
 
 @dataclasses.dataclass(slots=True)
+class Batch(Delivery):
+    """The deliveries a batch handler (``subscribe(..., batch=N)``) gets at once.
+
+    It is one delivery to the handler chain: middleware, retries and timeouts see it
+    whole, it is retried whole, and when it fails for good each of its events becomes a
+    dead letter. Its other fields are those of its first delivery.
+
+    :ivar deliveries: the deliveries, in the order they were queued.
+
+    .. versionadded:: 0.3.0
+    """
+
+    deliveries: list[Delivery] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, deliveries: list[Delivery]) -> Batch:
+        """The batch of ``deliveries`` (at least one), with the first one's fields."""
+        first = deliveries[0]
+        return cls(
+            first.message,
+            None,
+            first.id,
+            first.published_at,
+            first.headers,
+            deliveries=deliveries,
+        )
+
+
+@dataclasses.dataclass(slots=True)
 class Outgoing:
     """An event (or raw payload) on its way out, as encoders and observers see it.
 

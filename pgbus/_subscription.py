@@ -14,14 +14,15 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
 from pgbus._context import context_parameter, is_async, with_context
+from pgbus._events import Batch
 from pgbus._util import plural
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pgbus._events import Delivery, Event
+    from pgbus._events import Delivery, Event, Message
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ Router: TypeAlias = Callable[["Delivery"], Sequence["Subscription"]]
 
 #: Default bound of a subscription's queue of deliveries waiting for its handler.
 DEFAULT_MAX_PENDING = 10_000
+
+#: Seconds a batch handler's worker waits for a batch to fill, by default.
+DEFAULT_BATCH_WAIT = 0.05
 
 #: Seconds at most that :meth:`Subscription.stop` leaves cancelled handlers to end.
 CANCEL_GRACE = 1.0
@@ -196,8 +200,13 @@ class Subscription:
     :ivar dropped: how many deliveries its overflow policy dropped.
     :ivar durable: the durable name (consumer group) of a durable subscription, fed from
         the journal by the ``durable`` plugin instead of by NOTIFY; ``None`` for a plain one.
+    :ivar key: the key function of a key-ordered subscription (equal keys one at a time,
+        in order), or ``None``.
+    :ivar batch: the largest batch of a batch handler, or ``None`` for one event a call.
+    :ivar batch_wait: seconds a batch waits to fill.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`.
     """
 
     def __init__(
@@ -217,6 +226,8 @@ class Subscription:
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
         key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"subscription {name!r}: concurrency must be at least 1")
@@ -235,8 +246,7 @@ class Subscription:
             )
         if where is not None and not callable(where):
             raise ConfigError(f"subscription {name!r}: where must be callable")
-        if key is not None and not callable(key):
-            raise ConfigError(f"subscription {name!r}: key must be callable, not {key!r}")
+        _check_key_and_batch(name, key, batch, batch_wait, durable)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"subscription {name!r}: retry must be a pgbus.Retry")
         try:
@@ -248,7 +258,7 @@ class Subscription:
             ) from None
         #: Where the handler takes its Context (checked now: a parameter pgbus cannot
         #: fill is a ConfigError at subscribe time, not a failure of every delivery).
-        self._context = context_parameter(handler, name)
+        self._context = context_parameter(handler, name, batch=batch is not None)
         self.name = name
         self.channels = tuple(dict.fromkeys(channels))
         self.event_types = tuple(event_types)
@@ -264,6 +274,7 @@ class Subscription:
         self.dropped = 0
         self.durable = durable
         self.key = key
+        self.batch, self.batch_wait = batch, batch_wait or DEFAULT_BATCH_WAIT
         self._keys = None if key is None else _KeyOrder(key, _EVENT if event_types else _MESSAGE)
         #: Deliveries waiting for a worker, in order; beyond ``max_pending`` (only with
         #: ``Overflow.WAIT``) they are the backlog the bus counts against its bound.
@@ -344,7 +355,11 @@ class Subscription:
         Its shape was read when the subscription was made: a handler that takes a
         :class:`~pgbus.Context` gets one built per call, others pay nothing for it.
         """
-        argument = _EVENT if self.typed else _MESSAGE
+        argument: Callable[[Delivery], Any]
+        if self.batch is not None:
+            argument = _EVENTS if self.typed else _MESSAGES
+        else:
+            argument = _EVENT if self.typed else _MESSAGE
         if self._context is None:
             return _call(self.handler, argument)
         return _call(with_context(self.handler, self._context, self.name, argument), _itself)
@@ -417,7 +432,7 @@ class Subscription:
             if self._idle:
                 _wake(self._idle)
 
-    async def _work(self, index: int) -> None:  # noqa: C901 - the hot loop, inlined on purpose
+    async def _work(self, index: int) -> None:  # noqa: C901, PLR0912 - the hot loop, inlined on purpose
         pending = self._pending
         chain, host = self._chain, self._host
         if chain is None or host is None:  # pragma: no cover - start() sets both
@@ -427,6 +442,7 @@ class Subscription:
         current = self._current
         clock = time.perf_counter
         keys = self._keys
+        collect = self._collect if self.batch is not None else None
         while True:
             if not pending or (keys is not None and keys.parked >= self.max_pending):
                 await _wait(self._idle)
@@ -436,6 +452,8 @@ class Subscription:
                 self._made_room()
             if keys is not None:
                 delivery = await self._claim(keys, delivery)  # type: ignore[arg-type]
+            elif collect is not None:
+                delivery = await collect(delivery)  # type: ignore[arg-type]
             while delivery is not None:  # with a key: then its key's next, in order
                 self._active += 1
                 current[index] = delivery
@@ -456,6 +474,24 @@ class Subscription:
                 delivery = None if keys is None else keys.release(delivery, self._idle)
             if self._drained is not None:
                 self._check_drained()
+
+    async def _collect(self, first: Delivery) -> Batch:
+        """A batch: ``first`` and what is queued or arrives within ``batch_wait``."""
+        pending, size = self._pending, self.batch or 1
+        deliveries = [first]
+        deadline = asyncio.get_running_loop().time() + self.batch_wait
+        while len(deliveries) < size:
+            if not pending:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_wait(self._idle), left)
+                continue
+            deliveries.append(pending.popleft())
+            if len(pending) >= self.max_pending or self._putters:
+                self._made_room()
+        return Batch.of(deliveries)
 
     async def _claim(self, keys: _KeyOrder, delivery: Delivery) -> Delivery | None:
         """``delivery`` if its key is free (now taken), else ``None``: parked, or dead."""
@@ -657,6 +693,45 @@ class _KeyOrder:
 #: What a handler is given: the event (typed subscriptions) or the raw message.
 _EVENT = operator.attrgetter("event")
 _MESSAGE = operator.attrgetter("message")
+
+
+def _EVENTS(batch: Delivery) -> list[Any]:  # noqa: N802 - named like the getters above
+    return [d.event for d in cast("Batch", batch).deliveries]
+
+
+def _MESSAGES(batch: Delivery) -> list[Message]:  # noqa: N802 - named like the getters above
+    return [d.message for d in cast("Batch", batch).deliveries]
+
+
+def _check_key_and_batch(
+    name: str,
+    key: object,
+    batch: int | None,
+    batch_wait: float | None,
+    durable: str | None,
+) -> None:
+    """Refuse ``key=`` and batch options that cannot work, saying what is wrong."""
+    if key is not None and not callable(key):
+        raise ConfigError(f"subscription {name!r}: key must be callable, not {key!r}")
+    if batch is None:
+        if batch_wait is not None:
+            raise ConfigError(f"subscription {name!r}: batch_wait needs batch=")
+        return
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(
+            f"subscription {name!r}: batch must be an int of at least 1, not {batch!r}"
+        )
+    if batch_wait is not None and not (
+        isinstance(batch_wait, int | float) and math.isfinite(batch_wait) and batch_wait >= 0
+    ):
+        raise ConfigError(
+            f"subscription {name!r}: batch_wait must be a finite number of seconds >= 0,"
+            f" not {batch_wait!r}"
+        )
+    if key is not None:
+        raise ConfigError(f"subscription {name!r}: batch= and key= do not go together yet")
+    if durable is not None:
+        raise ConfigError(f"subscription {name!r}: batch handlers need a plain subscription yet")
 
 
 def _itself(delivery: Delivery) -> Delivery:

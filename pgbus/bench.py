@@ -23,6 +23,9 @@ Scenarios:
     nothing. Every event must arrive: ``lost`` counts those that did not.
 ``receive_metrics``
     the same pgbus receive with the metrics plugin on, against it blocked.
+``receive_batch``
+    the same receive into a batch handler (``batch=100, batch_wait=0.05``, a list of
+    typed events per call) with every default plugin on, against the same raw listener.
 ``latency_1k`` and ``latency_5k``
     publish to handler entry at a paced rate, p99 (p50 and max in the details).
 ``fanout``
@@ -120,6 +123,7 @@ SCENARIOS: Final = (
     "publish_many",
     "receive",
     "receive_metrics",
+    "receive_batch",
     "latency_1k",
     "latency_5k",
     "fanout",
@@ -468,9 +472,9 @@ class Counter:
         self.done = asyncio.get_running_loop().create_future()
         return self.done
 
-    def hit(self) -> None:
-        """Count one arrival."""
-        self.count += 1
+    def hit(self, n: int = 1) -> None:
+        """Count ``n`` arrivals (a batch handler's list)."""
+        self.count += n
         if self.count >= self.expected:
             done = self.done
             if done is not None and not done.done():
@@ -670,17 +674,27 @@ async def bench_publish_many(cfg: Config) -> Result:
 
 
 async def _receive_pgbus(
-    cfg: Config, *, disable: Sequence[str] = ()
+    cfg: Config, *, disable: Sequence[str] = (), batch: int | None = None
 ) -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
-    """A running Bus with an async handler, and a runner that fills and times it."""
+    """A running Bus with an async handler, and a runner that fills and times it.
+
+    With ``batch``, the handler is a batch handler of that size.
+    """
     cls = event_class(new_channel("recv"))
     channel = cls.pgbus_channel or ""
     counter = Counter()
     bus = Bus(cfg.dsn, load_entrypoints=False, disable_plugins=disable)
+    if batch is None:
 
-    @bus.subscribe(cls)
-    async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - the event is what is handled
-        counter.hit()
+        @bus.subscribe(cls)
+        async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - the event is what is handled
+            counter.hit()
+
+    else:
+
+        @bus.subscribe(cls, batch=batch, batch_wait=0.05)
+        async def handle_batch(events: list[BenchEvent]) -> None:
+            counter.hit(len(events))
 
     template = envelope_template()
     pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
@@ -828,6 +842,25 @@ async def bench_receive_metrics(cfg: Config) -> Result:
         # resolve a difference of 10 % through the noise of a shared machine.
         reps = cfg.reps if cfg.quick else 3 * cfg.reps
         await interleave(result, reps, [("pgbus", on), ("baseline", off)], cfg.progress)
+    return result
+
+
+async def bench_receive_batch(cfg: Config) -> Result:
+    """Receive into a batch handler, every default plugin on, against the raw listener."""
+    result = Result(
+        "receive_batch",
+        "receive: decode + route + batch handler (batch=100), all default plugins",
+        "events/s",
+        higher_is_better=True,
+        **ratio_target(1.0, ", lost = 0"),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        batched = await stack.enter_async_context(_as_cm(_receive_pgbus(cfg, batch=100)))
+        raw = await stack.enter_async_context(_as_cm(_receive_raw(cfg)))
+        await interleave(result, cfg.reps, [("pgbus", batched), ("baseline", raw)], cfg.progress)
+    result.notes.append(
+        "raw: asyncpg listener, sync callback RawEnvelope.model_validate_json(payload)"
+    )
     return result
 
 
@@ -1423,6 +1456,7 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "publish_many": bench_publish_many,
     "receive": bench_receive,
     "receive_metrics": bench_receive_metrics,
+    "receive_batch": bench_receive_batch,
     "latency_1k": lambda cfg: bench_latency(cfg, 1_000),
     "latency_5k": lambda cfg: bench_latency(cfg, 5_000),
     "fanout": bench_fanout,
