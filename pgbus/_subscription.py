@@ -470,7 +470,8 @@ class Subscription:
                 finally:
                     self._active -= 1
                     current[index] = None
-                    deferring.discard(id(delivery))
+                    if deferring:
+                        deferring.discard(id(delivery))
                 delivery = None if keys is None else keys.release(delivery, self._idle)
             if self._drained is not None:
                 self._check_drained()
