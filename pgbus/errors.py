@@ -201,7 +201,7 @@ class Nack(Exception):  # noqa: N818 - the name the public API promises
     """
 
     def __init__(self, delay: float | dt.timedelta = 0.0) -> None:
-        self.delay = seconds(delay, "Nack: delay")
+        self.delay = _seconds(delay, "Nack: delay")
         super().__init__(f"nack, retry in {self.delay:g} s")
 
 
@@ -221,7 +221,7 @@ class Reject(Exception):  # noqa: N818 - the name the public API promises
         super().__init__(reason)
 
 
-def seconds(value: float | dt.timedelta, what: str) -> float:
+def _seconds(value: float | dt.timedelta, what: str) -> float:
     """``value`` (seconds or a ``timedelta``) as a finite, non-negative number of seconds.
 
     :param value: the duration.
