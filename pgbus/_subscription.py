@@ -31,8 +31,10 @@ CallNext: TypeAlias = Callable[["Delivery"], Awaitable[None]]
 #: ``async def middleware(delivery, call_next) -> None``.
 Middleware: TypeAlias = Callable[["Delivery", CallNext], Awaitable[None]]
 #: A handler: ``async def`` or plain ``def`` (run in a worker thread), given the event
-#: (typed subscriptions) or the :class:`~pgbus.Message` (untyped ones).
-Handler: TypeAlias = Callable[[Any], Awaitable[None] | None]
+#: (typed subscriptions) or the :class:`~pgbus.Message` (untyped ones), a list of them
+#: (batch handlers), and a :class:`~pgbus.Context` if it has a parameter for one; its
+#: signature is checked by ``subscribe()``.
+Handler: TypeAlias = Callable[..., Awaitable[None] | None]
 #: Picks the subscriptions a delivery goes to.
 Router: TypeAlias = Callable[["Delivery"], Sequence["Subscription"]]
 
