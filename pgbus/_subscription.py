@@ -479,7 +479,12 @@ class Subscription:
                 self._check_drained()
 
     async def _collect(self, first: Delivery) -> Batch:
-        """A batch: ``first`` and what is queued or arrives within ``batch_wait``."""
+        """A batch: ``first`` and what is queued or arrives within ``batch_wait``.
+
+        A batch queued again (a :class:`~pgbus.Nack`) comes back as it was.
+        """
+        if isinstance(first, Batch):
+            return first
         pending, size = self._pending, self.batch or 1
         deliveries = [first]
         deadline = asyncio.get_running_loop().time() + self.batch_wait
@@ -491,6 +496,8 @@ class Subscription:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_wait(self._idle), left)
                 continue
+            if isinstance(pending[0], Batch):
+                break  # a nacked batch is handled as it was, not inside this one
             deliveries.append(pending.popleft())
             if len(pending) >= self.max_pending or self._putters:
                 self._made_room()

@@ -140,3 +140,24 @@ def test_batch_handler_must_take_a_list_and_no_context(make_bus):
         bus.subscribe(Order, batch=5)(one)
     with pytest.raises(pgbus.ConfigError, match=r"no pgbus\.Context"):
         bus.subscribe(Order, batch=5)(with_context)
+
+
+async def test_a_nacked_batch_comes_back_whole(make_bus, channel):
+    """A batch handler's Nack hands the same events again, as one batch, on the next attempt."""
+    Order = event_on(channel)
+    calls: list[list[int]] = []
+    done = asyncio.Event()
+    bus = make_bus()
+
+    @bus.subscribe(Order, batch=3, batch_wait=0.5)
+    async def handler(events: list[pgbus.Event]) -> None:
+        calls.append([e.n for e in events])  # type: ignore[attr-defined]
+        if len(calls) == 1:
+            raise pgbus.Nack(delay=0.01)
+        if sum(map(len, calls)) == 6:
+            done.set()
+
+    async with bus:
+        await bus.publish_many([Order(n=i) for i in range(3)])
+        await asyncio.wait_for(done.wait(), 5)
+    assert calls == [[0, 1, 2], [0, 1, 2]]
