@@ -39,7 +39,8 @@ if _typing.TYPE_CHECKING:
     from pgbus._api import close, configure, get_bus, notify, publish, publish_many
     from pgbus._bus import Bus
     from pgbus._config import resolve_dsn
-    from pgbus._events import DeadLetter, Delivery, Event, Message, Outgoing
+    from pgbus._context import Context
+    from pgbus._events import Batch, DeadLetter, Delivery, Event, Message, Outgoing
     from pgbus._markers import hookimpl
     from pgbus._metrics_publisher import MetricsPublisher
     from pgbus._status import BusState, BusStatus, Gap, ListenerState
@@ -63,10 +64,12 @@ if _typing.TYPE_CHECKING:
         InvalidChannel,
         InvalidIdentifier,
         ListenerError,
+        Nack,
         PayloadTooLarge,
         PgbusError,
         PluginError,
         PublishError,
+        Reject,
         ServerNotFound,
     )
 
@@ -74,6 +77,7 @@ if _typing.TYPE_CHECKING:
 #: ``pgbus --help``) does not pay for asyncpg and pydantic until they are needed.
 _LAZY = {
     "AlreadyStarted": "pgbus.errors",
+    "Batch": "pgbus._events",
     "Bus": "pgbus._bus",
     "BusClosed": "pgbus.errors",
     "BusState": "pgbus._status",
@@ -82,6 +86,7 @@ _LAZY = {
     "ChannelStats": "pgbus.default_plugins.metrics",
     "ClusterError": "pgbus.errors",
     "ConfigError": "pgbus.errors",
+    "Context": "pgbus._context",
     "DeadLetter": "pgbus._events",
     "DecodeError": "pgbus.errors",
     "Delivery": "pgbus._events",
@@ -95,6 +100,7 @@ _LAZY = {
     "ListenerError": "pgbus.errors",
     "ListenerState": "pgbus._status",
     "Message": "pgbus._events",
+    "Nack": "pgbus.errors",
     "MetricsPublisher": "pgbus._metrics_publisher",
     "MetricsSnapshot": "pgbus.default_plugins.metrics",
     "Outgoing": "pgbus._events",
@@ -103,6 +109,7 @@ _LAZY = {
     "PgbusError": "pgbus.errors",
     "PluginError": "pgbus.errors",
     "PublishError": "pgbus.errors",
+    "Reject": "pgbus.errors",
     "Retry": "pgbus._subscription",
     "RowChanged": "pgbus.changes",
     "ServerNotFound": "pgbus.errors",
@@ -121,6 +128,7 @@ _LAZY = {
 
 __all__ = [
     "AlreadyStarted",
+    "Batch",
     "Bus",
     "BusClosed",
     "BusState",
@@ -129,6 +137,7 @@ __all__ = [
     "ChannelStats",
     "ClusterError",
     "ConfigError",
+    "Context",
     "DeadLetter",
     "DecodeError",
     "Delivery",
@@ -144,12 +153,14 @@ __all__ = [
     "Message",
     "MetricsPublisher",
     "MetricsSnapshot",
+    "Nack",
     "Outgoing",
     "Overflow",
     "PayloadTooLarge",
     "PgbusError",
     "PluginError",
     "PublishError",
+    "Reject",
     "Retry",
     "RowChanged",
     "ServerNotFound",

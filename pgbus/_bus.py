@@ -30,7 +30,7 @@ from pgbus._util import plural, redact_dsn
 from pgbus.errors import AlreadyStarted, BusClosed, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
     from types import TracebackType
 
     import asyncpg
@@ -357,6 +357,9 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> Callable[[H], H]: ...
     def subscribe(
         self,
@@ -372,6 +375,9 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> Any:
         """Decorate a handler to subscribe it, before the bus starts.
 
@@ -402,6 +408,15 @@ class Bus:
             ``durable`` plugin: ``Bus(dsn, durable=True)``): it is fed from the journal,
             keeps its position in the database, replays what it missed, and shares the
             work with the other subscriptions of that name (a consumer group).
+        :param key: a function of the event (the message, for a channel subscription)
+            returning a hashable key: events with equal keys are handled one at a time,
+            in publish order, events with different keys in parallel (up to
+            ``concurrency``). An event whose key function raises is dead-lettered.
+        :param batch: make it a batch handler: it gets a list of up to ``batch`` events
+            (messages, for a channel subscription) at once, what is queued or arrives
+            within ``batch_wait`` seconds (default 0.05); the batch is retried whole and
+            dead-lettered event by event.
+        :param batch_wait: how long a batch waits to fill, in seconds.
         :raises AlreadyStarted: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.
         :raises ConfigError: for anything else it cannot subscribe to.
@@ -414,6 +429,9 @@ class Bus:
             "where": where,
             "overflow": overflow,
             "durable": durable,
+            "key": key,
+            "batch": batch,
+            "batch_wait": batch_wait,
         }
         if len(targets) == 1 and callable(targets[0]) and not _is_target(targets[0]):
             handler = targets[0]
@@ -444,6 +462,9 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to ``target``; while running, LISTEN before returning.
 
@@ -466,6 +487,9 @@ class Bus:
             where=where,
             overflow=overflow,
             durable=durable,
+            key=key,
+            batch=batch,
+            batch_wait=batch_wait,
         )
         self._add(sub, running_ok=True)
         self._set_resync(sub, on_resync)

@@ -451,4 +451,5 @@ def _copy(delivery: Delivery) -> Delivery:
         delivery.published_at,
         delivery.headers,
         delivery.attempt,
+        delivery.redelivered,
     )

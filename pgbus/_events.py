@@ -125,8 +125,11 @@ class Delivery:
         publisher), when there was one.
     :ivar headers: the envelope's headers (empty for bare payloads).
     :ivar attempt: the handler attempt this delivery is on, starting at 1.
+    :ivar redelivered: whether it was handed to its subscription before and is queued
+        again (a :class:`~pgbus.Nack`, a durable redelivery).
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``redelivered``.
     """
 
     message: Message
@@ -135,11 +138,41 @@ class Delivery:
     published_at: float | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=lambda: NO_HEADERS)
     attempt: int = 1
+    redelivered: bool = False
 
     @property
     def channel(self) -> str:
         """The channel the notification arrived on."""
         return self.message.channel
+
+
+@dataclasses.dataclass(slots=True)
+class Batch(Delivery):
+    """The deliveries a batch handler (``subscribe(..., batch=N)``) gets at once.
+
+    It is one delivery to the handler chain: middleware, retries and timeouts see it
+    whole, it is retried whole, and when it fails for good each of its events becomes a
+    dead letter. Its other fields are those of its first delivery.
+
+    :ivar deliveries: the deliveries, in the order they were queued.
+
+    .. versionadded:: 0.3.0
+    """
+
+    deliveries: list[Delivery] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, deliveries: list[Delivery]) -> Batch:
+        """The batch of ``deliveries`` (at least one), with the first one's fields."""
+        first = deliveries[0]
+        return cls(
+            first.message,
+            None,
+            first.id,
+            first.published_at,
+            first.headers,
+            deliveries=deliveries,
+        )
 
 
 @dataclasses.dataclass(slots=True)

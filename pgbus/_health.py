@@ -33,9 +33,12 @@ _SUBSCRIPTION_METRICS = (
     ("retried_total", "counter", "Attempts followed by a retry.", "retried"),
     ("dead_lettered_total", "counter", "Deliveries given up on.", "dead_lettered"),
     ("dropped_total", "counter", "Deliveries dropped by the overflow policy.", "dropped"),
+    ("nacked_total", "counter", "Handler attempts that raised pgbus.Nack.", "nacked"),
+    ("rejected_total", "counter", "Deliveries whose handler raised pgbus.Reject.", "rejected"),
     ("handler_seconds_total", "counter", "Seconds spent in handler attempts.", "handler_seconds"),
     ("pending", "gauge", "Deliveries waiting in the queue.", "pending"),
     ("running", "gauge", "Deliveries being handled.", "running"),
+    ("delayed", "gauge", "Deliveries waiting out a nack's delay.", "delayed"),
 )
 
 #: ``(metric, help, field)`` of each channel's counters.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pluggy
 
 from pgbus import hookspecs
-from pgbus._events import DeadLetter
+from pgbus._events import Batch, DeadLetter
 from pgbus._util import await_all
 from pgbus.default_plugins import DEFAULT_PLUGINS, OPTIONAL_PLUGINS
 from pgbus.errors import PluginError
@@ -398,7 +398,12 @@ class PluginManager:
             extra={"channel": delivery.channel},
         )
         await self.on_handler_error(subscription, delivery, error)
-        await self.on_dead_letter(DeadLetter.from_failure(subscription, delivery, error))
+        if not isinstance(delivery, Batch):
+            await self.on_dead_letter(DeadLetter.from_failure(subscription, delivery, error))
+            return
+        for one in delivery.deliveries:  # the batch failed whole: each event is a dead letter
+            one.attempt = delivery.attempt
+            await self.on_dead_letter(DeadLetter.from_failure(subscription, one, error))
 
     # -- the guards ------------------------------------------------------------------------
 

@@ -9,17 +9,20 @@ import enum
 import inspect
 import logging
 import math
+import operator
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
+from pgbus._context import context_parameter, is_async, with_context
+from pgbus._events import Batch
 from pgbus._util import plural
 from pgbus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pgbus._events import Delivery, Event
+    from pgbus._events import Delivery, Event, Message
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +31,18 @@ CallNext: TypeAlias = Callable[["Delivery"], Awaitable[None]]
 #: ``async def middleware(delivery, call_next) -> None``.
 Middleware: TypeAlias = Callable[["Delivery", CallNext], Awaitable[None]]
 #: A handler: ``async def`` or plain ``def`` (run in a worker thread), given the event
-#: (typed subscriptions) or the :class:`~pgbus.Message` (untyped ones).
-Handler: TypeAlias = Callable[[Any], Awaitable[None] | None]
+#: (typed subscriptions) or the :class:`~pgbus.Message` (untyped ones), a list of them
+#: (batch handlers), and a :class:`~pgbus.Context` if it has a parameter for one; its
+#: signature is checked by ``subscribe()``.
+Handler: TypeAlias = Callable[..., Awaitable[None] | None]
 #: Picks the subscriptions a delivery goes to.
 Router: TypeAlias = Callable[["Delivery"], Sequence["Subscription"]]
 
 #: Default bound of a subscription's queue of deliveries waiting for its handler.
 DEFAULT_MAX_PENDING = 10_000
+
+#: Seconds a batch handler's worker waits for a batch to fill, by default.
+DEFAULT_BATCH_WAIT = 0.05
 
 #: Seconds at most that :meth:`Subscription.stop` leaves cancelled handlers to end.
 CANCEL_GRACE = 1.0
@@ -194,8 +202,13 @@ class Subscription:
     :ivar dropped: how many deliveries its overflow policy dropped.
     :ivar durable: the durable name (consumer group) of a durable subscription, fed from
         the journal by the ``durable`` plugin instead of by NOTIFY; ``None`` for a plain one.
+    :ivar key: the key function of a key-ordered subscription (equal keys one at a time,
+        in order), or ``None``.
+    :ivar batch: the largest batch of a batch handler, or ``None`` for one event a call.
+    :ivar batch_wait: seconds a batch waits to fill.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`.
     """
 
     def __init__(
@@ -214,6 +227,9 @@ class Subscription:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        key: Callable[[Any], Hashable] | None = None,
+        batch: int | None = None,
+        batch_wait: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"subscription {name!r}: concurrency must be at least 1")
@@ -232,6 +248,7 @@ class Subscription:
             )
         if where is not None and not callable(where):
             raise ConfigError(f"subscription {name!r}: where must be callable")
+        _check_key_and_batch(name, key, batch, batch_wait, durable)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"subscription {name!r}: retry must be a pgbus.Retry")
         try:
@@ -241,6 +258,9 @@ class Subscription:
             raise ConfigError(
                 f"subscription {name!r}: overflow must be one of {choices}, not {overflow!r}"
             ) from None
+        #: Where the handler takes its Context (checked now: a parameter pgbus cannot
+        #: fill is a ConfigError at subscribe time, not a failure of every delivery).
+        self._context = context_parameter(handler, name, batch=batch is not None)
         self.name = name
         self.channels = tuple(dict.fromkeys(channels))
         self.event_types = tuple(event_types)
@@ -255,6 +275,9 @@ class Subscription:
         self.overflow = policy
         self.dropped = 0
         self.durable = durable
+        self.key = key
+        self.batch, self.batch_wait = batch, batch_wait or DEFAULT_BATCH_WAIT
+        self._keys = None if key is None else _KeyOrder(key, _EVENT if event_types else _MESSAGE)
         #: Deliveries waiting for a worker, in order; beyond ``max_pending`` (only with
         #: ``Overflow.WAIT``) they are the backlog the bus counts against its bound.
         self._pending: deque[Delivery] = deque()
@@ -273,6 +296,10 @@ class Subscription:
         self._idle: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
         self._drained: asyncio.Future[None] | None = None
+        #: Deliveries waiting out a delay before their next attempt (:meth:`defer`), and
+        #: the ids of those whose handler chain is returning after deferring them.
+        self._delayed: set[asyncio.TimerHandle] = set()
+        self._deferring: set[int] = set()
 
     def __repr__(self) -> str:
         what = ", ".join(t.__name__ for t in self.event_types) or "untyped"
@@ -285,33 +312,59 @@ class Subscription:
 
     @property
     def pending(self) -> int:
-        """Deliveries waiting for the handler (in the queue and behind it)."""
-        return len(self._pending)
+        """Deliveries waiting for the handler (in the queue, behind it, and behind their key)."""
+        return len(self._pending) + (self._keys.parked if self._keys is not None else 0)
 
     @property
     def running(self) -> int:
         """Deliveries its handler chain is working on right now."""
         return self._active
 
+    @property
+    def delayed(self) -> int:
+        """Deliveries waiting out a delay before their next attempt (see :meth:`defer`)."""
+        return len(self._delayed)
+
+    def defer(self, delivery: Delivery, delay: float) -> None:
+        """Queue ``delivery`` again after ``delay`` seconds, as its next attempt.
+
+        For a middleware (the retry plugin on :class:`~pgbus.Nack`) that returns right
+        after: the worker goes on with the deliveries behind it, and the return is not
+        reported as handled. The delivery comes back with ``attempt`` increased and
+        ``redelivered`` set, through the queue (its overflow policy applies). One still
+        waiting when the subscription stops is dropped, and counted by :meth:`stop`.
+
+        :param delivery: the delivery being handled.
+        :param delay: seconds to wait, at least 0.
+
+        .. versionadded:: 0.3.0
+        """
+        self._deferring.add(id(delivery))
+        if not self._started:
+            return
+        again = dataclasses.replace(delivery, attempt=delivery.attempt + 1, redelivered=True)
+
+        def due() -> None:
+            self._delayed.discard(handle)
+            self.offer(again)
+
+        handle = asyncio.get_running_loop().call_later(delay, due)
+        self._delayed.add(handle)
+
     def handler_call(self) -> CallNext:
-        """The innermost step of the chain: call the user's handler with the event."""
-        handler = self.handler
-        typed = self.typed
-        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
-        ):
+        """The innermost step of the chain: call the user's handler with the event.
 
-            async def call_async(delivery: Delivery) -> None:
-                await handler(delivery.event if typed else delivery.message)  # type: ignore[misc]
-
-            return call_async
-
-        async def call_in_thread(delivery: Delivery) -> None:
-            result = await asyncio.to_thread(handler, delivery.event if typed else delivery.message)
-            if inspect.isawaitable(result):
-                await result
-
-        return call_in_thread
+        Its shape was read when the subscription was made: a handler that takes a
+        :class:`~pgbus.Context` gets one built per call, others pay nothing for it.
+        """
+        argument: Callable[[Delivery], Any]
+        if self.batch is not None:
+            argument = _EVENTS if self.typed else _MESSAGES
+        else:
+            argument = _EVENT if self.typed else _MESSAGE
+        if self._context is None:
+            return _call(self.handler, argument)
+        return _call(with_context(self.handler, self._context, self.name, argument), _itself)
 
     def start(self, middleware: Sequence[Middleware], host: SubscriptionHost) -> None:
         """Compose the handler chain and start the workers (the bus's dispatcher calls this).
@@ -381,38 +434,89 @@ class Subscription:
             if self._idle:
                 _wake(self._idle)
 
-    async def _work(self, index: int) -> None:
+    async def _work(self, index: int) -> None:  # noqa: C901, PLR0912 - the hot loop, inlined on purpose
         pending = self._pending
         chain, host = self._chain, self._host
         if chain is None or host is None:  # pragma: no cover - start() sets both
             return
         handled = host.handled if host.wants_handled else None
+        deferring = self._deferring
         current = self._current
         clock = time.perf_counter
+        keys = self._keys
+        collect = self._collect if self.batch is not None else None
         while True:
-            if not pending:
+            if not pending or (keys is not None and keys.parked >= self.max_pending):
                 await _wait(self._idle)
                 continue
-            delivery = pending.popleft()
+            delivery: Delivery | None = pending.popleft()
             if len(pending) >= self.max_pending or self._putters:
                 self._made_room()
-            self._active += 1
-            current[index] = delivery
-            started = clock() if handled is not None else 0.0
-            try:
-                await chain(delivery)
-            except BaseException as exc:  # whatever a handler raises is its failure ...
-                if is_own_cancellation(exc):  # ... but stop() cancelling this worker
-                    raise
-                await host.failed(self, delivery, exc)
-            else:
-                if handled is not None:
-                    handled(self, delivery, clock() - started)
-            finally:
-                self._active -= 1
-                current[index] = None
+            if keys is not None:
+                delivery = await self._claim(keys, delivery)  # type: ignore[arg-type]
+            elif collect is not None:
+                delivery = await collect(delivery)  # type: ignore[arg-type]
+            while delivery is not None:  # with a key: then its key's next, in order
+                self._active += 1
+                current[index] = delivery
+                started = clock() if handled is not None else 0.0
+                try:
+                    await chain(delivery)
+                except BaseException as exc:  # whatever a handler raises is its failure ...
+                    if is_own_cancellation(exc):  # ... but stop() cancelling this worker
+                        raise
+                    await host.failed(self, delivery, exc)
+                else:
+                    if handled is not None and id(delivery) not in deferring:
+                        handled(self, delivery, clock() - started)
+                finally:
+                    self._active -= 1
+                    current[index] = None
+                    if deferring:
+                        deferring.discard(id(delivery))
+                delivery = None if keys is None else keys.release(delivery, self._idle)
             if self._drained is not None:
                 self._check_drained()
+
+    async def _collect(self, first: Delivery) -> Batch:
+        """A batch: ``first`` and what is queued or arrives within ``batch_wait``.
+
+        A batch queued again (a :class:`~pgbus.Nack`) comes back as it was.
+        """
+        if isinstance(first, Batch):
+            return first
+        pending, size = self._pending, self.batch or 1
+        deliveries = [first]
+        deadline = asyncio.get_running_loop().time() + self.batch_wait
+        while len(deliveries) < size:
+            if not pending:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_wait(self._idle), left)
+                continue
+            if isinstance(pending[0], Batch):
+                break  # a nacked batch is handled as it was, not inside this one
+            deliveries.append(pending.popleft())
+            if len(pending) >= self.max_pending or self._putters:
+                self._made_room()
+        return Batch.of(deliveries)
+
+    async def _claim(self, keys: _KeyOrder, delivery: Delivery) -> Delivery | None:
+        """``delivery`` if its key is free (now taken), else ``None``: parked, or dead."""
+        try:
+            return delivery if keys.claim(delivery) else None
+        except Exception as exc:  # the key function raised: a dead letter, never stuck
+            logger.warning(
+                "subscription %s: its key function failed on %s: %r",
+                self.name,
+                f"event {delivery.id}" if delivery.id else "a delivery",
+                exc,
+                extra={"channel": delivery.channel},
+            )
+            await self._host.failed(self, delivery, exc)  # type: ignore[union-attr]  # started
+            return None
 
     def _made_room(self) -> None:
         """A worker took a delivery: one moves up from the backlog, or a producer may go on."""
@@ -449,7 +553,7 @@ class Subscription:
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained), max(0.0, timeout - grace))
             except TimeoutError:
-                left = len(pending) + self._active
+                left = self.pending + self._active
                 logger.warning(
                     "subscription %s: %s not handled within %.1f s of stop(); dropped",
                     self.name,
@@ -458,6 +562,7 @@ class Subscription:
                 )
             self._drained = None
         self._started = False
+        left += self._drop_delayed()
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.cancel()
@@ -474,13 +579,32 @@ class Subscription:
                 f"event {delivery.id}" if delivery is not None and delivery.id else "a delivery",
                 delivery.channel if delivery is not None else "?",
             )
-        behind = len(pending) - self.max_pending
+        self._forget_queued()
+        return left
+
+    def _drop_delayed(self) -> int:
+        """Cancel the delayed retries (stop): how many there were, logged."""
+        delayed, self._delayed = self._delayed, set()
+        for timer in delayed:
+            timer.cancel()
+        if delayed:
+            logger.warning(
+                "subscription %s: %s waiting for a delayed retry at stop(); dropped",
+                self.name,
+                plural(len(delayed), "delivery", "deliveries"),
+            )
+        return len(delayed)
+
+    def _forget_queued(self) -> None:
+        """Drop what is still queued (stop), and let waiting producers go."""
+        behind = len(self._pending) - self.max_pending
         if behind > 0 and self._host is not None:  # no longer counted by the bus
             self._host.backlog_changed(-behind)
-        pending.clear()
+        self._pending.clear()
+        if self._keys is not None:
+            self._keys.clear()
         while self._putters:
             _wake(self._putters)
-        return left
 
 
 def is_own_cancellation(error: BaseException) -> bool:
@@ -522,6 +646,123 @@ def _wake_future(waiter: asyncio.Future[None]) -> bool:
         return False
     waiter.set_result(None)
     return True
+
+
+class _KeyOrder:
+    """The keys being handled, and the deliveries parked behind each, in order."""
+
+    __slots__ = ("argument", "held", "key", "parked", "taken")
+
+    def __init__(self, key: Callable[[Any], Hashable], argument: Callable[[Delivery], Any]) -> None:
+        self.key = key
+        self.argument = argument
+        #: Each key being handled: the deliveries of that key waiting behind it.
+        self.held: dict[Hashable, deque[Delivery]] = {}
+        #: The key of each delivery being handled, by ``id()``.
+        self.taken: dict[int, Hashable] = {}
+        self.parked = 0
+
+    def claim(self, delivery: Delivery) -> bool:
+        """Take ``delivery``'s key (``True``), or park it behind that key (``False``).
+
+        :raises Exception: what the key function raised, or ``TypeError`` for a key
+            that is not hashable.
+        """
+        key = self.key(self.argument(delivery))
+        behind = self.held.get(key)
+        if behind is not None:
+            behind.append(delivery)
+            self.parked += 1
+            return False
+        self.held[key] = deque()
+        self.taken[id(delivery)] = key
+        return True
+
+    def release(self, delivery: Delivery, idle: deque[asyncio.Future[None]]) -> Delivery | None:
+        """``delivery`` is done: the next one of its key (the key stays taken), or ``None``."""
+        key = self.taken.pop(id(delivery))
+        behind = self.held[key]
+        if not behind:
+            del self.held[key]
+            return None
+        after = behind.popleft()
+        self.parked -= 1
+        self.taken[id(after)] = key
+        if idle:  # a worker may have stopped taking deliveries while too many were parked
+            _wake(idle)
+        return after
+
+    def clear(self) -> int:
+        """Forget every key (the subscription stops); returns how many were parked."""
+        parked, self.parked = self.parked, 0
+        self.held.clear()
+        self.taken.clear()
+        return parked
+
+
+#: What a handler is given: the event (typed subscriptions) or the raw message.
+_EVENT = operator.attrgetter("event")
+_MESSAGE = operator.attrgetter("message")
+
+
+def _EVENTS(batch: Delivery) -> list[Any]:  # noqa: N802 - named like the getters above
+    return [d.event for d in cast("Batch", batch).deliveries]
+
+
+def _MESSAGES(batch: Delivery) -> list[Message]:  # noqa: N802 - named like the getters above
+    return [d.message for d in cast("Batch", batch).deliveries]
+
+
+def _check_key_and_batch(
+    name: str,
+    key: object,
+    batch: int | None,
+    batch_wait: float | None,
+    durable: str | None,
+) -> None:
+    """Refuse ``key=`` and batch options that cannot work, saying what is wrong."""
+    if key is not None and not callable(key):
+        raise ConfigError(f"subscription {name!r}: key must be callable, not {key!r}")
+    if batch is None:
+        if batch_wait is not None:
+            raise ConfigError(f"subscription {name!r}: batch_wait needs batch=")
+        return
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(
+            f"subscription {name!r}: batch must be an int of at least 1, not {batch!r}"
+        )
+    if batch_wait is not None and not (
+        isinstance(batch_wait, int | float) and math.isfinite(batch_wait) and batch_wait >= 0
+    ):
+        raise ConfigError(
+            f"subscription {name!r}: batch_wait must be a finite number of seconds >= 0,"
+            f" not {batch_wait!r}"
+        )
+    if key is not None:
+        raise ConfigError(f"subscription {name!r}: batch= and key= do not go together yet")
+    if durable is not None:
+        raise ConfigError(f"subscription {name!r}: batch handlers need a plain subscription yet")
+
+
+def _itself(delivery: Delivery) -> Delivery:
+    return delivery
+
+
+def _call(handler: Callable[[Any], Any], argument: Callable[[Delivery], Any]) -> CallNext:
+    """Call ``handler`` with ``argument(delivery)``: awaited, or run in a worker thread."""
+    if is_async(handler):
+
+        async def call_async(delivery: Delivery) -> None:
+            await handler(argument(delivery))
+
+        return call_async
+
+    async def call_in_thread(delivery: Delivery) -> None:
+        result = await asyncio.to_thread(handler, argument(delivery))
+        if inspect.isawaitable(result):
+            await result
+
+    return call_in_thread
 
 
 def _bind(mw: Middleware, call_next: CallNext) -> CallNext:

@@ -23,6 +23,9 @@ Scenarios:
     nothing. Every event must arrive: ``lost`` counts those that did not.
 ``receive_metrics``
     the same pgbus receive with the metrics plugin on, against it blocked.
+``receive_batch``
+    the same receive into a batch handler (``batch=100, batch_wait=0.05``, a list of
+    typed events per call) with every default plugin on, against the same raw listener.
 ``latency_1k`` and ``latency_5k``
     publish to handler entry at a paced rate, p99 (p50 and max in the details).
 ``fanout``
@@ -120,6 +123,7 @@ SCENARIOS: Final = (
     "publish_many",
     "receive",
     "receive_metrics",
+    "receive_batch",
     "latency_1k",
     "latency_5k",
     "fanout",
@@ -468,9 +472,9 @@ class Counter:
         self.done = asyncio.get_running_loop().create_future()
         return self.done
 
-    def hit(self) -> None:
-        """Count one arrival."""
-        self.count += 1
+    def hit(self, n: int = 1) -> None:
+        """Count ``n`` arrivals (a batch handler's list)."""
+        self.count += n
         if self.count >= self.expected:
             done = self.done
             if done is not None and not done.done():
@@ -670,17 +674,27 @@ async def bench_publish_many(cfg: Config) -> Result:
 
 
 async def _receive_pgbus(
-    cfg: Config, *, disable: Sequence[str] = ()
+    cfg: Config, *, disable: Sequence[str] = (), batch: int | None = None
 ) -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
-    """A running Bus with an async handler, and a runner that fills and times it."""
+    """A running Bus with an async handler, and a runner that fills and times it.
+
+    With ``batch``, the handler is a batch handler of that size.
+    """
     cls = event_class(new_channel("recv"))
     channel = cls.pgbus_channel or ""
     counter = Counter()
     bus = Bus(cfg.dsn, load_entrypoints=False, disable_plugins=disable)
+    if batch is None:
 
-    @bus.subscribe(cls)
-    async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - the event is what is handled
-        counter.hit()
+        @bus.subscribe(cls)
+        async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - the event is what is handled
+            counter.hit()
+
+    else:
+
+        @bus.subscribe(cls, batch=batch, batch_wait=0.05)
+        async def handle_batch(events: list[BenchEvent]) -> None:
+            counter.hit(len(events))
 
     template = envelope_template()
     pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
@@ -785,24 +799,30 @@ def broadcaster_installed() -> bool:
     return importlib.util.find_spec("broadcaster") is not None
 
 
-async def bench_receive(cfg: Config) -> Result:
-    """Receive throughput: pgbus with every default plugin against a raw listener."""
+async def bench_receive(cfg: Config, *, batch: int | None = None) -> Result:
+    """Receive throughput: pgbus with every default plugin against a raw listener.
+
+    With ``batch``, into a batch handler of that size (``receive_batch``, no peers).
+    """
+    handler = "async handler" if batch is None else f"batch handler (batch={batch})"
     result = Result(
-        "receive",
-        "receive: decode + route + async handler, all default plugins",
+        "receive" if batch is None else "receive_batch",
+        f"receive: decode + route + {handler}, all default plugins",
         "events/s",
         higher_is_better=True,
-        **ratio_target(0.6, ", lost = 0"),
+        **ratio_target(0.6 if batch is None else 1.0, ", lost = 0"),
     )
     async with contextlib.AsyncExitStack() as stack:
+        pgbus_side = _receive_pgbus(cfg, batch=batch)
         sides: list[tuple[str, Callable[[], Awaitable[Measure]]]] = [
-            ("pgbus", await stack.enter_async_context(_as_cm(_receive_pgbus(cfg)))),
+            ("pgbus", await stack.enter_async_context(_as_cm(pgbus_side))),
             ("baseline", await stack.enter_async_context(_as_cm(_receive_raw(cfg)))),
         ]
-        if broadcaster_installed():
+        peers = batch is None  # the peers are compared on the plain receive
+        if peers and broadcaster_installed():
             bcast = await stack.enter_async_context(_as_cm(_receive_broadcaster(cfg)))
             sides.append(("broadcaster", bcast))
-        else:
+        elif peers:
             result.notes.append("broadcaster is not installed (pip install 'pgbus[bench]')")
         await interleave(result, cfg.reps, sides, cfg.progress)
     result.notes.append(
@@ -1423,6 +1443,7 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "publish_many": bench_publish_many,
     "receive": bench_receive,
     "receive_metrics": bench_receive_metrics,
+    "receive_batch": lambda cfg: bench_receive(cfg, batch=100),
     "latency_1k": lambda cfg: bench_latency(cfg, 1_000),
     "latency_5k": lambda cfg: bench_latency(cfg, 5_000),
     "fanout": bench_fanout,

@@ -17,6 +17,9 @@ The tree::
     ├── ServerNotFound (also RuntimeError)   no PostgreSQL server could be found or started
     └── ClusterError (also RuntimeError)     a throwaway cluster failed to initialise, start or stop
 
+    Nack                                     a handler's "handle this again later" (control flow)
+    Reject                                   a handler's "dead-letter this now" (control flow)
+
 Driver errors (:mod:`asyncpg`) are wrapped at one boundary and chained with ``from``, so
 ``exc.__cause__`` holds the original.
 
@@ -25,6 +28,8 @@ Driver errors (:mod:`asyncpg`) are wrapped at one boundary and chained with ``fr
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,10 +45,12 @@ __all__ = [
     "InvalidChannel",
     "InvalidIdentifier",
     "ListenerError",
+    "Nack",
     "PayloadTooLarge",
     "PgbusError",
     "PluginError",
     "PublishError",
+    "Reject",
     "ServerNotFound",
 ]
 
@@ -167,3 +174,67 @@ class ClusterError(PgbusError, RuntimeError):
 
     The message includes the tail of the server's log when there is one.
     """
+
+
+class Nack(Exception):  # noqa: N818 - the name the public API promises
+    """Raised by a handler: handle this delivery again after ``delay``.
+
+    The attempt counts under the subscription's :class:`~pgbus.Retry` policy: when it
+    was the last one, the delivery is dead-lettered with this ``Nack`` as its error.
+    Unlike a failure, a plain subscription does not wait for the delay in its worker:
+    the delivery is queued again when the delay is over, and the events behind it are
+    handled meanwhile. A key-ordered subscription (``key=``) waits in the worker, so
+    that key's later events wait too, and so does a durable one (its retries are not
+    persisted yet)::
+
+        @bus.subscribe(OrderPlaced)
+        async def charge(event: OrderPlaced) -> None:
+            if not gateway.up():
+                raise pgbus.Nack(delay=30)
+
+    :param delay: seconds (or a :class:`~dt.timedelta`) before the next attempt;
+        0 (the default) for at once.
+    :ivar delay: the delay in seconds.
+    :raises ConfigError: for a negative or non-finite delay.
+
+    .. versionadded:: 0.3.0
+    """
+
+    def __init__(self, delay: float | dt.timedelta = 0.0) -> None:
+        self.delay = _seconds(delay, "Nack: delay")
+        super().__init__(f"nack, retry in {self.delay:g} s")
+
+
+class Reject(Exception):  # noqa: N818 - the name the public API promises
+    """Raised by a handler: dead-letter this delivery now, without retrying it.
+
+    The dead letter's error is this ``Reject``; ``str(error)`` is the reason.
+
+    :param reason: why the handler refuses the event.
+    :ivar reason: the reason.
+
+    .. versionadded:: 0.3.0
+    """
+
+    def __init__(self, reason: str = "rejected by the handler") -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _seconds(value: float | dt.timedelta, what: str) -> float:
+    """``value`` (seconds or a ``timedelta``) as a finite, non-negative number of seconds.
+
+    :param value: the duration.
+    :param what: names the argument in the error.
+    :returns: the seconds.
+    :raises ConfigError: for a negative, non-finite or non-numeric value.
+    """
+    if isinstance(value, dt.timedelta):
+        number = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ConfigError(f"{what} must be seconds or a timedelta, not {value!r}")
+    if not (math.isfinite(number) and number >= 0):
+        raise ConfigError(f"{what} must be a finite, non-negative duration, not {value!r}")
+    return number

@@ -17,6 +17,7 @@ from pgbus.cli.bench import bench as bench_command
 RECEIVING = {
     "receive",
     "receive_metrics",
+    "receive_batch",
     "latency_1k",
     "latency_5k",
     "fanout",

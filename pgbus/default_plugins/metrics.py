@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from pgbus._markers import hookimpl
 from pgbus._subscription import is_own_cancellation
-from pgbus.errors import ConfigError, PgbusError
+from pgbus.errors import ConfigError, Nack, PgbusError, Reject
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -140,12 +140,16 @@ class SubscriptionStats:
     :ivar retried: attempts that were followed by a retry.
     :ivar dead_lettered: deliveries it gave up on.
     :ivar dropped: deliveries its overflow policy dropped.
+    :ivar nacked: attempts whose handler raised :class:`~pgbus.Nack`.
+    :ivar rejected: deliveries whose handler raised :class:`~pgbus.Reject`.
     :ivar pending: deliveries waiting in its queue when the snapshot was taken.
     :ivar running: deliveries being handled when the snapshot was taken.
+    :ivar delayed: deliveries waiting out a nack's delay when the snapshot was taken.
     :ivar duration: handler duration per attempt.
     :ivar lag: receive time minus publish time of the deliveries it received.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``nacked``, ``rejected`` and ``delayed``.
     """
 
     handled: int = 0
@@ -155,8 +159,11 @@ class SubscriptionStats:
     retried: int = 0
     dead_lettered: int = 0
     dropped: int = 0
+    nacked: int = 0
+    rejected: int = 0
     pending: int = 0
     running: int = 0
+    delayed: int = 0
     duration: HistogramSnapshot = dataclasses.field(default_factory=HistogramSnapshot)
     lag: HistogramSnapshot = dataclasses.field(default_factory=HistogramSnapshot)
 
@@ -219,6 +226,16 @@ class MetricsSnapshot:
     def dropped(self) -> int:
         """Deliveries dropped by overflow policies, over all subscriptions."""
         return sum(s.dropped for s in self.subscriptions.values())
+
+    @property
+    def nacked(self) -> int:
+        """Nacked attempts, over all subscriptions."""
+        return sum(s.nacked for s in self.subscriptions.values())
+
+    @property
+    def rejected(self) -> int:
+        """Rejected deliveries, over all subscriptions."""
+        return sum(s.rejected for s in self.subscriptions.values())
 
     @property
     def decode_failures(self) -> int:
@@ -289,7 +306,9 @@ class _SubCounts:
         "failed",
         "handled",
         "lag",
+        "nacked",
         "received",
+        "rejected",
         "retried",
     )
 
@@ -298,6 +317,8 @@ class _SubCounts:
         self.received = [0]
         self.handled = [0]
         self.failed = [0]
+        self.nacked = [0]
+        self.rejected = 0
         self.retried = 0
         self.dead_lettered = 0
         self.dropped = 0
@@ -354,8 +375,11 @@ class Metrics:
                 retried=c.retried,
                 dead_lettered=c.dead_lettered,
                 dropped=c.dropped,
+                nacked=c.nacked[0],
+                rejected=c.rejected,
                 pending=sub.pending if sub is not None else 0,
                 running=sub.running if sub is not None else 0,
+                delayed=sub.delayed if sub is not None else 0,
                 duration=duration,
                 lag=c.lag.snapshot(),
             )
@@ -417,6 +441,7 @@ class Metrics:
         """Count and time each attempt of ``subscription``'s handler, and the lag."""
         counts = self._sub(subscription.name)
         received, handled, failed = counts.received, counts.handled, counts.failed
+        nacked = counts.nacked
         duration, lag = counts.duration, counts.lag
         observe_duration, observe_lag = duration.buffer.append, lag.buffer.append
         clock = time.perf_counter
@@ -437,6 +462,8 @@ class Metrics:
                 observe_duration(clock() - started)
                 if not is_own_cancellation(exc):  # stop() cancelling is not a failure
                     failed[0] += 1
+                    if isinstance(exc, Nack):
+                        nacked[0] += 1
                 raise
             observe_duration(clock() - started)
             handled[0] += 1
@@ -475,7 +502,10 @@ class Metrics:
         """Count dead letters per channel and subscription."""
         self._dead_lettered[dead_letter.channel] += 1
         if dead_letter.subscription is not None:
-            self._sub(dead_letter.subscription).dead_lettered += 1
+            counts = self._sub(dead_letter.subscription)
+            counts.dead_lettered += 1
+            if isinstance(dead_letter.error, Reject):
+                counts.rejected += 1
 
     @hookimpl
     def pgbus_on_dropped(

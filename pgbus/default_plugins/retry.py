@@ -13,6 +13,12 @@ The retry runs inside the subscription's worker. With ``concurrency=1`` (ordered
 following events of that subscription wait until the retries end, so order is kept; with
 ``concurrency=N`` the other workers go on. Other subscriptions are never held up.
 
+A handler decides its outcome by raising :class:`~pgbus.Nack` (handle again after its
+``delay``, an attempt under the policy whatever the policy's ``on=``) or
+:class:`~pgbus.Reject` (dead-letter now, never retried). A nacked delivery of a plain
+subscription does not wait in the worker: it is queued again when its delay is over
+(:meth:`Subscription.defer <pgbus.Subscription.defer>`), and the events behind it go on.
+
 Block it by name (``Bus(disable_plugins=["retry"])``): every handler then runs once.
 """
 
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from pgbus._markers import hookimpl
 from pgbus._subscription import DEFAULT_RETRY, Retry
+from pgbus.errors import Nack, Reject
 
 if TYPE_CHECKING:
     from pgbus._bus import Bus
@@ -70,36 +77,55 @@ class RetryPlugin:
         policy = self.policy(subscription)
         if policy.attempts <= 1:
             return None
-        bus = self._bus
-        on_retry = bus.plugins.on_retry if bus is not None else None
-        attempts = policy.attempts
-        retry_on = policy.on
-        name = subscription.name
+        return _retry(policy, subscription, self._bus)
 
-        async def retry(delivery: Delivery, call_next: CallNext) -> None:
-            while True:
-                try:
-                    await call_next(delivery)
-                except retry_on as exc:
-                    attempt = delivery.attempt
-                    if attempt >= attempts:
-                        raise
-                    delay = policy.delay(attempt)
-                    logger.warning(
-                        "handler %s failed attempt %d of %d on %s (%r); retrying in %.3f s",
-                        name,
-                        attempt,
-                        attempts,
-                        delivery.channel,
-                        exc,
-                        delay,
-                        extra={"channel": delivery.channel},
-                    )
-                    if on_retry is not None:
-                        await on_retry(subscription, delivery, attempt, delay, exc)
-                    await asyncio.sleep(delay)
-                    delivery.attempt = attempt + 1
-                else:
-                    return
 
-        return retry
+def _retry(policy: Retry, subscription: Subscription, bus: Bus | None) -> Middleware:
+    """The retry middleware of ``subscription``: ``policy``, and its handler's Nack and Reject."""
+    on_retry = bus.plugins.on_retry if bus is not None else None
+    attempts = policy.attempts
+    retry_on = policy.on
+    name = subscription.name
+    # in place, in the worker: a key-ordered one (the key's later events wait) or a
+    # durable one (its retries are not persisted yet)
+    in_place = subscription.durable is not None or subscription.key is not None
+    defer = None if in_place else subscription.defer
+
+    async def retry(delivery: Delivery, call_next: CallNext) -> None:
+        while True:
+            try:
+                await call_next(delivery)
+            except Nack as nack:
+                error: Exception = nack
+                delay, nacked = nack.delay, True
+            except retry_on as exc:
+                if isinstance(exc, Reject):  # dead-letter now
+                    raise
+                error = exc
+                delay, nacked = policy.delay(delivery.attempt), False
+            else:
+                return
+            attempt = delivery.attempt
+            if attempt >= attempts:
+                raise error
+            logger.log(
+                logging.INFO if nacked else logging.WARNING,
+                "handler %s %s attempt %d of %d on %s (%r); again in %.3f s",
+                name,
+                "nacked" if nacked else "failed",
+                attempt,
+                attempts,
+                delivery.channel,
+                error,
+                delay,
+                extra={"channel": delivery.channel},
+            )
+            if on_retry is not None:
+                await on_retry(subscription, delivery, attempt, delay, error)
+            if nacked and defer is not None:  # the worker goes on; the delivery comes back
+                defer(delivery, delay)
+                return
+            await asyncio.sleep(delay)  # in place: keeps the order
+            delivery.attempt = attempt + 1
+
+    return retry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,18 @@ async def on_audit(msg: pgbus.Message) -> None:
 
 @bus.subscribe
 async def on_order_by_annotation(event: OrderPlaced) -> None: ...
+
+
+@bus.subscribe(OrderPlaced, concurrency=8, key=lambda e: e.order_id)
+async def on_order_with_context(event: OrderPlaced, context: pgbus.Context) -> None:
+    published: dt.datetime = context.published_at
+    if context.attempt < 3:
+        raise pgbus.Nack(delay=dt.timedelta(seconds=1))
+    raise pgbus.Reject(f"gave up on {context.id} published {published}")
+
+
+@bus.subscribe(OrderPlaced, batch=100, batch_wait=0.05)
+async def on_orders(events: list[OrderPlaced]) -> None: ...
 
 
 async def main(pool: asyncpg.Pool) -> None:

@@ -98,10 +98,13 @@ _SUBSCRIPTION_COUNTERS: Final = (
     ("retried", "retries", "Handler attempts followed by a retry."),
     ("dead_lettered", "subscription_dead_letters", "Deliveries given up on."),
     ("dropped", "dropped", "Deliveries dropped by the overflow policy."),
+    ("nacked", "nacked", "Handler attempts that raised pgbus.Nack."),
+    ("rejected", "rejected", "Deliveries whose handler raised pgbus.Reject."),
 )
 _SUBSCRIPTION_GAUGES: Final = (
     ("pending", "subscription_pending", "Deliveries waiting in the queue."),
     ("running", "subscription_running", "Deliveries being handled."),
+    ("delayed", "subscription_delayed", "Deliveries waiting out a nack's delay."),
 )
 _SUBSCRIPTION_HISTOGRAMS: Final = (
     ("duration", "handler_duration_seconds", "Handler duration per attempt."),
