@@ -22,6 +22,7 @@ from pgbus.durable._schema import (
     missing_schema_error,
     taken_ids,
 )
+from pgbus.durable._wakeups import Wakeups
 from pgbus.errors import ConfigError, DecodeError, DuplicateEventId, PublishError
 
 if TYPE_CHECKING:
@@ -47,8 +48,10 @@ class DurablePlugin:
     With it:
 
     * ``publish``/``publish_many`` (also with ``connection=``) write each event into the
-      journal table and NOTIFY in the same transaction; an event of 8000 bytes or more
-      is notified as a reference and read from the journal;
+      journal table, and nothing else in the writer's transaction: this process sends
+      the NOTIFYs once the rows committed (for ``connection=``, once it sees the
+      caller's transaction commit); an event of 8000 bytes or more is notified as a
+      reference and read from the journal;
     * ``subscribe(..., durable="name")`` makes a durable subscription: its position is
       kept in the database and moves only once the handler succeeded or the event was
       dead-lettered, so what it missed (disconnected, restarted) is replayed in order;
@@ -135,6 +138,8 @@ class DurablePlugin:
         self._by_channel: dict[str, list[Consumer]] = {}
         self._pruner: asyncio.Task[None] | None = None
         self._running = False
+        #: The wake-ups of this plugin's publishes, sent once their rows committed.
+        self.wakeups = Wakeups(self)
 
     def __repr__(self) -> str:
         return f"<DurablePlugin schema={self.schema!r} consumers={len(self.consumers)}>"
@@ -292,6 +297,7 @@ class DurablePlugin:
         if bus is not self._bus:
             return
         self._running = False
+        await self.wakeups.close(bus.stop_timeout)
         for inflight in self._inflight.values():
             inflight.resolve(AGAIN)
         await self._close_pool()
@@ -334,7 +340,7 @@ class DurablePlugin:
     def pgbus_publish(
         self, bus: Bus, outgoing: Sequence[Outgoing], connection: Connection | None
     ) -> Awaitable[None] | None:
-        """Journal and notify in one statement (the caller's transaction, if given)."""
+        """Journal in one statement (the caller's transaction, if given); notify after."""
         if bus is not self._bus or not all(o.event is not None for o in outgoing):
             return None
         return self._publish(outgoing, connection)
@@ -347,11 +353,13 @@ class DurablePlugin:
             [o.payload for o in outgoing],
         )
         try:
-            if connection is not None:
-                await connection.execute(self.sql.publish, *args)
-                return
-            pool = await self.publish_pool()
-            await pool.execute(self.sql.publish, *args)
+            if connection is None:
+                pool = await self.publish_pool()
+                row = await pool.fetchrow(self.sql.publish, *args)
+                committed = True
+            else:
+                row = await connection.fetchrow(self.sql.publish, *args)
+                committed = not connection.is_in_transaction()
         except DRIVER_ERRORS as exc:
             if is_missing_relation(exc):
                 raise missing_schema_error(self.schema) from exc
@@ -359,6 +367,15 @@ class DurablePlugin:
             if taken:
                 raise DuplicateEventId(taken) from exc
             raise PublishError(f"durable publish failed: {exc}") from exc
+        if row is None or not row["ids"]:  # every event was journaled already
+            return
+        by_id = {o.id: o for o in outgoing}
+        channels, payloads = [], []
+        for event_id, ref in zip(row["ids"], row["refs"], strict=True):
+            out = by_id[event_id]
+            channels.append(out.channel)
+            payloads.append(out.payload if ref is None else ref)
+        self.wakeups.add(None if committed else row["xid"], channels, payloads)
 
     @hookimpl
     def pgbus_resolve_reference(

@@ -229,13 +229,15 @@ class Sql:
     def __init__(self, schema: str) -> None:
         s = quote_ident(check_identifier(schema, "schema name"))
         self.schema = schema
-        # One statement, so one implicit transaction when autocommitting: the journal
-        # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
-        # a reference envelope (type "pgbus.ref"); durable consumers read the journal.
+        # Only inserts: no NOTIFY in the writer's transaction (it would serialize every
+        # notifying commit of the cluster); the wake-ups go after the commit (see
+        # _wakeups.py). Returns one row: the ids of the events inserted, in journal
+        # order, with the reference envelope of each one NOTIFY would refuse (NULL for
+        # the others, notified as they are), and the transaction's id.
         # An event the journal already holds (a retry of a publish that committed) is
         # skipped. An id it holds for another event (a forged row that took the id
         # first), or that a concurrent transaction took, fails the whole statement with
-        # an error naming the ids (TAKEN_IDS_MARKER): nothing is journaled or notified.
+        # an error naming the ids (TAKEN_IDS_MARKER): nothing is journaled.
         # Only the skipped rows are looked up again, so the usual publish costs nothing.
         self.publish = f"""
             WITH input AS (
@@ -253,17 +255,18 @@ class Sql:
                 FROM skipped s LEFT JOIN {s}.journal j USING (event_id)
                 WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (s.channel, s.type, s.payload)
             )
-            SELECT count(pg_notify(channel, CASE
-                WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
-                ELSE json_build_object(
-                    'v', 1, 'id', event_id, 'type', 'pgbus.ref',
-                    'ts', extract(epoch FROM clock_timestamp()),
-                    'data', json_build_object(
-                        'journal_id', id, 'type', type, 'bytes', octet_length(payload))
-                )::text END))
-                + (SELECT CASE WHEN ids IS NULL THEN 0
-                          ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken)
-            FROM (SELECT * FROM ins ORDER BY id) AS s"""  # noqa: S608 - quoted identifier
+            SELECT array_agg(event_id ORDER BY id) AS ids,
+                array_agg(CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
+                    ELSE json_build_object(
+                        'v', 1, 'id', event_id, 'type', 'pgbus.ref',
+                        'ts', extract(epoch FROM clock_timestamp()),
+                        'data', json_build_object(
+                            'journal_id', id, 'type', type, 'bytes', octet_length(payload))
+                    )::text END ORDER BY id) AS refs,
+                pg_current_xact_id()::text::bigint AS xid,
+                (SELECT CASE WHEN ids IS NULL THEN 0
+                        ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken) AS taken
+            FROM ins"""  # noqa: S608 - quoted identifier
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
             VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
