@@ -66,8 +66,8 @@ class DurablePlugin:
         runs); after that a dead member's events go to the other members.
     :param poll_interval: seconds between looks at the journal when nothing woke the
         consumer (a safety net: NOTIFY and reconnects wake it at once).
-    :param batch_size: events a member claims at once.
-    :param pump_size: journal rows moved into a subscription's inbox per statement.
+    :param batch_size: events in one batch (a member claims one batch at a time).
+    :param pump_size: journal rows cut into a subscription's batches per statement.
     :param max_deliveries: claims of one event after which it is dead-lettered unhandled
         (a poison event that kills its process every time).
     :param retention: seconds after which journal rows are pruned even when a durable

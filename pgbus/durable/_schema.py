@@ -94,6 +94,36 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX dead_letters_subscription ON {s}.dead_letters (subscription, id)",
         ),
     ),
+    (
+        2,
+        (
+            # A shared log with cursors: a subscription's batches replace its inbox, so
+            # the success path writes one row per batch, not one per event. A batch is
+            # the journal ids one pump took in for the subscription (in journal order),
+            # claimed by one member at a time with a lease, deleted once handled. Only
+            # failures leave rows behind (a batch redelivered is split: its first event
+            # alone, so a poison event is found and dead-lettered, the rest after it).
+            "CREATE SEQUENCE {s}.batch_seq",
+            """CREATE TABLE {s}.batches (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                subscription text NOT NULL,
+                seq bigint NOT NULL DEFAULT nextval('{s}.batch_seq'),
+                journal_ids bigint[] NOT NULL,
+                claimed_by text,
+                claimed_until timestamptz,
+                deliveries integer NOT NULL DEFAULT 0
+            ) WITH (fillfactor = 50)""",  # room for HOT updates of claims
+            "CREATE INDEX batches_order ON {s}.batches (subscription, seq, (journal_ids[1]))",
+            # The inbox of v1, undelivered events and their delivery counts, moves over
+            # row by row, in its order; its claims are dropped (stop v1 consumers first).
+            """INSERT INTO {s}.batches (subscription, seq, journal_ids, deliveries)
+                SELECT subscription, seq, ARRAY[journal_id], deliveries
+                FROM {s}.inbox ORDER BY subscription, seq""",
+            """SELECT setval('{s}.batch_seq',
+                greatest((SELECT max(seq) FROM {s}.inbox), 1))""",
+            "DROP TABLE {s}.inbox",
+        ),
+    ),
 )
 
 #: The schema version this pgbus works with.
@@ -296,9 +326,10 @@ class Sql:
                   AND ($3::text[] IS NULL OR j.type = ANY($3::text[]))
                 ORDER BY j.id LIMIT $4
             ), ins AS (
-                INSERT INTO {s}.inbox (subscription, journal_id)
-                SELECT $1, id FROM picked ORDER BY id
-                ON CONFLICT DO NOTHING
+                INSERT INTO {s}.batches (subscription, journal_ids)
+                SELECT $1, array_agg(id ORDER BY id) FROM (
+                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / $6 AS chunk FROM picked
+                ) AS p GROUP BY chunk ORDER BY chunk
             ), agg AS (
                 SELECT count(*) AS n, max(id) AS last FROM picked
             )
@@ -309,43 +340,57 @@ class Sql:
                 pumped_at = now()
             FROM s, agg WHERE u.name = $1
             RETURNING agg.n, s.resumed"""  # noqa: S608 - quoted identifier
-        # Also acks ($5): deletes the rows handled since the previous claim.
+        # The subscription's next batch not claimed by another member (or whose lease
+        # ran out), with its events. A batch delivered before (its member died, or
+        # handed it back) is split: its first event alone, the rest as a batch after it.
         self.claim = f"""
-            WITH acked AS (
-                DELETE FROM {s}.inbox
-                WHERE subscription = $1 AND journal_id = ANY($5::bigint[])
-            ), c AS (
-                SELECT journal_id FROM {s}.inbox
-                WHERE subscription = $1 AND journal_id <> ALL($5::bigint[])
+            WITH c AS (
+                SELECT id, journal_ids FROM {s}.batches
+                WHERE subscription = $1
                   AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)
-                ORDER BY seq LIMIT $3
+                ORDER BY seq, journal_ids[1] LIMIT 1
                 FOR UPDATE SKIP LOCKED
             ), u AS (
-                UPDATE {s}.inbox i
-                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $4),
-                    deliveries = i.deliveries + 1
-                FROM c WHERE i.subscription = $1 AND i.journal_id = c.journal_id
-                RETURNING i.seq, i.journal_id, i.deliveries
+                UPDATE {s}.batches b
+                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
+                    deliveries = b.deliveries + 1,
+                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
+                                  ELSE b.journal_ids END
+                FROM c WHERE b.id = c.id
+                RETURNING b.seq, b.journal_ids, b.deliveries, c.journal_ids AS whole
+            ), rest AS (
+                INSERT INTO {s}.batches (subscription, seq, journal_ids)
+                SELECT $1, seq, whole[2:] FROM u
+                WHERE cardinality(u.journal_ids) < cardinality(whole)
             )
-            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
+            SELECT x.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
                    extract(epoch FROM j.created_at)::float8 AS stored_at
-            FROM u LEFT JOIN {s}.journal j ON j.id = u.journal_id
-            ORDER BY u.seq"""  # noqa: S608 - quoted identifier
+            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
+            LEFT JOIN {s}.journal j ON j.id = x.journal_id
+            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
         # The event a reference notification points to (for plain subscriptions).
         self.stored_event = f"""
             SELECT channel, event_id, payload, pid,
                    extract(epoch FROM created_at)::float8 AS stored_at
             FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
-        self.ack = (
-            f"DELETE FROM {s}.inbox WHERE subscription = $1 AND journal_id = ANY($2::bigint[])"  # noqa: S608 - quoted identifier
-        )
+        # Handled (or dead-lettered) events leave their batches; an empty batch goes.
+        self.ack = f"""
+            WITH gone AS (
+                DELETE FROM {s}.batches
+                WHERE subscription = $1 AND journal_ids <@ $2::bigint[]
+            )
+            UPDATE {s}.batches SET journal_ids = array(
+                SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
+                WHERE x <> ALL($2::bigint[]) ORDER BY o)
+            WHERE subscription = $1 AND journal_ids && $2::bigint[]
+              AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
         self.release = f"""
-            UPDATE {s}.inbox SET claimed_by = NULL, claimed_until = NULL
-            WHERE subscription = $1 AND claimed_by = $2 AND journal_id = ANY($3::bigint[])
+            UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL
+            WHERE subscription = $1 AND claimed_by = $2 AND journal_ids && $3::bigint[]
         """  # noqa: S608 - quoted identifier
         self.renew = f"""
-            UPDATE {s}.inbox SET claimed_until = now() + make_interval(secs => $3)
-            WHERE subscription = $1 AND claimed_by = $2 AND journal_id = ANY($4::bigint[])
+            UPDATE {s}.batches SET claimed_until = now() + make_interval(secs => $3)
+            WHERE subscription = $1 AND claimed_by = $2 AND journal_ids && $4::bigint[]
         """  # noqa: S608 - quoted identifier
         self.dead_letter = f"""
             INSERT INTO {s}.dead_letters
@@ -353,7 +398,7 @@ class Sql:
             VALUES ($1, $2, $3, $4, $5, $6, $7)"""  # noqa: S608 - quoted identifier
         # Retention: rows every subscription has taken in and handled, in bounded batches.
         # A row is done for a subscription once it is visible in its ``snap`` (taken in)
-        # and gone from its inbox (handled). Nothing at or above the smallest ``xmax`` of
+        # and in no batch (handled). Nothing at or above the smallest ``xmax`` of
         # those snapshots can be visible in all of them: that bounds the index scan.
         self.prune_horizon = f"""
             SELECT coalesce(min(pg_snapshot_xmax(snap)),
@@ -366,7 +411,7 @@ class Sql:
                   AND NOT EXISTS (
                       SELECT 1 FROM {s}.subscriptions s
                       WHERE NOT pg_visible_in_snapshot(j.xid, s.snap))
-                  AND NOT EXISTS (SELECT 1 FROM {s}.inbox i WHERE i.journal_id = j.id)
+                  AND j.id NOT IN (SELECT unnest(journal_ids) FROM {s}.batches)
                 ORDER BY j.xid LIMIT $1
             )
             DELETE FROM {s}.journal WHERE id IN (SELECT id FROM doomed)"""  # noqa: S608 - quoted identifier
@@ -380,8 +425,6 @@ class Sql:
                 WHERE created_at < now() - make_interval(secs => $2)
             ), d AS (
                 DELETE FROM {s}.journal WHERE id IN (SELECT id FROM doomed) RETURNING id
-            ), i AS (
-                DELETE FROM {s}.inbox WHERE journal_id IN (SELECT id FROM d)
             )
             SELECT count(*) FROM d"""  # noqa: S608 - quoted identifier
         self.prune_lock = "SELECT pg_try_advisory_xact_lock(hashtext('pgbus.durable.prune:' || $1))"

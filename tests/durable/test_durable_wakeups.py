@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
+from _helpers import Collector, Process, cli_env, ticket_type
 
 from pgbus.durable import DurablePlugin
-from tests._helpers import Collector, Process, cli_env, ticket_type
 
 if TYPE_CHECKING:
     import pgbus
