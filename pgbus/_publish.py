@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
+from pgbus._coalesce import Coalescer
 from pgbus._events import NO_HEADERS, Event, Outgoing
 from pgbus._util import CONNECTION_ERRORS, keep_session, new_event_id, redact_dsn
 from pgbus.errors import ConfigError, PayloadTooLarge, PublishError
@@ -100,6 +101,8 @@ class Publisher:
         self._encoders: dict[type[Event], tuple[str, Encoder]] = {}
         self.retried = 0
         self._failures = 0
+        #: Gathers concurrent publishes through the pool into shared statements.
+        self.coalescer: Coalescer[Outgoing] = Coalescer(self._send_outgoing, lanes=pool_max_size)
 
     # -- encoding -------------------------------------------------------------------------
 
@@ -153,7 +156,13 @@ class Publisher:
             return
         for out in outs:
             check_size(out.channel, out.payload)
+        if connection is None:  # concurrent publishes through the pool share statements
+            await self.coalescer.submit(outs)
+            return
         await self.send([o.channel for o in outs], [o.payload for o in outs], connection)
+
+    async def _send_outgoing(self, outs: Sequence[Outgoing]) -> None:
+        await self.send([o.channel for o in outs], [o.payload for o in outs])
 
     # -- sending --------------------------------------------------------------------------
 

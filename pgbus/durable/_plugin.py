@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from pgbus._coalesce import Coalescer
 from pgbus._events import Message
 from pgbus._markers import hookimpl
 from pgbus._util import keep_session, plural, redact_dsn
@@ -140,6 +141,8 @@ class DurablePlugin:
         self._running = False
         #: The wake-ups of this plugin's publishes, sent once their rows committed.
         self.wakeups = Wakeups(self)
+        #: Gathers concurrent publishes through the pool into shared statements.
+        self.coalescer: Coalescer[Outgoing] = Coalescer(self._insert_pooled, lanes=pool_max_size)
 
     def __repr__(self) -> str:
         return f"<DurablePlugin schema={self.schema!r} consumers={len(self.consumers)}>"
@@ -346,6 +349,15 @@ class DurablePlugin:
         return self._publish(outgoing, connection)
 
     async def _publish(self, outgoing: Sequence[Outgoing], connection: Connection | None) -> None:
+        if connection is None:  # concurrent publishes through the pool share statements
+            await self.coalescer.submit(outgoing)
+        else:
+            await self._insert(outgoing, connection)
+
+    async def _insert_pooled(self, outgoing: Sequence[Outgoing]) -> None:
+        await self._insert(outgoing, None)
+
+    async def _insert(self, outgoing: Sequence[Outgoing], connection: Connection | None) -> None:
         args = (
             [o.channel for o in outgoing],
             [o.id for o in outgoing],
