@@ -81,7 +81,8 @@ class Wakeups:
         if not channels:
             return
         self._queue.append(Pending(xid, channels, payloads, time.monotonic() + self.window))
-        self._arrived.set()
+        if xid is None:  # ready now; a transaction just begun is looked at on schedule
+            self._arrived.set()
         if not self._closing and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run(), name="pgbus-durable-wakeups")
 
@@ -107,17 +108,22 @@ class Wakeups:
     async def _run(self) -> None:
         delay = self.min_delay
         while self._queue:
+            if all(p.xid is not None for p in self._queue):  # nothing ready: look later
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), delay)
             self._arrived.clear()
             try:
                 progressed = await self._round()
             except DRIVER_ERRORS as exc:
                 logger.debug("durable: sending wake-ups failed: %s", exc)
-                progressed = False
+                if self._closing:
+                    return
+                delay = min(delay * 2, self.max_delay)
+                await asyncio.sleep(delay)  # the server is away: try again later
+                continue
             if not self._queue or self._closing:
                 return
             delay = self.min_delay if progressed else min(delay * 2, self.max_delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), delay)
 
     async def _round(self) -> bool:
         """Send what is ready; ``True`` when something was sent or dropped."""
