@@ -130,6 +130,7 @@ SCENARIOS: Final = (
     "durable_receive",
     "durable_writers",
     "durable_rows",
+    "durable_latency_1k",
     "publish_64",
     "durable_publish_64",
 )
@@ -1504,6 +1505,68 @@ async def bench_durable_writers(cfg: Config) -> Result:
     return result
 
 
+async def bench_durable_latency(cfg: Config) -> Result:
+    """Publish to handler entry at 1,000 events/s: a durable subscription against plain."""
+    rate = 1_000
+    result = Result(
+        "durable_latency_1k",
+        f"latency publish -> handler entry at {rate:,} events/s (p99): durable subscription"
+        " (pgbus) vs plain subscription (baseline)",
+        "µs",
+        higher_is_better=False,
+        target="p99 <= plain p99 + 5 ms",
+        check=lambda p, b: p <= b + 5_000,
+    )
+    if not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable")
+    count = max(50, int(rate * cfg.latency_seconds))
+    clock = time.perf_counter
+    async with _durable_schema(cfg.dsn) as schema:
+        sides = []
+        for durable_mode in (True, False):
+            cls = event_class(new_channel("dlat" if durable_mode else "plat"))
+            samples: list[float] = []
+            counter = Counter()
+            plugins = [durable.DurablePlugin(schema=schema)] if durable_mode else []
+            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
+
+            async def handle(
+                event: BenchEvent, samples: list[float] = samples, counter: Counter = counter
+            ) -> None:
+                samples.append(clock() - event.sent)
+                counter.hit()
+
+            bus.subscribe(cls, durable="latency" if durable_mode else None)(handle)
+            sides.append((bus, cls, samples, counter))
+        await sides[0][0].migrate()
+        pending: set[asyncio.Task[Any]] = set()
+
+        def runner(
+            bus: Bus, cls: type[BenchEvent], samples: list[float], counter: Counter
+        ) -> Callable[[], Awaitable[Measure]]:
+            async def send(i: int) -> None:  # not awaited in line: a publish may take longer
+                task = asyncio.create_task(bus.publish(make_event(cls, i, clock())))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+            async def run() -> Measure:
+                return await _latency_run(rate, count, send, samples, counter)
+
+            return run
+
+        async with sides[0][0], sides[1][0]:
+            await interleave(
+                result,
+                cfg.reps,
+                [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
+                cfg.progress,
+            )
+    result.notes.append(f"{count} events per repetition, one process, publish() through the pool")
+    return result
+
+
 async def _tuples_inserted(conn: asyncpg.Connection, schema: str) -> int:
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     found = await conn.fetchval(
@@ -1669,6 +1732,7 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "durable_receive": lambda cfg: bench_durable(cfg, receive=True),
     "durable_writers": bench_durable_writers,
     "durable_rows": bench_durable_rows,
+    "durable_latency_1k": bench_durable_latency,
     "publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=False),
     "durable_publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=True),
 }

@@ -15,6 +15,7 @@ from pgbus.cli._common import State
 from pgbus.cli.bench import bench as bench_command
 
 RECEIVING = {
+    "durable_latency_1k",
     "durable_rows",
     "receive",
     "receive_metrics",
