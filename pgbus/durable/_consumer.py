@@ -238,22 +238,17 @@ class Consumer:
             pump went on with a batch begun earlier (in that batch's snapshot).
         """
         pool = await self.plugin.pool()
-        sql = self.plugin.sql
-        async with pool.acquire() as conn, conn.transaction():
-            low = await conn.fetchval(sql.lock_subscription, self.group)
-            if low is None:
-                return None, False
+        async with pool.acquire() as conn:
             row = await conn.fetchrow(
-                sql.pump,
+                self.plugin.sql.pump,
                 self.group,
                 list(self.sub.channels),
                 self.types,
                 self.plugin.pump_size,
-                low,
                 self.plugin.batch_size,
             )
-        if row is None:  # pragma: no cover - the subscription row was just locked
-            return 0, False
+        if row is None:  # another member is pumping
+            return None, False
         return row[0] or 0, bool(row[1])
 
     async def _fetch(self, query: str) -> list[Any]:

@@ -122,6 +122,54 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             """SELECT setval('{s}.batch_seq',
                 greatest((SELECT max(seq) FROM {s}.inbox), 1))""",
             "DROP TABLE {s}.inbox",
+            # The pump in one round trip: lock the subscription row (or find another
+            # member pumping: no row), then cut the batches in a statement of its own,
+            # whose snapshot is newer than the lock (READ COMMITTED takes one per
+            # statement), so ``snap`` only ever moves forward.
+            """CREATE FUNCTION {s}.pump(
+                p_name text, p_channels text[], p_types text[], p_limit integer,
+                p_batch integer)
+            RETURNS TABLE (n bigint, resumed boolean) LANGUAGE plpgsql AS $pump$
+            #variable_conflict use_column
+            DECLARE
+                low xid8;
+            BEGIN
+                SELECT pg_snapshot_xmin(snap) INTO low FROM {s}.subscriptions
+                WHERE name = p_name FOR UPDATE SKIP LOCKED;
+                IF NOT FOUND THEN
+                    RETURN;
+                END IF;
+                RETURN QUERY
+            WITH s AS (
+                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
+                       batch_cursor, batch_snap IS NOT NULL AS resumed
+                FROM {s}.subscriptions WHERE name = p_name
+            ), picked AS (
+                SELECT j.id FROM s, {s}.journal j
+                WHERE j.xid >= low
+                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
+                  AND pg_visible_in_snapshot(j.xid, s.target)
+                  AND j.id > s.batch_cursor
+                  AND j.channel = ANY(p_channels)
+                  AND (p_types IS NULL OR j.type = ANY(p_types))
+                ORDER BY j.id LIMIT p_limit
+            ), ins AS (
+                INSERT INTO {s}.batches (subscription, journal_ids)
+                SELECT p_name, array_agg(id ORDER BY id) FROM (
+                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / p_batch AS chunk FROM picked
+                ) AS p GROUP BY chunk ORDER BY chunk
+            ), agg AS (
+                SELECT count(*) AS n, max(id) AS last FROM picked
+            )
+            UPDATE {s}.subscriptions u SET
+                snap = CASE WHEN agg.n < p_limit THEN s.target ELSE u.snap END,
+                batch_snap = CASE WHEN agg.n < p_limit THEN NULL ELSE s.target END,
+                batch_cursor = CASE WHEN agg.n < p_limit THEN 0 ELSE agg.last END,
+                pumped_at = now()
+            FROM s, agg WHERE u.name = p_name
+            RETURNING agg.n, s.resumed;
+            END
+            $pump$""",
         ),
     ),
 )
@@ -302,44 +350,9 @@ class Sql:
             VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
             ON CONFLICT (name) DO UPDATE SET channels = excluded.channels, types = excluded.types
         """  # noqa: S608 - quoted identifier
-        # Locks the row (or finds it locked: another member is pumping) and returns the
-        # lower bound of the xids to look at, passed back to ``pump`` as a parameter so
-        # the planner can range-scan the xid index.
-        self.lock_subscription = (
-            f"SELECT pg_snapshot_xmin(snap) FROM {s}.subscriptions"  # noqa: S608 - quoted identifier
-            " WHERE name = $1 FOR UPDATE SKIP LOCKED"
-        )
-        # Runs after lock_subscription in the same transaction, so its snapshot is newer
-        # than any earlier pump's commit and ``snap`` only ever moves forward.
-        self.pump = f"""
-            WITH s AS (
-                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
-                       batch_cursor, batch_snap IS NOT NULL AS resumed
-                FROM {s}.subscriptions WHERE name = $1
-            ), picked AS (
-                SELECT j.id FROM s, {s}.journal j
-                WHERE j.xid >= $5::xid8
-                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
-                  AND pg_visible_in_snapshot(j.xid, s.target)
-                  AND j.id > s.batch_cursor
-                  AND j.channel = ANY($2::text[])
-                  AND ($3::text[] IS NULL OR j.type = ANY($3::text[]))
-                ORDER BY j.id LIMIT $4
-            ), ins AS (
-                INSERT INTO {s}.batches (subscription, journal_ids)
-                SELECT $1, array_agg(id ORDER BY id) FROM (
-                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / $6 AS chunk FROM picked
-                ) AS p GROUP BY chunk ORDER BY chunk
-            ), agg AS (
-                SELECT count(*) AS n, max(id) AS last FROM picked
-            )
-            UPDATE {s}.subscriptions u SET
-                snap = CASE WHEN agg.n < $4 THEN s.target ELSE u.snap END,
-                batch_snap = CASE WHEN agg.n < $4 THEN NULL ELSE s.target END,
-                batch_cursor = CASE WHEN agg.n < $4 THEN 0 ELSE agg.last END,
-                pumped_at = now()
-            FROM s, agg WHERE u.name = $1
-            RETURNING agg.n, s.resumed"""  # noqa: S608 - quoted identifier
+        # Cuts what the subscription's snapshot newly sees into batches: no row when
+        # another member is pumping (the function ``pump`` of migration 2).
+        self.pump = f"SELECT n, resumed FROM {s}.pump($1, $2::text[], $3::text[], $4, $5)"  # noqa: S608 - quoted identifier
         # The subscription's next batch not claimed by another member (or whose lease
         # ran out), with its events. A batch delivered before (its member died, or
         # handed it back) is split: its first event alone, the rest as a batch after it.
