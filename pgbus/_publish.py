@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pgbus._channels import MAX_PAYLOAD_BYTES
+from pgbus._coalesce import Coalescer
 from pgbus._drivers import DriverError, executor
 from pgbus._events import NO_HEADERS, Event, Outgoing
 from pgbus._memory import no_database
@@ -164,6 +165,8 @@ class Publisher(Encoding):
         self._pool_lock = asyncio.Lock()
         self.retried = 0
         self._failures = 0
+        #: Gathers concurrent publishes through the pool into shared statements.
+        self.coalescer: Coalescer[Outgoing] = Coalescer(self._send_outgoing, lanes=pool_max_size)
 
     async def publish(self, outs: Sequence[Outgoing], connection: AsyncConnection | None) -> None:
         """Send encoded events: through a plugin that takes over (durable), else NOTIFY.
@@ -181,7 +184,15 @@ class Publisher(Encoding):
             return
         for out in outs:
             check_size(out.channel, out.payload)
+        if (
+            connection is None and self._memory is None
+        ):  # concurrent pool publishes share statements
+            await self.coalescer.submit(outs)
+            return
         await self.send([o.channel for o in outs], [o.payload for o in outs], connection)
+
+    async def _send_outgoing(self, outs: Sequence[Outgoing]) -> None:
+        await self.send([o.channel for o in outs], [o.payload for o in outs])
 
     # -- sending --------------------------------------------------------------------------
 

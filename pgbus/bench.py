@@ -82,6 +82,8 @@ from pgbus.server import ClusterError, ServerNotFound, TempCluster, find_bindirs
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
+    from pgbus._publish import Connection
+
 __all__ = [
     "BENCHES",
     "SCENARIOS",
@@ -130,6 +132,11 @@ SCENARIOS: Final = (
     "memory",
     "durable_publish",
     "durable_receive",
+    "durable_writers",
+    "durable_rows",
+    "durable_latency_1k",
+    "publish_64",
+    "durable_publish_64",
 )
 
 
@@ -1435,6 +1442,300 @@ async def bench_durable(cfg: Config, *, receive: bool) -> Result:
     return result
 
 
+#: Concurrent application transactions of the writers scenario.
+WRITERS: Final = 16
+#: Concurrent publishing tasks of the coalescing scenarios.
+PUBLISHERS: Final = 64
+#: Rows per event the durable schema may take with two subscriptions.
+ROWS_TARGET: Final = 1.1
+
+
+async def _business_table(conn: Connection, schema: str) -> None:
+    """The application's own table of the writers scenario, and a journal-like twin."""
+    await conn.execute(
+        f'CREATE TABLE "{schema}".business (id bigserial PRIMARY KEY, n int NOT NULL)'
+    )
+    await conn.execute(
+        f'CREATE TABLE "{schema}".own_journal (id bigint GENERATED ALWAYS AS IDENTITY'
+        " PRIMARY KEY, xid xid8 NOT NULL DEFAULT pg_current_xact_id(), channel text NOT NULL,"
+        " event_id text NOT NULL UNIQUE, type text NOT NULL, payload text NOT NULL)"
+    )
+
+
+async def bench_durable_writers(cfg: Config) -> Result:
+    """16 concurrent transactions: INSERT + durable publish(connection=) vs INSERT + INSERT."""
+    result = Result(
+        "durable_writers",
+        f"{WRITERS} concurrent transactions: INSERT + durable publish(connection=) (pgbus)"
+        " vs INSERT + an own journal-like row (baseline)",
+        "tx/s",
+        higher_is_better=True,
+        **ratio_target(0.8),
+    )
+    if not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable")
+    per_writer = max(10, cfg.durable_events // WRITERS)
+    async with _durable_schema(cfg.dsn) as schema:
+        cls = event_class(new_channel("writers"))
+        bus = Bus(cfg.dsn, load_entrypoints=False, plugins=[durable.DurablePlugin(schema=schema)])
+        await bus.migrate()
+        pool = await asyncpg.create_pool(cfg.dsn, min_size=WRITERS, max_size=WRITERS)
+        async with pool.acquire() as conn:
+            await _business_table(conn, schema)
+        payload = envelope_template()
+        insert = f'INSERT INTO "{schema}".business (n) VALUES ($1)'  # noqa: S608 - quoted
+        own = (
+            f'INSERT INTO "{schema}".own_journal (channel, event_id, type, payload)'  # noqa: S608
+            " VALUES ($1, $2, 'BenchEvent', $3)"
+        )
+
+        def runner(*, with_bus: bool) -> Callable[[], Awaitable[Measure]]:
+            async def writer() -> None:
+                async with pool.acquire() as conn:
+                    for i in range(per_writer):
+                        async with conn.transaction():
+                            await conn.execute(insert, i)
+                            if with_bus:
+                                await bus.publish(make_event(cls, i), connection=conn)
+                            else:
+                                await conn.execute(
+                                    own, cls.pgbus_channel, uuid.uuid4().hex, payload
+                                )
+
+            async def run() -> Measure:
+                watch = Stopwatch()
+                await asyncio.gather(*(writer() for _ in range(WRITERS)))
+                return watch.measure(WRITERS * per_writer, None)
+
+            return run
+
+        try:
+            async with bus:
+                await interleave(
+                    result,
+                    cfg.reps,
+                    [("pgbus", runner(with_bus=True)), ("baseline", runner(with_bus=False))],
+                    cfg.progress,
+                )
+        finally:
+            await pool.close()
+    result.notes.append(f"{WRITERS} writers x {per_writer} transactions per repetition")
+    return result
+
+
+async def bench_durable_latency(cfg: Config) -> Result:
+    """Publish to handler entry at 1,000 events/s: a durable subscription against plain."""
+    rate = 1_000
+    result = Result(
+        "durable_latency_1k",
+        f"latency publish -> handler entry at {rate:,} events/s (p99): durable subscription"
+        " (pgbus) vs plain subscription (baseline)",
+        "µs",
+        higher_is_better=False,
+        target="p99 <= plain p99 + 5 ms",
+        check=lambda p, b: p <= b + 5_000,
+    )
+    if not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable")
+    count = max(50, int(rate * cfg.latency_seconds))
+    clock = time.perf_counter
+    async with _durable_schema(cfg.dsn) as schema:
+        sides = []
+        for durable_mode in (True, False):
+            cls = event_class(new_channel("dlat" if durable_mode else "plat"))
+            samples: list[float] = []
+            counter = Counter()
+            plugins = [durable.DurablePlugin(schema=schema)] if durable_mode else []
+            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
+
+            async def handle(
+                event: BenchEvent, samples: list[float] = samples, counter: Counter = counter
+            ) -> None:
+                samples.append(clock() - event.sent)
+                counter.hit()
+
+            bus.subscribe(cls, durable="latency" if durable_mode else None)(handle)
+            sides.append((bus, cls, samples, counter))
+        await sides[0][0].migrate()
+        pending: set[asyncio.Task[Any]] = set()
+
+        def runner(
+            bus: Bus, cls: type[BenchEvent], samples: list[float], counter: Counter
+        ) -> Callable[[], Awaitable[Measure]]:
+            async def send(i: int) -> None:  # not awaited in line: a publish may take longer
+                task = asyncio.create_task(bus.publish(make_event(cls, i, clock())))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+            async def run() -> Measure:
+                return await _latency_run(rate, count, send, samples, counter)
+
+            return run
+
+        async with sides[0][0], sides[1][0]:
+            await interleave(
+                result,
+                cfg.reps,
+                [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
+                cfg.progress,
+            )
+    result.notes.append(f"{count} events per repetition, one process, publish() through the pool")
+    return result
+
+
+async def _tuples_inserted(conn: asyncpg.Connection, schema: str) -> int:
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    found = await conn.fetchval(
+        "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE schemaname = $1",
+        schema,
+    )
+    return int(found)
+
+
+async def _settled(stats: asyncpg.Connection, schema: str, at_least: int) -> int:
+    """n_tup_ins of ``schema`` once the backends reported (they do when they exit)."""
+    last = -1
+    for _ in range(50):
+        now = await _tuples_inserted(stats, schema)
+        if now == last and now >= at_least:
+            return now
+        last = now
+        await asyncio.sleep(0.2)
+    return last
+
+
+async def bench_durable_rows(cfg: Config) -> Result:
+    """Rows written into pgbus's schema per event, two durable subscriptions, success path."""
+    result = Result(
+        "durable_rows",
+        "rows inserted into the durable schema per event (pg_stat_user_tables.n_tup_ins),"
+        " two durable subscriptions, publish_many to handled",
+        "rows/event",
+        higher_is_better=False,
+        target=f"<= {ROWS_TARGET:g}",
+        check=lambda p, _b: p <= ROWS_TARGET,
+        has_ratio=False,
+    )
+    if not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable")
+    n = max(cfg.batch, cfg.durable_events - cfg.durable_events % cfg.batch)
+    async with _durable_schema(cfg.dsn) as schema:
+        cls = event_class(new_channel("rows"))
+        counters = (Counter(), Counter())
+
+        def make_bus() -> Bus:
+            """A bus of its own per repetition: stopping it makes its backends report."""
+            plugin = durable.DurablePlugin(schema=schema, prune_interval=None)
+            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=[plugin])
+            for name, counter in zip(("a", "b"), counters, strict=True):
+
+                async def handle(event: BenchEvent, counter: Counter = counter) -> None:  # noqa: ARG001
+                    counter.hit()
+
+                bus.subscribe(cls, durable=name)(handle)
+            return bus
+
+        await make_bus().migrate()
+        stats: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
+
+        async def run() -> Measure:
+            bus = make_bus()
+            before = await _tuples_inserted(stats, schema)
+            for counter in counters:
+                counter.arm(n)
+            async with bus:
+                for start in range(0, n, cfg.batch):
+                    events = [make_event(cls, i) for i in range(start, start + cfg.batch)]
+                    await bus.publish_many(events)
+                lost = sum([await c.wait() or 0 for c in counters])
+            return Measure((await _settled(stats, schema, before + n) - before) / n, lost)
+
+        async def nothing() -> Measure:
+            return Measure(1.0, 0)
+
+        try:
+            await interleave(
+                result, cfg.reps, [("pgbus", run), ("baseline", nothing)], cfg.progress
+            )
+        finally:
+            await stats.close()
+    result.notes.append(f"{n} events per repetition in calls of {cfg.batch}; baseline: 1 row")
+    return result
+
+
+async def bench_publish_concurrent(cfg: Config, *, durable_mode: bool) -> Result:
+    """64 tasks calling publish() at once vs raw asyncpg on a pool of the same size."""
+    raw_what = "journal INSERTs" if durable_mode else "pg_notify"
+    result = Result(
+        "durable_publish_64" if durable_mode else "publish_64",
+        f"{PUBLISHERS} concurrent tasks: {'durable ' if durable_mode else ''}publish() (pgbus)"
+        f" vs raw asyncpg {raw_what}, one per statement, on a pool of the same size (baseline)",
+        "events/s",
+        higher_is_better=True,
+        **ratio_target(3.0),
+    )
+    if durable_mode and not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable") if durable_mode else None
+    per_task = max(5, (cfg.durable_events if durable_mode else cfg.publish_events) // PUBLISHERS)
+    size = 10
+    async with _durable_schema(cfg.dsn) as schema:
+        cls = event_class(new_channel("c64"))
+        plugins = [durable.DurablePlugin(schema=schema, pool_max_size=size)] if durable else []
+        bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins, pool_max_size=size)
+        raw = await asyncpg.create_pool(cfg.dsn, min_size=size, max_size=size)
+        if durable_mode:
+            await bus.migrate()
+            async with raw.acquire() as conn:
+                await _business_table(conn, schema)
+        payload = envelope_template()
+        statement = (
+            f'INSERT INTO "{schema}".own_journal (channel, event_id, type, payload)'  # noqa: S608
+            " VALUES ($1, $2, 'BenchEvent', $3)"
+            if durable_mode
+            else NOTIFY_ONE
+        )
+
+        async def pgbus_task(t: int) -> None:
+            for i in range(per_task):
+                await bus.publish(make_event(cls, t * per_task + i))
+
+        async def raw_task(t: int) -> None:  # noqa: ARG001 - same shape
+            for _ in range(per_task):
+                if durable_mode:
+                    await raw.execute(statement, cls.pgbus_channel, uuid.uuid4().hex, payload)
+                else:
+                    await raw.execute(statement, cls.pgbus_channel, payload)
+
+        def runner(task: Callable[[int], Awaitable[None]]) -> Callable[[], Awaitable[Measure]]:
+            async def run() -> Measure:
+                watch = Stopwatch()
+                await asyncio.gather(*(task(t) for t in range(PUBLISHERS)))
+                return watch.measure(PUBLISHERS * per_task, None)
+
+            return run
+
+        try:
+            async with bus:
+                await interleave(
+                    result,
+                    cfg.reps,
+                    [("pgbus", runner(pgbus_task)), ("baseline", runner(raw_task))],
+                    cfg.progress,
+                )
+        finally:
+            await raw.close()
+    result.notes.append(f"{PUBLISHERS} tasks x {per_task} events; pools of {size} connections")
+    return result
+
+
 # ------------------------------------------------------------------------------ run
 
 
@@ -1450,6 +1751,11 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "memory": bench_memory,
     "durable_publish": lambda cfg: bench_durable(cfg, receive=False),
     "durable_receive": lambda cfg: bench_durable(cfg, receive=True),
+    "durable_writers": bench_durable_writers,
+    "durable_rows": bench_durable_rows,
+    "durable_latency_1k": bench_durable_latency,
+    "publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=False),
+    "durable_publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=True),
 }
 
 

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING
 from pgbus._drivers import DriverError, sync_executor
 from pgbus._plugins import PluginManager
 from pgbus._publish import Encoding, check_size, notify
-from pgbus.durable._schema import DEFAULT_SCHEMA, Sql, journal_args, publish_error
+from pgbus.durable._schema import (
+    DEFAULT_SCHEMA,
+    Sql,
+    journal_args,
+    publish_error,
+    wakeup_notifications,
+)
 from pgbus.errors import PublishError
 
 if TYPE_CHECKING:
@@ -93,7 +99,12 @@ def publish_many(
         return []
     if durable:
         try:
-            run.execute(_journal(schema).publish, *journal_args(outs))
+            rows = run.fetch(_journal(schema).publish, *journal_args(outs))
+            if rows and rows[0][0]:
+                # no loop here to watch for the commit (as the async path does): the
+                # wake-ups go in the caller's transaction, delivered when it commits
+                query, args = notify(*wakeup_notifications(outs, rows[0][0], rows[0][1]))
+                run.execute(query, *args)
         except DriverError as exc:
             raise publish_error(exc, schema) from exc
     else:

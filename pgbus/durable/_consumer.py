@@ -3,16 +3,17 @@
 Its loop, woken by NOTIFY on the subscription's channels (and after every reconnect,
 and every ``poll_interval`` as a safety net):
 
-1. **pump**: move what committed in the journal since the subscription's snapshot into
-   the subscription's inbox (one member at a time: ``FOR UPDATE SKIP LOCKED`` on the
-   subscription row);
-2. **claim**: take the next rows of the inbox, in order, with a lease
-   (``FOR UPDATE SKIP LOCKED``, so the members of a group never take the same row);
+1. **pump**: cut what committed in the journal since the subscription's snapshot into
+   batches of journal ids (one row per ``batch_size`` events; one member at a time:
+   ``FOR UPDATE SKIP LOCKED`` on the subscription row), and move the snapshot on;
+2. **claim**: take the next batch, in order, with a lease (``FOR UPDATE SKIP LOCKED``,
+   so the members of a group never take the same batch), with its events;
 3. hand the deliveries to the subscription's queue (its middleware, retries, timeouts
    and ``concurrency`` apply) and wait for each outcome;
-4. **ack**: delete the handled and the dead-lettered rows from the inbox.
+4. **ack**: take the handled and the dead-lettered events out of the batch (an empty
+   batch is deleted), in one statement per batch.
 
-A member that dies leaves its claims; after the lease they go to the others.
+A member that dies leaves its claimed batch; after the lease it goes to the others.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Consumer:
         self._routes: dict[str, tuple[Decoder, Router]] = {}
         self._stopping = False
         self._need_pump = True
-        self._inbox_low = True
+        self._batches_low = True
         self._acks: list[int] = []
         self._task: asyncio.Task[None] | None = None
         self._claimed: list[int] = []
@@ -193,12 +194,8 @@ class Consumer:
 
     async def _flush_acks(self) -> None:
         """Ack what is handled and not yet acked (a claim usually does it)."""
-        if self._acks:
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await asyncio.wait_for(
-                    self._execute(self.plugin.sql.ack, self.group, self._acks), timeout=5.0
-                )
-                self._acks.clear()
+        with contextlib.suppress(*DRIVER_ERRORS):
+            await asyncio.wait_for(self._ack(), timeout=5.0)
 
     async def _wait(self, timeout: float) -> None:  # noqa: ASYNC109 - an idle wait
         if self._stopping:
@@ -212,9 +209,9 @@ class Consumer:
             self._stopping = True
             return False
         pumped: int | None = 0
-        # Refill the inbox only when woken (or a pump left more behind) and when the
-        # inbox runs low: it stays small, so claiming from it stays cheap.
-        if self._need_pump and self._inbox_low:
+        # Cut new batches only when woken (or a pump left more behind) and when the
+        # claimed batches run low: few wait, so claiming stays cheap.
+        if self._need_pump and self._batches_low:
             self._need_pump = False
             pumped, resumed = await self._pump()
             # Pump until a pump finds nothing in a snapshot of its own: one that went on
@@ -224,8 +221,8 @@ class Consumer:
                 self._need_pump = True
         if self._stopping:
             return False
-        rows = await self._fetch(self.plugin.sql.claim, self.plugin.batch_size)
-        self._inbox_low = len(rows) < self.plugin.batch_size
+        rows = await self._fetch(self.plugin.sql.claim)
+        self._batches_low = len(rows) < self.plugin.batch_size
         if rows:
             await self._handle(rows)
             return True
@@ -235,39 +232,38 @@ class Consumer:
         return self._need_pump
 
     async def _pump(self) -> tuple[int | None, bool]:
-        """Move newly committed journal rows into the inbox.
+        """Cut newly committed journal rows into batches.
 
         :returns: how many (``None`` when another member is pumping), and whether this
             pump went on with a batch begun earlier (in that batch's snapshot).
         """
         pool = await self.plugin.pool()
-        sql = self.plugin.sql
-        async with pool.acquire() as conn, conn.transaction():
-            low = await conn.fetchval(sql.lock_subscription, self.group)
-            if low is None:
-                return None, False
+        async with pool.acquire() as conn:
             row = await conn.fetchrow(
-                sql.pump,
+                self.plugin.sql.pump,
                 self.group,
                 list(self.sub.channels),
                 self.types,
                 self.plugin.pump_size,
-                low,
+                self.plugin.batch_size,
             )
-        if row is None:  # pragma: no cover - the subscription row was just locked
-            return 0, False
+        if row is None:  # another member is pumping
+            return None, False
         return row[0] or 0, bool(row[1])
 
-    async def _fetch(self, query: str, limit: int) -> list[Any]:
-        """Claim the next rows; the same statement acks the rows handled since the last."""
+    async def _fetch(self, query: str) -> list[Any]:
+        """Ack the events handled since the last claim, then claim the next batch."""
+        await self._ack()
         pool = await self.plugin.pool()
-        acks = list(self._acks)
         async with pool.acquire() as conn:
-            rows: list[Any] = await conn.fetch(
-                query, self.group, self.member, limit, self.plugin.lease, acks
-            )
-        del self._acks[: len(acks)]
+            rows: list[Any] = await conn.fetch(query, self.group, self.member, self.plugin.lease)
         return rows
+
+    async def _ack(self) -> None:
+        acks = list(self._acks)
+        if acks:
+            await self._execute(self.plugin.sql.ack, self.group, acks)
+            del self._acks[: len(acks)]
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()
@@ -295,7 +291,8 @@ class Consumer:
         await self._wait_outcomes([w[2] for w in self._waiting])
         offered = {w[0] for w in self._waiting}  # the rows after a failure stay claimed
         again = [j for j in self._settle() if j in offered]
-        if again:
+        if again:  # what was decided leaves the batch first: others take only the rest
+            await self._ack()
             await self._execute(self.plugin.sql.release, self.group, self.member, again)
         self._claimed = []
         if failure is not None:
@@ -318,7 +315,7 @@ class Consumer:
                 self.handled += 1
                 self._remember(event_id)
         self._waiting, self._batch_acks = [], []
-        self._acks.extend(j for j in self._claimed if j in decided)  # acked by the next claim
+        self._acks.extend(j for j in self._claimed if j in decided)  # acked before the next claim
         return [j for j in self._claimed if j not in decided]
 
     async def _offer(self, row: Any) -> Inflight | None:

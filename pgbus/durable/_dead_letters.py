@@ -87,7 +87,7 @@ async def redeliver(
 ) -> dict[int, str]:
     """Deliver chosen dead letters again.
 
-    A durable one goes back into its subscription's inbox (only that subscription gets
+    A durable one goes back to its subscription as a batch of its own (only that subscription gets
     it again), provided its journal row was not pruned. Any other one is sent again
     with ``NOTIFY`` on its channel, so every plain subscriber of the channel gets it.
     Each one is marked ``redelivered_at``.
@@ -114,10 +114,8 @@ async def redeliver(
                 continue
             if row["journal_id"] is not None and row["subscription"] is not None:
                 inserted = await conn.fetchval(
-                    f"""INSERT INTO {s}.inbox (subscription, journal_id)
-                        SELECT $1, id FROM {s}.journal WHERE id = $2
-                        ON CONFLICT (subscription, journal_id)
-                        DO UPDATE SET claimed_by = NULL, claimed_until = NULL
+                    f"""INSERT INTO {s}.batches (subscription, journal_ids)
+                        SELECT $1, ARRAY[id] FROM {s}.journal WHERE id = $2
                         RETURNING 1""",  # noqa: S608 - quoted identifier
                     row["subscription"],
                     row["journal_id"],

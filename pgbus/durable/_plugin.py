@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from pgbus._coalesce import Coalescer
 from pgbus._drivers import DriverError, executor
 from pgbus._events import Message
 from pgbus._markers import hookimpl
@@ -21,7 +22,9 @@ from pgbus.durable._schema import (
     journal_args,
     migrate,
     publish_error,
+    wakeup_notifications,
 )
+from pgbus.durable._wakeups import Wakeups
 from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
@@ -48,8 +51,10 @@ class DurablePlugin:
     With it:
 
     * ``publish``/``publish_many`` (also with ``connection=``) write each event into the
-      journal table and NOTIFY in the same transaction; an event of 8000 bytes or more
-      is notified as a reference and read from the journal;
+      journal table, and nothing else in the writer's transaction: this process sends
+      the NOTIFYs once the rows committed (for ``connection=``, once it sees the
+      caller's transaction commit); an event of 8000 bytes or more is notified as a
+      reference and read from the journal;
     * ``subscribe(..., durable="name")`` makes a durable subscription: its position is
       kept in the database and moves only once the handler succeeded or the event was
       dead-lettered, so what it missed (disconnected, restarted) is replayed in order;
@@ -64,8 +69,8 @@ class DurablePlugin:
         runs); after that a dead member's events go to the other members.
     :param poll_interval: seconds between looks at the journal when nothing woke the
         consumer (a safety net: NOTIFY and reconnects wake it at once).
-    :param batch_size: events a member claims at once.
-    :param pump_size: journal rows moved into a subscription's inbox per statement.
+    :param batch_size: events in one batch (a member claims one batch at a time).
+    :param pump_size: journal rows cut into a subscription's batches per statement.
     :param max_deliveries: claims of one event after which it is dead-lettered unhandled
         (a poison event that kills its process every time).
     :param retention: seconds after which journal rows are pruned even when a durable
@@ -136,6 +141,10 @@ class DurablePlugin:
         self._by_channel: dict[str, list[Consumer]] = {}
         self._pruner: asyncio.Task[None] | None = None
         self._running = False
+        #: The wake-ups of this plugin's publishes, sent once their rows committed.
+        self.wakeups = Wakeups(self)
+        #: Gathers concurrent publishes through the pool into shared statements.
+        self.coalescer: Coalescer[Outgoing] = Coalescer(self._insert_pooled, lanes=pool_max_size)
 
     def __repr__(self) -> str:
         return f"<DurablePlugin schema={self.schema!r} consumers={len(self.consumers)}>"
@@ -293,6 +302,7 @@ class DurablePlugin:
         if bus is not self._bus:
             return
         self._running = False
+        await self.wakeups.close(bus.stop_timeout)
         for inflight in self._inflight.values():
             inflight.resolve(AGAIN)
         await self._close_pool()
@@ -335,7 +345,7 @@ class DurablePlugin:
     def pgbus_publish(
         self, bus: Bus, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
     ) -> Awaitable[None] | None:
-        """Journal and notify in one statement (the caller's transaction, if given)."""
+        """Journal in one statement (the caller's transaction, if given); notify after."""
         if bus is not self._bus or not all(o.event is not None for o in outgoing):
             return None
         return self._publish(outgoing, connection)
@@ -343,15 +353,37 @@ class DurablePlugin:
     async def _publish(
         self, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
     ) -> None:
+        if connection is None:  # concurrent publishes through the pool share statements
+            await self.coalescer.submit(outgoing)
+        else:
+            await self._insert(outgoing, connection)
+
+    async def _insert_pooled(self, outgoing: Sequence[Outgoing]) -> None:
+        await self._insert(outgoing, None)
+
+    async def _insert(
+        self, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
+    ) -> None:
         args = journal_args(outgoing)
         try:
-            if connection is not None:  # the caller's transaction, whatever its driver
-                await executor(connection).execute(self.sql.publish, *args)
-                return
-            pool = await self.publish_pool()
-            await pool.execute(self.sql.publish, *args)
+            if connection is None:
+                pool = await self.publish_pool()
+                record = await pool.fetchrow(self.sql.publish, *args)
+                row = None if record is None else tuple(record)
+                committed = True
+            else:  # the caller's transaction, whatever its driver
+                rows = await executor(connection).fetch(self.sql.publish, *args)
+                row = rows[0] if rows else None
+                # an asyncpg connection outside a transaction has committed already;
+                # any other's commit is watched for (pg_xact_status)
+                in_transaction = getattr(connection, "is_in_transaction", None)
+                committed = in_transaction is not None and not in_transaction()
         except (DriverError, *DRIVER_ERRORS) as exc:
             raise publish_error(exc, self.schema) from exc
+        if row is None or not row[0]:  # every event was journaled already
+            return
+        channels, payloads = wakeup_notifications(outgoing, row[0], row[1])
+        self.wakeups.add(None if committed else row[2], channels, payloads)
 
     @hookimpl
     def pgbus_resolve_reference(

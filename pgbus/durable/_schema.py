@@ -98,6 +98,84 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX dead_letters_subscription ON {s}.dead_letters (subscription, id)",
         ),
     ),
+    (
+        2,
+        (
+            # A shared log with cursors: a subscription's batches replace its inbox, so
+            # the success path writes one row per batch, not one per event. A batch is
+            # the journal ids one pump took in for the subscription (in journal order),
+            # claimed by one member at a time with a lease, deleted once handled. Only
+            # failures leave rows behind (a batch redelivered is split: its first event
+            # alone, so a poison event is found and dead-lettered, the rest after it).
+            "CREATE SEQUENCE {s}.batch_seq",
+            """CREATE TABLE {s}.batches (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                subscription text NOT NULL,
+                seq bigint NOT NULL DEFAULT nextval('{s}.batch_seq'),
+                journal_ids bigint[] NOT NULL,
+                claimed_by text,
+                claimed_until timestamptz,
+                deliveries integer NOT NULL DEFAULT 0
+            ) WITH (fillfactor = 50)""",  # room for HOT updates of claims
+            "CREATE INDEX batches_order ON {s}.batches (subscription, seq, (journal_ids[1]))",
+            # The inbox of v1, undelivered events and their delivery counts, moves over
+            # row by row, in its order; its claims are dropped (stop v1 consumers first).
+            """INSERT INTO {s}.batches (subscription, seq, journal_ids, deliveries)
+                SELECT subscription, seq, ARRAY[journal_id], deliveries
+                FROM {s}.inbox ORDER BY subscription, seq""",
+            """SELECT setval('{s}.batch_seq',
+                greatest((SELECT max(seq) FROM {s}.inbox), 1))""",
+            "DROP TABLE {s}.inbox",
+            # The pump in one round trip: lock the subscription row (or find another
+            # member pumping: no row), then cut the batches in a statement of its own,
+            # whose snapshot is newer than the lock (READ COMMITTED takes one per
+            # statement), so ``snap`` only ever moves forward.
+            """CREATE FUNCTION {s}.pump(
+                p_name text, p_channels text[], p_types text[], p_limit integer,
+                p_batch integer)
+            RETURNS TABLE (n bigint, resumed boolean) LANGUAGE plpgsql AS $pump$
+            #variable_conflict use_column
+            DECLARE
+                low xid8;
+            BEGIN
+                SELECT pg_snapshot_xmin(snap) INTO low FROM {s}.subscriptions
+                WHERE name = p_name FOR UPDATE SKIP LOCKED;
+                IF NOT FOUND THEN
+                    RETURN;
+                END IF;
+                RETURN QUERY
+            WITH s AS (
+                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
+                       batch_cursor, batch_snap IS NOT NULL AS resumed
+                FROM {s}.subscriptions WHERE name = p_name
+            ), picked AS (
+                SELECT j.id FROM s, {s}.journal j
+                WHERE j.xid >= low
+                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
+                  AND pg_visible_in_snapshot(j.xid, s.target)
+                  AND j.id > s.batch_cursor
+                  AND j.channel = ANY(p_channels)
+                  AND (p_types IS NULL OR j.type = ANY(p_types))
+                ORDER BY j.id LIMIT p_limit
+            ), ins AS (
+                INSERT INTO {s}.batches (subscription, journal_ids)
+                SELECT p_name, array_agg(id ORDER BY id) FROM (
+                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / p_batch AS chunk FROM picked
+                ) AS p GROUP BY chunk ORDER BY chunk
+            ), agg AS (
+                SELECT count(*) AS n, max(id) AS last FROM picked
+            )
+            UPDATE {s}.subscriptions u SET
+                snap = CASE WHEN agg.n < p_limit THEN s.target ELSE u.snap END,
+                batch_snap = CASE WHEN agg.n < p_limit THEN NULL ELSE s.target END,
+                batch_cursor = CASE WHEN agg.n < p_limit THEN 0 ELSE agg.last END,
+                pumped_at = now()
+            FROM s, agg WHERE u.name = p_name
+            RETURNING agg.n, s.resumed;
+            END
+            $pump$""",
+        ),
+    ),
 )
 
 #: The schema version this pgbus works with.
@@ -232,6 +310,23 @@ def journal_args(outgoing: Sequence[Outgoing]) -> tuple[list[str], ...]:
     )
 
 
+def wakeup_notifications(
+    outgoing: Sequence[Outgoing], ids: Sequence[str], refs: Sequence[str | None]
+) -> tuple[list[str], list[str]]:
+    """The channels and payloads that wake consumers for the journaled ``ids``, in order.
+
+    ``refs`` is what :attr:`Sql.publish` returned beside ``ids``: the reference envelope
+    of an event too large for NOTIFY, else ``None`` (the event's own envelope goes).
+    """
+    by_id = {o.id: o for o in outgoing}
+    channels, payloads = [], []
+    for event_id, ref in zip(ids, refs, strict=True):
+        out = by_id[event_id]
+        channels.append(out.channel)
+        payloads.append(out.payload if ref is None else ref)
+    return channels, payloads
+
+
 def publish_error(exc: BaseException, schema: str) -> PgbusError:
     """What a failed journal insert into ``schema`` raises, for any driver's ``exc``."""
     if is_missing_relation(exc):
@@ -253,13 +348,15 @@ class Sql:
     def __init__(self, schema: str) -> None:
         s = quote_ident(check_identifier(schema, "schema name"))
         self.schema = schema
-        # One statement, so one implicit transaction when autocommitting: the journal
-        # rows and their NOTIFYs commit together. A payload NOTIFY would refuse goes as
-        # a reference envelope (type "pgbus.ref"); durable consumers read the journal.
+        # Only inserts: no NOTIFY in the writer's transaction (it would serialize every
+        # notifying commit of the cluster); the wake-ups go after the commit (see
+        # _wakeups.py). Returns one row: the ids of the events inserted, in journal
+        # order, with the reference envelope of each one NOTIFY would refuse (NULL for
+        # the others, notified as they are), and the transaction's id.
         # An event the journal already holds (a retry of a publish that committed) is
         # skipped. An id it holds for another event (a forged row that took the id
         # first), or that a concurrent transaction took, fails the whole statement with
-        # an error naming the ids (TAKEN_IDS_MARKER): nothing is journaled or notified.
+        # an error naming the ids (TAKEN_IDS_MARKER): nothing is journaled.
         # Only the skipped rows are looked up again, so the usual publish costs nothing.
         self.publish = f"""
             WITH input AS (
@@ -277,96 +374,77 @@ class Sql:
                 FROM skipped s LEFT JOIN {s}.journal j USING (event_id)
                 WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (s.channel, s.type, s.payload)
             )
-            SELECT count(pg_notify(channel, CASE
-                WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
-                ELSE json_build_object(
-                    'v', 1, 'id', event_id, 'type', 'pgbus.ref',
-                    'ts', extract(epoch FROM clock_timestamp()),
-                    'data', json_build_object(
-                        'journal_id', id, 'type', type, 'bytes', octet_length(payload))
-                )::text END))
-                + (SELECT CASE WHEN ids IS NULL THEN 0
-                          ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken)
-            FROM (SELECT * FROM ins ORDER BY id) AS s"""  # noqa: S608 - quoted identifier
+            SELECT array_agg(event_id ORDER BY id) AS ids,
+                array_agg(CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
+                    ELSE json_build_object(
+                        'v', 1, 'id', event_id, 'type', 'pgbus.ref',
+                        'ts', extract(epoch FROM clock_timestamp()),
+                        'data', json_build_object(
+                            'journal_id', id, 'type', type, 'bytes', octet_length(payload))
+                    )::text END ORDER BY id) AS refs,
+                pg_current_xact_id()::text::bigint AS xid,
+                (SELECT CASE WHEN ids IS NULL THEN 0
+                        ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken) AS taken
+            FROM ins"""  # noqa: S608 - quoted identifier
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
             VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
             ON CONFLICT (name) DO UPDATE SET channels = excluded.channels, types = excluded.types
         """  # noqa: S608 - quoted identifier
-        # Locks the row (or finds it locked: another member is pumping) and returns the
-        # lower bound of the xids to look at, passed back to ``pump`` as a parameter so
-        # the planner can range-scan the xid index.
-        self.lock_subscription = (
-            f"SELECT pg_snapshot_xmin(snap) FROM {s}.subscriptions"  # noqa: S608 - quoted identifier
-            " WHERE name = $1 FOR UPDATE SKIP LOCKED"
-        )
-        # Runs after lock_subscription in the same transaction, so its snapshot is newer
-        # than any earlier pump's commit and ``snap`` only ever moves forward.
-        self.pump = f"""
-            WITH s AS (
-                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
-                       batch_cursor, batch_snap IS NOT NULL AS resumed
-                FROM {s}.subscriptions WHERE name = $1
-            ), picked AS (
-                SELECT j.id FROM s, {s}.journal j
-                WHERE j.xid >= $5::xid8
-                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
-                  AND pg_visible_in_snapshot(j.xid, s.target)
-                  AND j.id > s.batch_cursor
-                  AND j.channel = ANY($2::text[])
-                  AND ($3::text[] IS NULL OR j.type = ANY($3::text[]))
-                ORDER BY j.id LIMIT $4
-            ), ins AS (
-                INSERT INTO {s}.inbox (subscription, journal_id)
-                SELECT $1, id FROM picked ORDER BY id
-                ON CONFLICT DO NOTHING
-            ), agg AS (
-                SELECT count(*) AS n, max(id) AS last FROM picked
-            )
-            UPDATE {s}.subscriptions u SET
-                snap = CASE WHEN agg.n < $4 THEN s.target ELSE u.snap END,
-                batch_snap = CASE WHEN agg.n < $4 THEN NULL ELSE s.target END,
-                batch_cursor = CASE WHEN agg.n < $4 THEN 0 ELSE agg.last END,
-                pumped_at = now()
-            FROM s, agg WHERE u.name = $1
-            RETURNING agg.n, s.resumed"""  # noqa: S608 - quoted identifier
-        # Also acks ($5): deletes the rows handled since the previous claim.
+        # Cuts what the subscription's snapshot newly sees into batches: no row when
+        # another member is pumping (the function ``pump`` of migration 2).
+        self.pump = f"SELECT n, resumed FROM {s}.pump($1, $2::text[], $3::text[], $4, $5)"  # noqa: S608 - quoted identifier
+        # The subscription's next batch not claimed by another member (or whose lease
+        # ran out), with its events. A batch delivered before (its member died, or
+        # handed it back) is split: its first event alone, the rest as a batch after it.
         self.claim = f"""
-            WITH acked AS (
-                DELETE FROM {s}.inbox
-                WHERE subscription = $1 AND journal_id = ANY($5::bigint[])
-            ), c AS (
-                SELECT journal_id FROM {s}.inbox
-                WHERE subscription = $1 AND journal_id <> ALL($5::bigint[])
+            WITH c AS (
+                SELECT id, journal_ids FROM {s}.batches
+                WHERE subscription = $1
                   AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)
-                ORDER BY seq LIMIT $3
+                ORDER BY seq, journal_ids[1] LIMIT 1
                 FOR UPDATE SKIP LOCKED
             ), u AS (
-                UPDATE {s}.inbox i
-                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $4),
-                    deliveries = i.deliveries + 1
-                FROM c WHERE i.subscription = $1 AND i.journal_id = c.journal_id
-                RETURNING i.seq, i.journal_id, i.deliveries
+                UPDATE {s}.batches b
+                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
+                    deliveries = b.deliveries + 1,
+                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
+                                  ELSE b.journal_ids END
+                FROM c WHERE b.id = c.id
+                RETURNING b.seq, b.journal_ids, b.deliveries, c.journal_ids AS whole
+            ), rest AS (
+                INSERT INTO {s}.batches (subscription, seq, journal_ids)
+                SELECT $1, seq, whole[2:] FROM u
+                WHERE cardinality(u.journal_ids) < cardinality(whole)
             )
-            SELECT u.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
+            SELECT x.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
                    extract(epoch FROM j.created_at)::float8 AS stored_at
-            FROM u LEFT JOIN {s}.journal j ON j.id = u.journal_id
-            ORDER BY u.seq"""  # noqa: S608 - quoted identifier
+            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
+            LEFT JOIN {s}.journal j ON j.id = x.journal_id
+            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
         # The event a reference notification points to (for plain subscriptions).
         self.stored_event = f"""
             SELECT channel, event_id, payload, pid,
                    extract(epoch FROM created_at)::float8 AS stored_at
             FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
-        self.ack = (
-            f"DELETE FROM {s}.inbox WHERE subscription = $1 AND journal_id = ANY($2::bigint[])"  # noqa: S608 - quoted identifier
-        )
+        # Handled (or dead-lettered) events leave their batches; an empty batch goes.
+        self.ack = f"""
+            WITH gone AS (
+                DELETE FROM {s}.batches
+                WHERE subscription = $1 AND journal_ids <@ $2::bigint[]
+            )
+            UPDATE {s}.batches SET journal_ids = array(
+                SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
+                WHERE x <> ALL($2::bigint[]) ORDER BY o)
+            WHERE subscription = $1 AND journal_ids && $2::bigint[]
+              AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
         self.release = f"""
-            UPDATE {s}.inbox SET claimed_by = NULL, claimed_until = NULL
-            WHERE subscription = $1 AND claimed_by = $2 AND journal_id = ANY($3::bigint[])
+            UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL
+            WHERE subscription = $1 AND claimed_by = $2 AND journal_ids && $3::bigint[]
         """  # noqa: S608 - quoted identifier
         self.renew = f"""
-            UPDATE {s}.inbox SET claimed_until = now() + make_interval(secs => $3)
-            WHERE subscription = $1 AND claimed_by = $2 AND journal_id = ANY($4::bigint[])
+            UPDATE {s}.batches SET claimed_until = now() + make_interval(secs => $3)
+            WHERE subscription = $1 AND claimed_by = $2 AND journal_ids && $4::bigint[]
         """  # noqa: S608 - quoted identifier
         self.dead_letter = f"""
             INSERT INTO {s}.dead_letters
@@ -374,7 +452,7 @@ class Sql:
             VALUES ($1, $2, $3, $4, $5, $6, $7)"""  # noqa: S608 - quoted identifier
         # Retention: rows every subscription has taken in and handled, in bounded batches.
         # A row is done for a subscription once it is visible in its ``snap`` (taken in)
-        # and gone from its inbox (handled). Nothing at or above the smallest ``xmax`` of
+        # and in no batch (handled). Nothing at or above the smallest ``xmax`` of
         # those snapshots can be visible in all of them: that bounds the index scan.
         self.prune_horizon = f"""
             SELECT coalesce(min(pg_snapshot_xmax(snap)),
@@ -387,7 +465,7 @@ class Sql:
                   AND NOT EXISTS (
                       SELECT 1 FROM {s}.subscriptions s
                       WHERE NOT pg_visible_in_snapshot(j.xid, s.snap))
-                  AND NOT EXISTS (SELECT 1 FROM {s}.inbox i WHERE i.journal_id = j.id)
+                  AND j.id NOT IN (SELECT unnest(journal_ids) FROM {s}.batches)
                 ORDER BY j.xid LIMIT $1
             )
             DELETE FROM {s}.journal WHERE id IN (SELECT id FROM doomed)"""  # noqa: S608 - quoted identifier
@@ -401,8 +479,6 @@ class Sql:
                 WHERE created_at < now() - make_interval(secs => $2)
             ), d AS (
                 DELETE FROM {s}.journal WHERE id IN (SELECT id FROM doomed) RETURNING id
-            ), i AS (
-                DELETE FROM {s}.inbox WHERE journal_id IN (SELECT id FROM d)
             )
             SELECT count(*) FROM d"""  # noqa: S608 - quoted identifier
         self.prune_lock = "SELECT pg_try_advisory_xact_lock(hashtext('pgbus.durable.prune:' || $1))"

@@ -416,7 +416,7 @@ async def test_handler_failure_is_dead_lettered_and_passed(durable_bus, sql, sch
     assert row["attempts"] == 2
     assert "ValueError: no" in row["error"]
     assert json.loads(row["payload"])["data"]["n"] == 1
-    assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".inbox') == 0
+    assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".batches') == 0
 
 
 async def test_plain_and_durable_on_one_channel_each_get_every_event_once(durable_bus, channel):
@@ -461,7 +461,8 @@ async def test_poison_event_is_dead_lettered_unhandled(durable_bus, sql, schema,
         json.dumps({"v": 1, "id": "poison", "type": "Ticket", "ts": 0, "data": {"n": 0}}),
     )
     await sql.execute(  # as if 3 processes had died handling it
-        f'INSERT INTO "{schema}".inbox (subscription, journal_id, deliveries) VALUES ($1, $2, 3)',
+        f'INSERT INTO "{schema}".batches (subscription, journal_ids, deliveries)'
+        " VALUES ($1, ARRAY[$2::bigint], 3)",
         "p",
         journal_id,
     )
@@ -500,7 +501,7 @@ async def test_durable_where_and_concurrency(durable_bus, sql, schema, channel):
         await got.wait_for(21)
     assert sorted(e.n for e in got.items) == [*range(0, 40, 2), 100]
     assert peak > 1
-    assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".inbox') == 0
+    assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".batches') == 0
 
 
 async def test_unlisten_a_durable_subscription(durable_bus, channel):

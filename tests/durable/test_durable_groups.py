@@ -125,6 +125,46 @@ async def test_killed_member_work_goes_to_the_other(durable_bus, pg_dsn, schema,
     assert len(set(a.handled) & set(b.handled)) <= 20
 
 
+async def test_three_members_one_killed_every_event_handled(durable_bus, pg_dsn, schema, channel):
+    """SIGKILL one of three member processes midway: the others handle every event, each
+    survivor none twice, and only the dead member's unacked batch is handled again."""
+    ticket = ticket_type(channel)
+    total = 3000
+    members = [await Member.spawn(pg_dsn, schema, channel, "trio") for _ in range(3)]
+    victim, survivors = members[0], members[1:]
+    try:
+        publisher: pgbus.Bus = durable_bus()
+        for start in range(0, total, 100):
+            await publisher.publish_many([ticket(n=i) for i in range(start, start + 100)])
+        await victim.wait_for(100)
+        victim.proc.send_signal(signal.SIGKILL)
+        await victim.proc.wait()
+        await victim.reader
+
+        def handled() -> set[int]:
+            return {n for m in members for n in m.handled}
+
+        async def all_handled() -> None:
+            while handled() != set(range(total)):
+                for m in survivors:
+                    m.changed.clear()
+                waits = [asyncio.create_task(m.changed.wait()) for m in survivors]
+                _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+
+        await asyncio.wait_for(all_handled(), 60)
+    finally:
+        for member in members:
+            if member.proc.returncode is None:
+                await member.close()
+    for member in members:
+        assert max(collections.Counter(member.handled).values()) == 1
+    twice = collections.Counter(n for m in members for n in m.handled)
+    assert sum(1 for c in twice.values() if c > 1) <= 20  # one batch (batch_size=20)
+    assert set(survivors[0].handled).isdisjoint(survivors[1].handled)
+
+
 async def test_lease_is_renewed_while_a_handler_runs(durable_bus, channel: str):
     """A handler that runs longer than the lease keeps its claim: no other member takes it."""
     ticket = ticket_type(channel)

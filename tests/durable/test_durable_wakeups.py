@@ -1,0 +1,140 @@
+"""The wake-up path of durable publishes: no NOTIFY in the writer's transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+from _helpers import Collector, Process, cli_env, ticket_type
+
+from pgbus.durable import DurablePlugin
+
+if TYPE_CHECKING:
+    import pgbus
+
+PUBLISHER = Path(__file__).with_name("_publisher.py")
+
+
+async def _listen(
+    dsn: str, channel: str
+) -> tuple[asyncpg.Connection, asyncio.Queue[tuple[int, str]]]:
+    """A raw LISTEN connection and the queue of its ``(pid, payload)`` notifications."""
+    conn = await asyncpg.connect(dsn)
+    got: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    await conn.add_listener(channel, lambda _c, pid, _ch, payload: got.put_nowait((pid, payload)))
+    return conn, got
+
+
+async def test_the_writers_transaction_sends_no_notify(durable_bus, sql, channel: str):
+    """A transactional durable publish is notified after the commit by another backend."""
+    ticket = ticket_type(channel)
+    bus: pgbus.Bus = durable_bus()
+    listener, got = await _listen(bus.dsn, channel)
+    try:
+        async with sql.transaction():
+            event_id = await bus.publish(ticket(n=1), connection=sql)
+        pid, payload = await asyncio.wait_for(got.get(), 10)
+    finally:
+        await listener.close()
+        await bus.stop()
+    assert json.loads(payload)["id"] == event_id
+    assert pid != sql.get_server_pid()
+
+
+async def test_a_commit_two_seconds_later_is_handled_within_a_second(
+    durable_bus, sql, channel: str
+):
+    """The caller commits 2 s after publish(connection=): handled within 1 s of the commit."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus()  # the poll backstop is 60 s away
+    bus.subscribe(ticket, durable="late")(got)
+    async with bus:
+        async with sql.transaction():
+            await bus.publish(ticket(n=1), connection=sql)
+            await asyncio.sleep(2.0)  # the caller's own work before it commits
+        committed = time.monotonic()
+        await got.wait_for(1, timeout=1.0)
+        assert time.monotonic() - committed < 1.0
+
+
+async def test_an_aborted_publish_is_never_notified(durable_bus, sql, channel: str):
+    """A rolled-back transactional publish sends no wake-up; the next publish does."""
+    ticket = ticket_type(channel)
+    bus: pgbus.Bus = durable_bus()
+    listener, got = await _listen(bus.dsn, channel)
+    try:
+        tx = sql.transaction()
+        await tx.start()
+        await bus.publish(ticket(n=1), connection=sql)
+        await tx.rollback()
+        event_id = await bus.publish(ticket(n=2))
+        _, payload = await asyncio.wait_for(got.get(), 10)
+        await bus.stop()
+    finally:
+        await listener.close()
+    assert json.loads(payload)["id"] == event_id
+    assert got.empty()
+    plugin = bus.plugins.get("durable")
+    assert isinstance(plugin, DurablePlugin)
+    assert plugin.wakeups.sent == 1
+
+
+async def test_a_wake_up_sent_while_the_listener_is_down_is_made_up(
+    durable_bus, pg_dsn: str, tcp_proxy, sql, channel: str
+):
+    """The listener drops between the commit and the wake-up: its reconnect delivers the event."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus(tcp_proxy.dsn_for(pg_dsn))  # no poll backstop (60 s)
+    bus.subscribe(ticket, durable="gap")(got)
+    listener, woke = await _listen(pg_dsn, channel)
+    try:
+        async with bus:
+            await bus.publish(ticket(n=0))
+            await got.wait_for(1)
+            await woke.get()
+            async with sql.transaction():
+                await bus.publish(ticket(n=1), connection=sql)
+                tcp_proxy.refuse = True  # new connections only: the pools keep theirs
+                await sql.execute("SELECT pg_terminate_backend($1)", bus.listener_pid)
+            await asyncio.wait_for(woke.get(), 10)  # the wake-up went out: the bus missed it
+            tcp_proxy.refuse = False
+            await got.wait_for(2)
+    finally:
+        await listener.close()
+    assert [e.n for e in got.items] == [0, 1]
+
+
+async def test_a_publisher_killed_before_its_wake_up_is_made_up_by_the_poll(
+    durable_bus, pg_dsn: str, schema: str, channel: str
+):
+    """A publisher SIGKILLed after its commit, before its wake-up: the poll delivers it."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus(plugin={"poll_interval": 0.3})
+    bus.subscribe(ticket, durable="orphan")(got)
+    async with bus:
+        proc = Process(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(PUBLISHER),
+                pg_dsn,
+                schema,
+                channel,
+                "7",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=cli_env(),
+            )
+        )
+        assert (await proc.line()).strip() == "committed"
+        code, _, _ = await proc.finish()
+        [event] = await got.wait_for(1, timeout=10)
+    assert code == -9
+    assert event.n == 7
