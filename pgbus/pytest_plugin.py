@@ -55,7 +55,7 @@ import pytest
 from pgbus._bus import Bus
 from pgbus._util import redact_dsn
 from pgbus.errors import ServerNotFound
-from pgbus.server import local_server
+from pgbus.server import describe_server, local_server
 from pgbus.testing import RecordingPlugin
 
 if TYPE_CHECKING:
@@ -88,13 +88,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-async def _server_version(dsn: str) -> str:
+async def _describe(dsn: str) -> str:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        version: str = await conn.fetchval("SHOW server_version")
+        return await describe_server(conn)
     finally:
         await conn.close()
-    return version
 
 
 def _report(config: pytest.Config, line: str) -> None:
@@ -116,7 +115,7 @@ def pgbus_server_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
         named, source = str(request.config.getini(TEST_DSN_INI)), f"the {TEST_DSN_INI} ini option"
     if named:
         try:
-            version = asyncio.run(_server_version(named))
+            server = asyncio.run(_describe(named))
         except (
             OSError,
             TimeoutError,
@@ -129,15 +128,15 @@ def pgbus_server_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
                 f"pgbus: cannot use {source} ({redact_dsn(named)}): {detail}",
                 returncode=pytest.ExitCode.USAGE_ERROR,
             )
-        _report(request.config, f"pgbus: PostgreSQL {version} at {redact_dsn(named)} ({source})")
+        _report(request.config, f"pgbus: {server} at {redact_dsn(named)} ({source})")
         yield named
         return
     try:
         with local_server(env_var=TEST_DSN_ENV, try_default=False) as dsn:
-            version = asyncio.run(_server_version(dsn))
+            server = asyncio.run(_describe(dsn))
             _report(
                 request.config,
-                f"pgbus: a throwaway PostgreSQL {version} cluster at {dsn}, removed after the"
+                f"pgbus: a throwaway cluster ({server}) at {dsn}, removed after the"
                 f" session (set {TEST_DSN_ENV} or {TEST_DSN_INI} to use a server of yours)",
             )
             yield dsn

@@ -802,6 +802,24 @@ class TempCluster:
 # --------------------------------------------------------------- finding a server
 
 
+async def describe_server(conn: asyncpg.Connection | asyncpg.Pool) -> str:
+    """Which PostgreSQL ``conn`` talks to: its version, and its binaries when readable.
+
+    The binaries' directory comes from ``pg_config`` (readable by superusers and
+    ``pg_read_all_settings``); without the privilege only the version is given.
+
+    :returns: e.g. ``"PostgreSQL 15.19, binaries in /usr/lib/postgresql/15/bin"``.
+
+    .. versionadded:: 0.2.0
+    """
+    version = await conn.fetchval("SHOW server_version")
+    try:
+        bindir = await conn.fetchval("SELECT setting FROM pg_config WHERE name = 'BINDIR'")
+    except asyncpg.InsufficientPrivilegeError:
+        return f"PostgreSQL {version}"
+    return f"PostgreSQL {version}, binaries in {bindir}"
+
+
 async def server_reachable_async(dsn: str, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 (passed on to asyncpg.connect, like its own timeout=)
     """Tell whether a PostgreSQL server accepts a connection at ``dsn``.
 

@@ -540,6 +540,7 @@ async def test_demo_runs_end_to_end(pg_dsn: str, spawn) -> None:
     code, out, err = await proc.finish(timeout=60)
     assert code == 0, err
     for text in (
+        "binaries in /",  # which PostgreSQL it ran on
         "Typed events",
         "handled OrderPlaced #3",
         "attempt 2 for order 1",

@@ -305,4 +305,6 @@ def test_without_a_named_server_the_plugin_starts_a_throwaway_one(
     )
     result = pytester.runpytest_subprocess(*_plugin_args())
     result.assert_outcomes(passed=1)
-    assert any("pgbus: a throwaway PostgreSQL" in line for line in result.outlines)
+    said = [line for line in result.outlines if "pgbus: a throwaway cluster (PostgreSQL" in line]
+    assert said, result.outlines
+    assert f"binaries in {pg_cluster.bindir}" in said[0]  # which PostgreSQL it ran

@@ -22,7 +22,7 @@ from pgbus._config import resolve_dsn
 from pgbus._util import redact_dsn
 from pgbus.cli._common import State, run, stdout
 from pgbus.errors import ConfigError
-from pgbus.server import DEFAULT_DSN, local_server
+from pgbus.server import DEFAULT_DSN, describe_server, local_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -123,7 +123,7 @@ async def _demo(dsn: str, out: Console) -> None:  # noqa: PLR0915 - a script, re
 
     async with bus:
         pool = await bus.pool()
-        out.print(f"[dim]PostgreSQL {await pool.fetchval('SHOW server_version')}[/]")
+        out.print(f"[dim]{await describe_server(pool)}[/]")
         out.rule("[bold]1. Typed events")
         out.print(f"  listening on {', '.join(bus.channels)}")
         out.print("  publishing 3 OrderPlaced events in one statement")
