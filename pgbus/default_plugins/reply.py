@@ -37,6 +37,7 @@ import math
 import sys
 import typing
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -63,6 +64,13 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TIMEOUT", "REPLIES", "REPLY_ID", "REPLY_TO", "Replies"]
 
 logger = logging.getLogger(__name__)
+
+#: The return models of this process's answering handlers, by tag: a reply between two
+#: buses of one process decodes even when the model's module is not in ``sys.modules``
+#: under its name (a script run as ``__main__`` by a runner).
+_ANSWERING: weakref.WeakValueDictionary[str, type[pydantic.BaseModel]] = (
+    weakref.WeakValueDictionary()
+)
 
 #: The header naming the channel a reply goes to.
 REPLY_TO = "pgbus-reply-to"
@@ -169,7 +177,10 @@ class Replies:
         if subscription.batch is not None:
             return None
         model = _return_model(subscription.handler)
-        tag = None if model is None else f"{model.__module__}:{model.__qualname__}"
+        tag = None
+        if model is not None:
+            tag = f"{model.__module__}:{model.__qualname__}"
+            _ANSWERING[tag] = model
 
         async def reply(delivery: Delivery, call_next: CallNext) -> Any:
             result = await call_next(delivery)
@@ -241,9 +252,14 @@ def _decode(event_id: str, reply: dict[str, Any]) -> Any:
 
 
 def _imported(tag: object) -> type[pydantic.BaseModel] | None:
-    """The model class ``"module:qualname"`` names, if that module is imported (never imports)."""
+    """The model ``"module:qualname"`` names: an answering handler's, or from an imported module.
+
+    It never imports a module a reply names.
+    """
     if not isinstance(tag, str) or ":" not in tag:
         return None
+    if (answering := _ANSWERING.get(tag)) is not None:
+        return answering
     module_name, _, qualname = tag.partition(":")
     found: object = sys.modules.get(module_name)
     for part in qualname.split("."):
