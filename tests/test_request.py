@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import textwrap
 
 import pydantic
 import pytest
@@ -33,6 +35,70 @@ async def test_reply_is_decoded_into_the_handlers_return_model(make_bus, channel
     assert reply == Total(order=4, total=40)
     assert [s.name for s in requester.subscriptions] == [REPLIES]  # one LISTEN connection
     assert requester.channels == (requester.plugins.get("reply").channel,)
+
+
+SHARED = """
+import os
+
+import pydantic
+
+import pgbus
+
+
+class Quote(pgbus.Event, channel=os.environ["QUOTE_CHANNEL"]):
+    n: int
+
+
+class Price(pydantic.BaseModel):
+    n: int
+    pid: int
+"""
+
+RESPONDER = """
+import asyncio
+import os
+
+import pgbus
+from shared import Price, Quote
+
+
+async def main() -> None:
+    bus = pgbus.Bus(load_entrypoints=False)
+
+    @bus.subscribe(Quote)
+    async def price(event: Quote) -> Price:
+        return Price(n=event.n, pid=os.getpid())
+
+    async with bus:
+        print("ready", flush=True)
+        await bus.wait_closed()
+
+
+asyncio.run(main())
+"""
+
+
+async def test_reply_from_another_process_is_decoded(
+    make_bus, channel, spawn, pg_dsn, tmp_path, monkeypatch
+):
+    """A responder in another process answers; its model is decoded from the imported module."""
+    monkeypatch.setenv("QUOTE_CHANNEL", channel)
+    (tmp_path / "shared.py").write_text(textwrap.dedent(SHARED))
+    (tmp_path / "responder.py").write_text(textwrap.dedent(RESPONDER))
+    responder = await spawn("responder.py", python=True, PGBUS_DSN=pg_dsn, QUOTE_CHANNEL=channel)
+    assert (await responder.line()).strip() == "ready"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import shared  # written by this test
+
+        async with make_bus() as bus:
+            reply = await bus.request(shared.Quote(n=5), timeout=10)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("shared", None)
+    assert isinstance(reply, shared.Price)
+    assert reply.n == 5
+    assert reply.pid == responder.proc.pid
 
 
 async def test_untyped_reply_is_the_json_value(make_bus, channel):
@@ -165,3 +231,37 @@ async def test_bad_timeout_and_disabled_plugin_are_config_errors(make_bus, chann
     async with make_bus(disable_plugins=["reply"]) as bare:
         with pytest.raises(pgbus.ConfigError, match="reply plugin"):
             await bare.request(Query(n=1), timeout=1)
+
+
+async def test_handler_timeout_answers_with_request_failed(make_bus, channel):
+    """The reply middleware runs inside timeouts: a timed-out handler answers with its error."""
+    Query = event_on(channel)
+    bus = make_bus()
+    never = asyncio.Event()
+
+    @bus.subscribe(Query, timeout=0.05, retry=pgbus.Retry(attempts=1))
+    async def slow(event: pgbus.Event) -> int:
+        await never.wait()
+        return 1
+
+    async with bus:
+        with pytest.raises(pgbus.RequestFailed, match="TimeoutError"):
+            await bus.request(Query(n=1), timeout=5)
+
+
+async def test_stop_fails_waiting_requests_with_bus_closed(make_bus, channel):
+    """Stopping the bus fails a request still waiting with BusClosed, not a late timeout."""
+    Query = event_on(channel)
+    bus = make_bus()
+    started = asyncio.Event()
+
+    @bus.subscribe(Query)
+    async def ignore(event: pgbus.Event) -> None:
+        started.set()
+
+    await bus.start()
+    waiting = asyncio.ensure_future(bus.request(Query(n=1), timeout=30))
+    await asyncio.wait_for(started.wait(), 5)
+    await bus.stop()
+    with pytest.raises(pgbus.BusClosed):
+        await asyncio.wait_for(waiting, 5)
