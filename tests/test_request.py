@@ -265,3 +265,20 @@ async def test_stop_fails_waiting_requests_with_bus_closed(make_bus, channel):
     await bus.stop()
     with pytest.raises(pgbus.BusClosed):
         await asyncio.wait_for(waiting, 5)
+
+
+async def test_request_is_answered_after_timeouts_is_registered_again(make_bus, channel):
+    """Re-registering timeouts (innermost then) still passes the handler's value to reply."""
+    from pgbus.default_plugins.timeouts import Timeouts
+
+    Query = event_on(channel)
+    bus = make_bus()
+    bus.plugins.unregister("timeouts")
+    bus.plugins.register(Timeouts(warn_after=60.0), name="timeouts")
+
+    @bus.subscribe(Query, timeout=5)
+    async def answer(event: pgbus.Event) -> int:
+        return 42
+
+    async with bus:
+        assert await bus.request(Query(n=1), timeout=5) == 42
