@@ -880,7 +880,8 @@ class Bus:
         :raises RequestTimeout: when no handler replied within ``timeout``.
         :raises RequestFailed: when the answering handler failed for good (its error as
             text), or its reply could not be sent or decoded.
-        :raises ConfigError: for a bad ``timeout``, or when the reply plugin is disabled.
+        :raises ConfigError: for a bad ``timeout``, a bus that is not running, or when the
+            reply plugin is disabled.
 
         .. versionadded:: 0.3.0
         """

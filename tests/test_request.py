@@ -223,11 +223,13 @@ async def test_request_works_on_a_memory_bus(channel):
 
 
 async def test_bad_timeout_and_disabled_plugin_are_config_errors(make_bus, channel):
-    """A non-positive timeout, or a bus without the reply plugin, is a ConfigError."""
+    """A non-positive timeout, a bus not started, or one without the reply plugin: ConfigError."""
     Query = event_on(channel)
     async with make_bus() as bus:
         with pytest.raises(pgbus.ConfigError, match="timeout"):
             await bus.request(Query(n=1), timeout=0)
+    with pytest.raises(pgbus.ConfigError, match="running bus"):
+        await make_bus().request(Query(n=1), timeout=1)
     async with make_bus(disable_plugins=["reply"]) as bare:
         with pytest.raises(pgbus.ConfigError, match="reply plugin"):
             await bare.request(Query(n=1), timeout=1)

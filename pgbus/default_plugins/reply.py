@@ -44,6 +44,7 @@ import pydantic
 import pydantic_core
 
 from pgbus._markers import hookimpl
+from pgbus._status import BusState
 from pgbus.errors import (
     BusClosed,
     ConfigError,
@@ -124,6 +125,8 @@ class Replies:
             raise ConfigError("the reply plugin is not registered on a bus")
         if not (isinstance(timeout, int | float) and timeout > 0 and math.isfinite(timeout)):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if bus.state is not BusState.RUNNING:  # a reply would come before it LISTENs
+            raise ConfigError("request() needs a running bus: await bus.start() first")
         await self._listen(bus)
         token = uuid.uuid4().hex
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -143,11 +146,12 @@ class Replies:
 
     async def _listen(self, bus: Bus) -> None:
         """Subscribe to this bus's reply channel, once (LISTEN before the first publish)."""
-        if self._listening is None:
-            self._listening = asyncio.ensure_future(
+        task = self._listening
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = self._listening = asyncio.ensure_future(  # one LISTEN, for every request
                 bus.listen(self._channel, self._received, name=REPLIES)
             )
-        await asyncio.shield(self._listening)
+        await asyncio.shield(task)
 
     async def _received(self, message: Message) -> None:
         try:
