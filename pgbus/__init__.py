@@ -70,6 +70,8 @@ if _typing.TYPE_CHECKING:
         PluginError,
         PublishError,
         Reject,
+        RequestFailed,
+        RequestTimeout,
         ServerNotFound,
     )
 
@@ -110,6 +112,8 @@ _LAZY = {
     "PluginError": "pgbus.errors",
     "PublishError": "pgbus.errors",
     "Reject": "pgbus.errors",
+    "RequestFailed": "pgbus.errors",
+    "RequestTimeout": "pgbus.errors",
     "Retry": "pgbus._subscription",
     "RowChanged": "pgbus.changes",
     "ServerNotFound": "pgbus.errors",
@@ -161,6 +165,8 @@ __all__ = [
     "PluginError",
     "PublishError",
     "Reject",
+    "RequestFailed",
+    "RequestTimeout",
     "Retry",
     "RowChanged",
     "ServerNotFound",

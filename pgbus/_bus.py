@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     # the typed accessors of two built-ins (bus.metrics, bus.dead_letters): type-only
     from pgbus.default_plugins.dead_letters import DeadLetters
     from pgbus.default_plugins.metrics import Metrics
+    from pgbus.default_plugins.reply import Replies
 
 logger = logging.getLogger(__name__)
 
@@ -341,8 +342,6 @@ class Bus:
     # -- subscribing ---------------------------------------------------------------------
 
     @overload
-    def subscribe(self, handler: H, /) -> H: ...
-    @overload
     def subscribe(
         self,
         *targets: str | type[Event],
@@ -361,6 +360,8 @@ class Bus:
         batch: int | None = None,
         batch_wait: float | None = None,
     ) -> Callable[[H], H]: ...
+    @overload  # after the one above: an Event class is callable, and a handler too
+    def subscribe(self, handler: H, /) -> H: ...
     def subscribe(
         self,
         *targets: Any,
@@ -855,6 +856,40 @@ class Bus:
         await self._publisher.publish(outs, connection)
         self.plugins.on_published(outs)
         return [o.id for o in outs]
+
+    async def request(
+        self,
+        event: Event,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 - the wait for the reply
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Publish ``event`` as a request and return the first handler's reply.
+
+        A handler answers by returning a value (``None`` answers nothing); the value is
+        decoded into the handler's return annotation when that is a pydantic model or
+        :class:`~pgbus.Event` this process has imported, else it is the JSON value. The
+        reply comes back over this bus's own LISTEN connection (a reply channel it
+        LISTENs on from the first request). The first reply wins; later ones are ignored.
+        Built by the ``reply`` plugin (:mod:`pgbus.default_plugins.reply`).
+
+        :param event: the request; published like :meth:`publish` does.
+        :param timeout: seconds to wait for a reply.
+        :param headers: string headers carried in the envelope.
+        :returns: the reply.
+        :raises RequestTimeout: when no handler replied within ``timeout``.
+        :raises RequestFailed: when the answering handler failed for good (its error as
+            text), or its reply could not be sent or decoded.
+        :raises ConfigError: for a bad ``timeout``, a bus that is not running, or when the
+            reply plugin is disabled.
+
+        .. versionadded:: 0.3.0
+        """
+        self._check_open()
+        plugin = self.plugins.get("reply")
+        if plugin is None:
+            raise ConfigError("request() needs the reply plugin, which is disabled on this bus")
+        return await typing.cast("Replies", plugin).request(event, timeout=timeout, headers=headers)
 
     async def notify(
         self, channel: str, payload: str = "", *, connection: AsyncConnection | None = None

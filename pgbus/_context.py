@@ -221,8 +221,8 @@ def with_context(
 
     if is_async(handler):
 
-        async def call_async(delivery: Delivery) -> None:
-            await call(delivery)
+        async def call_async(delivery: Delivery) -> Any:
+            return await call(delivery)
 
         return call_async
     return call

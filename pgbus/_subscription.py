@@ -26,15 +26,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The rest of the handler chain, as a middleware sees it.
-CallNext: TypeAlias = Callable[["Delivery"], Awaitable[None]]
+#: The rest of the handler chain, as a middleware sees it; awaiting it gives what the
+#: handler returned (``None`` when a middleware in between does not pass it on).
+CallNext: TypeAlias = Callable[["Delivery"], Awaitable[Any]]
 #: ``async def middleware(delivery, call_next) -> None``.
-Middleware: TypeAlias = Callable[["Delivery", CallNext], Awaitable[None]]
+Middleware: TypeAlias = Callable[["Delivery", CallNext], Awaitable[Any]]
 #: A handler: ``async def`` or plain ``def`` (run in a worker thread), given the event
 #: (typed subscriptions) or the :class:`~pgbus.Message` (untyped ones), a list of them
 #: (batch handlers), and a :class:`~pgbus.Context` if it has a parameter for one; its
 #: signature is checked by ``subscribe()``.
-Handler: TypeAlias = Callable[..., Awaitable[None] | None]
+Handler: TypeAlias = Callable[..., Awaitable[Any] | Any]
 #: Picks the subscriptions a delivery goes to.
 Router: TypeAlias = Callable[["Delivery"], Sequence["Subscription"]]
 
@@ -752,22 +753,23 @@ def _call(handler: Callable[[Any], Any], argument: Callable[[Delivery], Any]) ->
     """Call ``handler`` with ``argument(delivery)``: awaited, or run in a worker thread."""
     if is_async(handler):
 
-        async def call_async(delivery: Delivery) -> None:
-            await handler(argument(delivery))
+        async def call_async(delivery: Delivery) -> Any:
+            return await handler(argument(delivery))
 
         return call_async
 
-    async def call_in_thread(delivery: Delivery) -> None:
+    async def call_in_thread(delivery: Delivery) -> Any:
         result = await asyncio.to_thread(handler, argument(delivery))
         if inspect.isawaitable(result):
-            await result
+            return await result
+        return result
 
     return call_in_thread
 
 
 def _bind(mw: Middleware, call_next: CallNext) -> CallNext:
     # a plain function returning the middleware's awaitable: no extra coroutine per layer
-    def step(delivery: Delivery) -> Awaitable[None]:
+    def step(delivery: Delivery) -> Awaitable[Any]:
         return mw(delivery, call_next)
 
     return step

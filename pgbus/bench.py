@@ -28,6 +28,10 @@ Scenarios:
     typed events per call) with every default plugin on, against the same raw listener.
 ``latency_1k`` and ``latency_5k``
     publish to handler entry at a paced rate, p99 (p50 and max in the details).
+``request``
+    ``bus.request`` round trips, one in flight, between two buses of one process
+    (p99; p50 in the details), against a raw asyncpg NOTIFY/LISTEN ping-pong between
+    two connections.
 ``fanout``
     100 ``Bus`` instances against 100 raw listener connections, one process,
     deliveries per second. When the server has too few free connections a throwaway
@@ -128,6 +132,7 @@ SCENARIOS: Final = (
     "receive_batch",
     "latency_1k",
     "latency_5k",
+    "request",
     "fanout",
     "memory",
     "durable_publish",
@@ -1002,6 +1007,81 @@ async def bench_latency(cfg: Config, rate: int) -> Result:
     return result
 
 
+async def bench_request(cfg: Config) -> Result:
+    """Request/reply round trips, one at a time: ``bus.request`` against raw ping-pong."""
+    result = Result(
+        "request",
+        "request/reply round trip, one in flight (p99)",
+        "µs",
+        higher_is_better=False,
+        target="(reported)",
+    )
+    count = max(50, int(500 * cfg.latency_seconds))
+    clock = time.perf_counter
+    cls = event_class(new_channel("req"))
+    responder, requester = (
+        Bus(cfg.dsn, load_entrypoints=False),
+        Bus(cfg.dsn, load_entrypoints=False),
+    )
+
+    @responder.subscribe(cls)
+    async def answer(event: BenchEvent) -> BenchData:
+        return BenchData(seq=event.seq, name="reply", value=event.value, tags=[], sent=event.sent)
+
+    ping, pong = new_channel("rawping"), new_channel("rawpong")
+    waiting: dict[int, asyncio.Future[None]] = {}
+    validate = BenchData.model_validate_json
+    tasks: set[asyncio.Task[str]] = set()
+
+    def answered(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        waiter = waiting.pop(validate(payload).seq, None)
+        if waiter is not None:
+            waiter.set_result(None)
+
+    def reply(conn: asyncpg.Connection, _pid: int, _channel: str, payload: str) -> None:
+        data = validate(payload).model_copy(update={"name": "reply"})
+        task = asyncio.ensure_future(conn.execute(NOTIFY_ONE, pong, data.model_dump_json()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async with (
+        responder,
+        requester,
+        raw_listener(cfg.dsn, pong, answered) as asking,
+        raw_listener(cfg.dsn, ping, reply),
+    ):
+
+        async def run_pgbus() -> Measure:
+            samples = []
+            for i in range(count):
+                started = clock()
+                await requester.request(make_event(cls, i, started), timeout=10)
+                samples.append(clock() - started)
+            return _latency_measure(samples, count, count / sum(samples))
+
+        async def run_raw() -> Measure:
+            samples = []
+            for i in range(count):
+                started = clock()
+                waiter = waiting[i] = asyncio.get_running_loop().create_future()
+                data = BenchData(seq=i, name="bench", value=1.5, tags=["a", "b"], sent=started)
+                await asking.execute(NOTIFY_ONE, ping, data.model_dump_json())
+                await asyncio.wait_for(waiter, 10)
+                samples.append(clock() - started)
+            return _latency_measure(samples, count, count / sum(samples))
+
+        await run_pgbus()  # warm up both
+        await run_raw()
+        await interleave(
+            result, cfg.reps, [("pgbus", run_pgbus), ("baseline", run_raw)], cfg.progress
+        )
+    result.notes.append(
+        f"{count} sequential round trips per repetition, one process; raw: two asyncpg"
+        " connections NOTIFY/LISTEN ping-pong, validating BenchData on both sides"
+    )
+    return result
+
+
 # -------------------------------------------------------------------------- 5. fan-out
 
 
@@ -1747,6 +1827,7 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "receive_batch": lambda cfg: bench_receive(cfg, batch=100),
     "latency_1k": lambda cfg: bench_latency(cfg, 1_000),
     "latency_5k": lambda cfg: bench_latency(cfg, 5_000),
+    "request": bench_request,
     "fanout": bench_fanout,
     "memory": bench_memory,
     "durable_publish": lambda cfg: bench_durable(cfg, receive=False),

@@ -51,6 +51,8 @@ __all__ = [
     "PluginError",
     "PublishError",
     "Reject",
+    "RequestFailed",
+    "RequestTimeout",
     "ServerNotFound",
 ]
 
@@ -163,6 +165,41 @@ class DuplicateEventId(PublishError):  # noqa: N818 - named like InvalidChannel
 
 class ListenerError(PgbusError):
     """The LISTEN connection could not be (re-)established and the backoff gave up."""
+
+
+class RequestTimeout(PgbusError, TimeoutError):  # noqa: N818 - the name the public API promises
+    """No handler answered :meth:`Bus.request <pgbus.Bus.request>` within its timeout.
+
+    Nothing subscribed, every handler returned ``None``, or the answer came too late.
+
+    :ivar event_id: the id of the request event.
+    :ivar timeout: the seconds waited.
+
+    .. versionadded:: 0.3.0
+    """
+
+    def __init__(self, event_id: str, timeout: float) -> None:
+        super().__init__(f"no reply to request {event_id} within {timeout} s")
+        self.event_id = event_id
+        self.timeout = timeout
+
+
+class RequestFailed(PgbusError):  # noqa: N818 - named like RequestTimeout
+    """The handler that answered :meth:`Bus.request <pgbus.Bus.request>` failed for good.
+
+    Sent back when the handler raised on its last attempt (after its retries), or when
+    its return value could not be sent (not JSON-serializable, or 8000 bytes or more).
+
+    :ivar event_id: the id of the request event.
+    :ivar error: the responder's error, as text (``"ValueError: no such order"``).
+
+    .. versionadded:: 0.3.0
+    """
+
+    def __init__(self, event_id: str, error: str) -> None:
+        super().__init__(f"request {event_id} failed in its handler: {error}")
+        self.event_id = event_id
+        self.error = error
 
 
 class ServerNotFound(PgbusError, RuntimeError):  # noqa: N818 - reads as a state

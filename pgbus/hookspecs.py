@@ -121,12 +121,16 @@ def pgbus_handler_middleware(subscription: Subscription) -> Middleware | None:
     Called once per subscription. A middleware is ``async def mw(delivery, call_next)``
     and must ``await call_next(delivery)`` to go on (or not, to skip the handler, or
     several times, to retry). The results of all plugins are composed with the
-    last-registered plugin outermost.
+    last-registered plugin outermost. Awaiting ``call_next`` gives what the rest of the
+    chain returned: the handler's return value at the innermost layer (the built-in
+    ``reply`` plugin sends it back to a :meth:`Bus.request <pgbus.Bus.request>`). Only
+    that innermost layer needs it; a middleware may return ``None``.
 
     :param subscription: the subscription being set up.
     :returns: a middleware, or ``None``.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``call_next`` returns the handler's return value.
     """
 
 

@@ -22,6 +22,7 @@ RECEIVING = {
     "receive_batch",
     "latency_1k",
     "latency_5k",
+    "request",
     "fanout",
     "memory",
     "durable_receive",
@@ -73,6 +74,7 @@ def test_quick_json_runs_every_scenario_and_loses_nothing(pg_dsn: str) -> None:
             assert peer["lost"] in (0, None), s
     by_name = {s["name"]: s for s in scenarios}
     assert {"p50", "p99", "max"} <= set(by_name["latency_1k"]["pgbus_stats"]["details"])
+    assert {"p50", "p99"} <= set(by_name["request"]["baseline_stats"]["details"])
     assert {"rss_small_mb", "rss_large_mb"} <= set(by_name["memory"]["baseline_stats"]["details"])
 
 

@@ -5,9 +5,9 @@ or replaced by registering a plugin that implements the same hooks.
 
 A handler call goes through ``retry`` (``tryfirst``: always outermost) → other
 middleware, last-registered outermost (``metrics``, your plugins) → ``timeouts``
-(``trylast``: always innermost) → the handler. So every attempt is counted and bounded
-by the timeout, and a timed-out attempt can be retried, even when one of them is
-replaced.
+(``trylast``) → ``reply`` (``trylast`` too, registered after it: innermost, so it sees
+the handler's return value) → the handler. So every attempt is counted and bounded by
+the timeout, and a timed-out attempt can be retried, even when one of them is replaced.
 
 This module is the one registry of built-ins by name: it names modules and never
 imports them, so the core (which reads the registry) never imports a plugin. A module is
@@ -49,6 +49,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
     ("routing", _module("routing")),
     ("backoff", _instance("backoff", "ExponentialBackoff")),
     ("timeouts", _instance("timeouts", "Timeouts")),
+    ("reply", _instance("reply", "Replies")),  # after timeouts: innermost of the trylast
     ("metrics", _instance("metrics", "Metrics")),
     ("dead_letters", _instance("dead_letters", "DeadLetters")),
     ("retry", _instance("retry", "RetryPlugin")),

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgbus._markers import hookimpl
 from pgbus.errors import ConfigError
@@ -146,7 +146,7 @@ class Timeouts:
         first = thresholds[0][0]
         name = subscription.name
 
-        async def timeouts(delivery: Delivery, call_next: CallNext) -> None:
+        async def timeouts(delivery: Delivery, call_next: CallNext) -> Any:
             key = id(delivery)  # unique while it runs
             now = clock()
             inflight[key] = [now, delivery, 0]
@@ -157,14 +157,14 @@ class Timeouts:
                     scope = asyncio.timeout(timeout)
                     try:
                         async with scope:
-                            await call_next(delivery)
+                            return await call_next(delivery)
                     except TimeoutError as exc:
                         if not scope.expired():  # the handler's own TimeoutError
                             raise
                         msg = f"handler {name} timed out after {timeout} s"
                         raise TimeoutError(msg) from exc
                 else:
-                    await call_next(delivery)
+                    return await call_next(delivery)  # to reply, when it is re-registered
             finally:
                 del inflight[key]
 
