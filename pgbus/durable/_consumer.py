@@ -262,7 +262,7 @@ class Consumer:
     async def _ack(self) -> None:
         acks = list(self._acks)
         if acks:
-            await self._execute(self.plugin.sql.ack, self.group, acks)
+            await self._execute(self.plugin.sql.ack, self.group, acks, self.member)
             del self._acks[: len(acks)]
 
     async def _execute(self, query: str, *args: Any) -> None:

@@ -427,16 +427,18 @@ class Sql:
             SELECT channel, event_id, payload, pid,
                    extract(epoch FROM created_at)::float8 AS stored_at
             FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
-        # Handled (or dead-lettered) events leave their batches; an empty batch goes.
+        # Handled (or dead-lettered) events leave the batches this member claimed; an
+        # empty batch goes. Only its own claims: a batch of the same events made since
+        # (a dead letter redelivered meanwhile) is new work, not this ack's.
         self.ack = f"""
             WITH gone AS (
                 DELETE FROM {s}.batches
-                WHERE subscription = $1 AND journal_ids <@ $2::bigint[]
+                WHERE subscription = $1 AND claimed_by = $3 AND journal_ids <@ $2::bigint[]
             )
             UPDATE {s}.batches SET journal_ids = array(
                 SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
                 WHERE x <> ALL($2::bigint[]) ORDER BY o)
-            WHERE subscription = $1 AND journal_ids && $2::bigint[]
+            WHERE subscription = $1 AND claimed_by = $3 AND journal_ids && $2::bigint[]
               AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
         self.release = f"""
             UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL

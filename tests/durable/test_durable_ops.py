@@ -69,6 +69,38 @@ async def test_dead_letter_listed_and_redelivered(durable_bus, pg_dsn, sql, sche
     assert len(await list_dead_letters(sql, schema, include_redelivered=True)) == 1
 
 
+async def test_a_dead_letter_redelivered_before_its_batch_is_acked_is_handled(
+    durable_bus, sql, schema, channel
+):
+    """A redelivery made while the failed event's batch is still unacked is not lost.
+
+    The ack of that batch names the same journal id as the redelivered one-event batch;
+    it must remove only what this member claimed, not the new batch.
+    """
+    ticket = ticket_type(channel)
+    got = Collector()
+    failing = {"on": True}
+
+    async def flaky(event: Any) -> None:
+        if event.n == 1 and failing["on"]:
+            msg = "down"
+            raise RuntimeError(msg)
+        if event.n == 2:  # event 1 is dead-lettered by now; its batch is not acked yet
+            [dead] = await list_dead_letters(sql, schema)
+            failing["on"] = False
+            assert await redeliver(sql, [dead.id], schema) == {dead.id: "inbox"}
+        await got(event)
+
+    bus: pgbus.Bus = durable_bus()  # poll_interval 60 s: only the wake-up finds the batch
+    bus.subscribe(ticket, durable="flaky", retry=pgbus.Retry(attempts=1))(flaky)
+    async with bus:
+        await bus.publish_many([ticket(n=1), ticket(n=2)])
+        await got.wait_for(1)
+        bus.plugins.get("durable").consumers["flaky"].wake()
+        await got.wait_for(2)
+    assert [e.n for e in got.items] == [2, 1]
+
+
 async def test_redeliver_unknown_id_reports_it(sql, schema):
     """Redelivering an id that does not exist says so and changes nothing."""
     assert await redeliver(sql, [424242], schema) == {424242: "not found"}
