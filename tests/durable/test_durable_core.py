@@ -450,16 +450,16 @@ async def test_poison_event_is_dead_lettered_unhandled(durable_bus, sql, schema,
     """An event claimed max_deliveries times without an outcome is dead-lettered, not handled."""
     ticket = ticket_type(channel)
     got = Collector()
-    first: pgbus.Bus = durable_bus()
-    first.subscribe(ticket, durable="p")(Collector())
-    async with first:  # registers "p"
-        pass
     journal_id = await sql.fetchval(
         f'INSERT INTO "{schema}".journal (channel, event_id, type, payload)'
         " VALUES ($1, 'poison', 'Ticket', $2) RETURNING id",
         channel,
         json.dumps({"v": 1, "id": "poison", "type": "Ticket", "ts": 0, "data": {"n": 0}}),
     )
+    first: pgbus.Bus = durable_bus()
+    first.subscribe(ticket, durable="p")(Collector())
+    async with first:  # registers "p" after the row: only the batch below holds it
+        pass
     await sql.execute(  # as if 3 processes had died handling it
         f'INSERT INTO "{schema}".batches (subscription, journal_ids, deliveries)'
         " VALUES ($1, ARRAY[$2::bigint], 3)",
