@@ -140,8 +140,8 @@ class OpenTelemetryPlugin:
     def pgbus_encoder(self, event_type: type[pgbus.Event]) -> Generator[None, Encoder | None, Any]:
         """Wrap whichever encoder wins: start the publish span, put it in the headers."""
         inner = yield
-        if inner is None:
-            return None
+        if inner is None or isinstance(self._tracer_provider, trace.NoOpTracerProvider):
+            return inner
         tracer = self.tracer
         type_name = event_type.pgbus_type
 
@@ -205,8 +205,8 @@ class OpenTelemetryPlugin:
         return isinstance(provider, trace.NoOpTracerProvider | trace.ProxyTracerProvider)
 
     @hookimpl
-    def pgbus_handler_middleware(self, subscription: pgbus.Subscription) -> Middleware:
-        """Run each handler attempt in a consumer span.
+    def pgbus_handler_middleware(self, subscription: pgbus.Subscription) -> Middleware | None:
+        """Run each handler attempt in a consumer span (none with a no-op tracer provider).
 
         The built-in retry middleware is outermost, so this runs once per attempt. An
         attempt whose publisher did not sample the event (a W3C ``traceparent`` whose
@@ -214,6 +214,8 @@ class OpenTelemetryPlugin:
         would not be sampled either, so the flag is read from the header and the attempt
         runs in a context with an unsampled parent.
         """
+        if isinstance(self._tracer_provider, trace.NoOpTracerProvider):
+            return None
         tracer = self.tracer
         name = subscription.name
         child = self.consumer_parent == "child"
