@@ -320,3 +320,23 @@ def test_the_entry_point_is_listed_and_replaced_by_an_explicit_instance(pg_dsn, 
     bus = pgbus.Bus(pg_dsn, plugins=[explicit])
     found = [p for _, p, _, _ in bus.plugins.list() if isinstance(p, OpenTelemetryPlugin)]
     assert found == [explicit]
+
+
+async def test_one_plugin_on_several_buses_sums_their_core_metrics(pg_dsn, channel):
+    """Two buses sharing the plugin report their sum; a bus without core metrics adds nothing."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    shared = OpenTelemetryPlugin(meter_provider=meters)
+    order = order_model(channel)
+    buses = [
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[shared]),
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[shared]),
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[shared], disable_plugins=["metrics"]),
+    ]
+    async with buses[0], buses[1], buses[2]:
+        for bus in buses:
+            await bus.publish(order(n=1))
+        points = _points(reader)
+    meters.shutdown()
+    sent = points["messaging.client.sent.messages"]
+    assert [(p.attributes["messaging.destination.name"], p.value) for p in sent] == [(channel, 2)]
