@@ -26,6 +26,10 @@ Scenarios:
 ``receive_batch``
     the same receive into a batch handler (``batch=100, batch_wait=0.05``, a list of
     typed events per call) with every default plugin on, against the same raw listener.
+``otel_metrics``, ``otel_unsampled`` and ``otel_sampled``
+    the CPU µs per received event with ``pgbus-opentelemetry`` (SDK metrics on; SDK
+    tracing on, events whose ``traceparent`` is unsampled; the same, sampled) against
+    the same receive without it, when the plugin and the SDK are installed.
 ``latency_1k`` and ``latency_5k``
     publish to handler entry at a paced rate, p99 (p50 and max in the details).
 ``request``
@@ -44,7 +48,8 @@ Scenarios:
     :mod:`pgbus.durable` is installed.
 
 The baseline is raw asyncpg everywhere except ``receive_metrics`` (pgbus with the
-metrics plugin blocked) and the durable scenarios (pgbus with plain NOTIFY).
+metrics plugin blocked), the ``otel_*`` scenarios (pgbus without the plugin) and the
+durable scenarios (pgbus with plain NOTIFY).
 
 Run it as ``pgbus bench`` or ``python -m pgbus.bench``; ``--quick`` runs every scenario
 with small counts (well under a minute) and asserts only that nothing was lost.
@@ -84,7 +89,7 @@ from pgbus._version import __version__
 from pgbus.server import ClusterError, ServerNotFound, TempCluster, find_bindirs, local_server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 
     from pgbus._publish import Connection
 
@@ -130,6 +135,9 @@ SCENARIOS: Final = (
     "receive",
     "receive_metrics",
     "receive_batch",
+    "otel_metrics",
+    "otel_unsampled",
+    "otel_sampled",
     "latency_1k",
     "latency_5k",
     "request",
@@ -189,17 +197,20 @@ def new_channel(tag: str) -> str:
     return f"pgbus_bench_{tag}_{uuid.uuid4().hex[:10]}"
 
 
-def envelope_template(ts: float | None = None) -> str:
+def envelope_template(ts: float | None = None, headers: Mapping[str, str] | None = None) -> str:
     """A ``format()`` template of the pgbus envelope; ``%1$s`` becomes the sequence number.
 
     It is exactly what the built-in codec writes, so pgbus decodes it as an event. Event
     ids are unique per template (a fresh prefix), as a publisher's are: the receive path
-    drops an id it has seen recently.
+    drops an id it has seen recently. ``headers`` go into the envelope as they are.
     """
     stamp = time.time() if ts is None else ts
     prefix = uuid.uuid4().hex[:12]
     data = '{"seq":%1$s,"name":"bench","value":1.5,"tags":["a","b"],"sent":0.0}'
-    return f'{{"v":1,"type":"BenchEvent","id":"{prefix}%1$s","ts":{stamp!r},"data":{data}}}'
+    head = f'{{"v":1,"type":"BenchEvent","id":"{prefix}%1$s","ts":{stamp!r}'
+    if headers:
+        head += f',"headers":{json.dumps(headers, separators=(",", ":"))}'
+    return f'{head},"data":{data}}}'
 
 
 def make_event(cls: type[BenchEvent], seq: int, sent: float = 0.0) -> BenchEvent:
@@ -686,16 +697,22 @@ async def bench_publish_many(cfg: Config) -> Result:
 
 
 async def _receive_pgbus(
-    cfg: Config, *, disable: Sequence[str] = (), batch: int | None = None
+    cfg: Config,
+    *,
+    disable: Sequence[str] = (),
+    batch: int | None = None,
+    plugins: Sequence[object] = (),
+    headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Callable[[], Awaitable[Measure]]]:
     """A running Bus with an async handler, and a runner that fills and times it.
 
-    With ``batch``, the handler is a batch handler of that size.
+    With ``batch``, the handler is a batch handler of that size; ``plugins`` are
+    registered besides the defaults; every envelope carries ``headers``.
     """
     cls = event_class(new_channel("recv"))
     channel = cls.pgbus_channel or ""
     counter = Counter()
-    bus = Bus(cfg.dsn, load_entrypoints=False, disable_plugins=disable)
+    bus = Bus(cfg.dsn, load_entrypoints=False, disable_plugins=disable, plugins=plugins)
     if batch is None:
 
         @bus.subscribe(cls)
@@ -708,7 +725,7 @@ async def _receive_pgbus(
         async def handle_batch(events: list[BenchEvent]) -> None:
             counter.hit(len(events))
 
-    template = envelope_template()
+    template = envelope_template(headers=headers)
     pub: asyncpg.Connection = await asyncpg.connect(cfg.dsn)
     try:
         async with bus:
@@ -717,7 +734,7 @@ async def _receive_pgbus(
                 n = cfg.receive_events
                 counter.arm(n)
                 watch = Stopwatch()
-                await publish_series(pub, channel, envelope_template(), 1, n)
+                await publish_series(pub, channel, envelope_template(headers=headers), 1, n)
                 lost = await counter.wait()
                 return watch.measure(n, lost, counter.last_arrival)
 
@@ -861,6 +878,99 @@ async def bench_receive_metrics(cfg: Config) -> Result:
         reps = cfg.reps if cfg.quick else 3 * cfg.reps
         await interleave(result, reps, [("pgbus", on), ("baseline", off)], cfg.progress)
     return result
+
+
+#: A W3C ``traceparent`` whose publisher sampled the event, and one whose did not.
+TRACEPARENT_SAMPLED: Final = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACEPARENT_UNSAMPLED: Final = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+#: What the OpenTelemetry scenarios measure on each side: ``(tracing, metrics, traceparent)``.
+OTEL_SIDES: Final[dict[str, tuple[bool, bool, str]]] = {
+    "otel_metrics": (False, True, TRACEPARENT_UNSAMPLED),
+    "otel_unsampled": (True, False, TRACEPARENT_UNSAMPLED),
+    "otel_sampled": (True, False, TRACEPARENT_SAMPLED),
+}
+
+
+def otel_available() -> bool:
+    """Whether ``pgbus-opentelemetry`` and the OpenTelemetry SDK are installed."""
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("pgbus_opentelemetry", "opentelemetry.sdk")
+    )
+
+
+def _otel_plugin(*, tracing: bool, metrics: bool) -> object:
+    """An ``OpenTelemetryPlugin`` with the SDK's providers for what is on, no-ops otherwise."""
+    # Optional: imported only when installed (otel_available()).
+    from opentelemetry.metrics import NoOpMeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: PLC0415
+    from opentelemetry.trace import NoOpTracerProvider  # noqa: PLC0415
+    from pgbus_opentelemetry import OpenTelemetryPlugin  # noqa: PLC0415
+
+    tracer_provider: Any = NoOpTracerProvider()
+    if tracing:
+        tracer_provider = TracerProvider()
+        # The base processor does nothing with the spans: the figure leaves out exporting.
+        tracer_provider.add_span_processor(SpanProcessor())
+    meter_provider: Any = (
+        MeterProvider(metric_readers=[InMemoryMetricReader()]) if metrics else NoOpMeterProvider()
+    )
+    return OpenTelemetryPlugin(
+        tracer_provider=tracer_provider, meter_provider=meter_provider, record_metrics=metrics
+    )
+
+
+async def bench_otel(cfg: Config, name: str) -> Result:
+    """The CPU cost per received event of pgbus-opentelemetry: with it, against without it."""
+    tracing, metrics, traceparent = OTEL_SIDES[name]
+    what = {
+        "otel_metrics": "SDK metrics on (observable, MeterProvider)",
+        "otel_unsampled": "SDK tracing on, events their publisher did not sample",
+        "otel_sampled": "SDK tracing on, sampled events (a span per attempt)",
+    }[name]
+    result = Result(
+        name,
+        f"receive: pgbus-opentelemetry, {what} (pgbus) vs without it (baseline)",
+        "CPU µs/event",
+        higher_is_better=False,
+        target="(reported)" if name == "otel_sampled" else "<= baseline + 1 µs",
+        check=None if name == "otel_sampled" else (lambda p, b: p <= b + 1),
+    )
+    if not otel_available():
+        result.skipped = (
+            "not available: pip install ./plugins/pgbus-opentelemetry opentelemetry-sdk"
+        )
+        return result
+    headers = {"traceparent": traceparent}
+    plugin = _otel_plugin(tracing=tracing, metrics=metrics)
+    async with contextlib.AsyncExitStack() as stack:
+        on = await stack.enter_async_context(
+            _as_cm(_receive_pgbus(cfg, plugins=[plugin], headers=headers))
+        )
+        off = await stack.enter_async_context(_as_cm(_receive_pgbus(cfg, headers=headers)))
+        # A difference of 1 µs in about 10: three times the repetitions, as receive_metrics.
+        reps = cfg.reps if cfg.quick else 3 * cfg.reps
+        await interleave(
+            result, reps, [("pgbus", _cpu_figure(on)), ("baseline", _cpu_figure(off))], cfg.progress
+        )
+    result.notes.append(
+        "both sides: every default plugin, envelopes with a traceparent header;"
+        " the figure is this process's CPU time per event"
+    )
+    return result
+
+
+def _cpu_figure(run: Callable[[], Awaitable[Measure]]) -> Callable[[], Awaitable[Measure]]:
+    """The same runner, with the CPU µs per event as its figure (events/s in the details)."""
+
+    async def cpu() -> Measure:
+        measure = await run()
+        per_event = measure.details["cpu_us_per_event"]
+        return Measure(per_event, measure.lost, {"events_per_s": measure.value})
+
+    return cpu
 
 
 def _as_cm(
@@ -1825,6 +1935,9 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "receive": bench_receive,
     "receive_metrics": bench_receive_metrics,
     "receive_batch": lambda cfg: bench_receive(cfg, batch=100),
+    "otel_metrics": lambda cfg: bench_otel(cfg, "otel_metrics"),
+    "otel_unsampled": lambda cfg: bench_otel(cfg, "otel_unsampled"),
+    "otel_sampled": lambda cfg: bench_otel(cfg, "otel_sampled"),
     "latency_1k": lambda cfg: bench_latency(cfg, 1_000),
     "latency_5k": lambda cfg: bench_latency(cfg, 5_000),
     "request": bench_request,

@@ -20,6 +20,9 @@ RECEIVING = {
     "receive",
     "receive_metrics",
     "receive_batch",
+    "otel_metrics",
+    "otel_unsampled",
+    "otel_sampled",
     "latency_1k",
     "latency_5k",
     "request",
@@ -52,7 +55,9 @@ def test_quick_json_runs_every_scenario_and_loses_nothing(pg_dsn: str) -> None:
         assert {"name", "unit", "pgbus", "baseline", "ratio", "lost", "target"} <= set(s), s
         assert s["error"] is None, s
         if s["skipped"]:
-            assert s["name"].startswith("durable"), s  # only the optional durable mode
+            # only the optional durable mode and pgbus-opentelemetry
+            assert s["name"].startswith(("durable", "otel")), s
+            assert not s["name"].startswith("otel") or not bench.otel_available(), s
             continue
         for side in ("pgbus_stats", "baseline_stats"):
             stats = s[side]
@@ -107,6 +112,28 @@ def test_failed_scenario_makes_the_exit_status_1(
     (scenario,) = json.loads(capsys.readouterr().out)["scenarios"]
     assert scenario["name"] == "publish"
     assert scenario["error"] == "RuntimeError: boom"
+
+
+def test_otel_scenarios_say_unavailable_without_the_plugin(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without pgbus-opentelemetry the otel scenarios are skipped as unavailable; exit 0."""
+    monkeypatch.setattr(bench, "otel_available", lambda: False)
+    status = bench.main(["--dsn", pg_dsn, "--quick", "--json", "--scenario", "otel_metrics"])
+    assert status == 0
+    (scenario,) = json.loads(capsys.readouterr().out)["scenarios"]
+    assert scenario["skipped"].startswith(
+        "not available: pip install ./plugins/pgbus-opentelemetry"
+    )
+
+
+def test_the_bench_does_not_import_the_plugin_until_a_scenario_needs_it() -> None:
+    """Importing pgbus.bench imports neither pgbus_opentelemetry nor the SDK."""
+    code = "import sys, pgbus.bench; print(sorted(m for m in sys.modules if 'opentelemetry' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_percentile_is_nearest_rank() -> None:

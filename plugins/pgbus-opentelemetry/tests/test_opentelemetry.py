@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode
 from pgbus_opentelemetry import OpenTelemetryPlugin
 
 import pgbus
@@ -32,6 +35,7 @@ class Observed:
     def __init__(self) -> None:
         self.handled: asyncio.Queue[pgbus.Delivery] = asyncio.Queue()
         self.failed: asyncio.Queue[BaseException] = asyncio.Queue()
+        self.undecodable: asyncio.Queue[pgbus.Message] = asyncio.Queue()
 
     @pgbus.hookimpl
     def pgbus_on_handled(self, delivery) -> None:
@@ -40,6 +44,25 @@ class Observed:
     @pgbus.hookimpl
     def pgbus_on_handler_error(self, error) -> None:
         self.failed.put_nowait(error)
+
+    @pgbus.hookimpl
+    def pgbus_on_decode_error(self, message) -> None:
+        self.undecodable.put_nowait(message)
+
+
+class NamesSampled(Sampler):
+    """The SDK's default sampler, noting the name of every span it is asked about."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.inner = ParentBased(ALWAYS_ON)
+
+    def should_sample(self, parent_context, trace_id, name, *args, **kwargs):
+        self.names.append(name)
+        return self.inner.should_sample(parent_context, trace_id, name, *args, **kwargs)
+
+    def get_description(self) -> str:
+        return "NamesSampled"
 
 
 @pytest.fixture
@@ -184,8 +207,8 @@ def _points(reader: InMemoryMetricReader) -> dict[str, list]:
     }
 
 
-async def test_metrics_are_recorded_as_instruments(pg_dsn, channel):
-    """Sent, consumed, decode failures and handling durations are OpenTelemetry instruments."""
+async def test_metrics_are_observed_from_the_core_metrics_at_collection(pg_dsn, channel):
+    """Counters and histogram buckets are read from bus.metrics when the SDK collects."""
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader])
     order = order_model(channel)
@@ -202,6 +225,7 @@ async def test_metrics_are_recorded_as_instruments(pg_dsn, channel):
         await bus.notify(channel, "not json")
         for _ in range(2):
             await asyncio.wait_for(observed.handled.get(), TIMEOUT)
+        await asyncio.wait_for(observed.undecodable.get(), TIMEOUT)
         points = _points(reader)
     meters.shutdown()
     sent = points["messaging.client.sent.messages"]
@@ -209,11 +233,48 @@ async def test_metrics_are_recorded_as_instruments(pg_dsn, channel):
     assert sum(p.value for p in points["messaging.client.consumed.messages"]) == 3
     assert sum(p.value for p in points["pgbus.decode_failures"]) == 1
     assert sum(p.value for p in points["pgbus.dead_letters"]) == 1
-    (duration,) = points["messaging.process.duration"]
-    assert duration.count == 2
-    assert duration.attributes["messaging.consumer.group.name"] == "count"
-    assert sum(p.count for p in points["pgbus.lag"]) == 2
+    assert [p.value for p in points["pgbus.handled"]] == [2]
+    (count,) = points["messaging.process.duration.count"]
+    assert count.value == 2
+    assert count.attributes["messaging.consumer.group.name"] == "count"
+    buckets = {p.attributes["le"]: p.value for p in points["messaging.process.duration.bucket"]}
+    assert buckets[math.inf] == 2
+    assert sorted(buckets.values()) == list(buckets.values())  # cumulative, by bound
+    assert sum(p.value for p in points["pgbus.lag.count"]) == 2
     assert sum(p.value for p in points["pgbus.listener.connects"]) == 1
+
+
+async def test_an_unsampled_event_makes_no_span_and_its_handler_spans_stay_unsampled(
+    pg_dsn, channel
+):
+    """An envelope whose traceparent is unsampled gets no consumer span, nor do spans inside."""
+    sampler = NamesSampled()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    order = order_model(channel)
+    observed = Observed()
+    bus = pgbus.Bus(
+        pg_dsn,
+        load_entrypoints=False,
+        plugins=[OpenTelemetryPlugin(tracer_provider=provider), observed],
+    )
+    inner: list[bool] = []
+
+    @bus.subscribe(order)
+    async def handle(_event: pgbus.Event) -> None:
+        with provider.get_tracer("app").start_as_current_span("query") as span:
+            inner.append(span.is_recording())
+
+    unsampled = NonRecordingSpan(SpanContext(0x4BF92F35, 0xF067AA0B, is_remote=True))
+    async with bus:
+        with trace.use_span(unsampled):  # the publisher's trace is not sampled
+            await bus.publish(order(n=1))
+        delivery = await asyncio.wait_for(observed.handled.get(), TIMEOUT)
+    assert delivery.headers["traceparent"].endswith("-00")
+    assert inner == [False]
+    assert exporter.get_finished_spans() == ()
+    assert sampler.names == [f"send {channel}", "query"]  # no span was begun for the handling
 
 
 async def test_without_an_sdk_nothing_is_added_to_the_envelope(pg_dsn, channel):
@@ -259,3 +320,23 @@ def test_the_entry_point_is_listed_and_replaced_by_an_explicit_instance(pg_dsn, 
     bus = pgbus.Bus(pg_dsn, plugins=[explicit])
     found = [p for _, p, _, _ in bus.plugins.list() if isinstance(p, OpenTelemetryPlugin)]
     assert found == [explicit]
+
+
+async def test_one_plugin_on_several_buses_sums_their_core_metrics(pg_dsn, channel):
+    """Two buses sharing the plugin report their sum; a bus without core metrics adds nothing."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    shared = OpenTelemetryPlugin(meter_provider=meters)
+    order = order_model(channel)
+    buses = [
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[shared]),
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[shared]),
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[shared], disable_plugins=["metrics"]),
+    ]
+    async with buses[0], buses[1], buses[2]:
+        for bus in buses:
+            await bus.publish(order(n=1))
+        points = _points(reader)
+    meters.shutdown()
+    sent = points["messaging.client.sent.messages"]
+    assert [(p.attributes["messaging.destination.name"], p.value) for p in sent] == [(channel, 2)]
