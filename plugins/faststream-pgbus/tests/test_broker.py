@@ -241,3 +241,18 @@ async def test_faststream_run_serves_and_stops_on_signals(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_subscription_options_pass_through_to_pgbus() -> None:
+    """pgbus subscription options given to @broker.subscriber (here where=) shape its routing."""
+    broker = PgbusBroker()
+    got: asyncio.Queue[Order] = asyncio.Queue()
+
+    @broker.subscriber("orders", where=lambda message: '"order_id":2' in message.payload)
+    async def only_two(order: Order) -> None:
+        await got.put(order)
+
+    async with TestPgbusBroker(broker) as br:
+        await br.publish({"order_id": 1}, channel="orders")
+        await br.publish({"order_id": 2}, channel="orders")
+        assert await asyncio.wait_for(got.get(), TIMEOUT) == Order(order_id=2)
