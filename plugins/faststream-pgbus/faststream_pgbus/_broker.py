@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from fast_depends import dependency_provider
 from faststream._internal.broker import BrokerUsecase
@@ -73,6 +74,15 @@ def _body(payload: str) -> bytes:
     if isinstance(decoded, dict) and "v" in decoded and "type" in decoded:
         return json.dumps(decoded.get("data"), separators=(",", ":")).encode()
     return payload.encode()
+
+
+def _public_url(dsn: str | None) -> str:
+    """The server's address for AsyncAPI: the DSN's host, port and database, no credentials."""
+    parts = urlsplit(dsn or "")
+    if parts.scheme not in {"postgres", "postgresql"} or not parts.hostname:
+        return "postgresql://localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"postgresql://{parts.hostname}{port}{parts.path}"
 
 
 async def _parse(raw: PgbusMessage) -> StreamMessage[PgbusMessage]:
@@ -522,7 +532,7 @@ class PgbusBroker(PgbusRegistrator, BrokerUsecase[PgbusMessage, pgbus.Bus, Pgbus
             ),
             specification=BrokerSpec(
                 description=description,
-                url=[specification_url or "postgresql://localhost"],
+                url=[specification_url or _public_url(dsn)],
                 protocol="postgresql",
                 protocol_version=None,
                 tags=tags,

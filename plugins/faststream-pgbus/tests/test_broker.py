@@ -154,8 +154,8 @@ async def test_test_broker_runs_handlers_in_memory() -> None:
 
 
 def test_asyncapi_document_describes_channels() -> None:
-    """The AsyncAPI 3 document lists each subscriber and publisher channel with its payload."""
-    broker = PgbusBroker("postgresql://localhost/app")
+    """The AsyncAPI 3 document lists each channel with its payload, and the server sans password."""
+    broker = PgbusBroker("postgresql://app:s3cret@db.example:6543/shop")
 
     @broker.subscriber("orders")
     @broker.publisher("shipped")
@@ -167,7 +167,12 @@ def test_asyncapi_document_describes_channels() -> None:
     )
     assert doc["asyncapi"] == "3.0.0"
     assert doc["info"] == {"title": "shop", "version": "0.1.0"}
-    assert doc["servers"]["development"]["protocol"] == "postgresql"
+    assert doc["servers"]["development"] == {
+        "host": "db.example:6543",
+        "pathname": "/shop",
+        "protocol": "postgresql",
+    }
+    assert "s3cret" not in json.dumps(doc)
     assert {c["address"] for c in doc["channels"].values()} == {"orders", "shipped"}
     assert {o["action"] for o in doc["operations"].values()} == {"receive", "send"}
     assert doc["components"]["schemas"]["Order"]["required"] == ["order_id"]
