@@ -172,6 +172,7 @@ def _run_page(page: Path, workdir: Path) -> None:
 #: (CI installs them after it): each page is skipped unless these modules import, and
 #: then it runs like any other page.
 NEEDS_MODULES = {
+    "plugins/faststream.md": ("faststream_pgbus",),
     "plugins/opentelemetry.md": ("pgbus_opentelemetry", "opentelemetry.sdk"),
     "plugins/prometheus.md": ("pgbus_prometheus",),
     "plugins/signing.md": ("pgbus_signing",),
