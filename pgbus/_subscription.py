@@ -206,10 +206,16 @@ class Subscription:
         in order), or ``None``.
     :ivar batch: the largest batch of a batch handler, or ``None`` for one event a call.
     :ivar batch_wait: seconds a batch waits to fill.
+    :ivar deferrer: set by a plugin that persists retries (the durable consumer):
+        :meth:`defer` calls it with the delivery and the delay, and when it returns
+        ``True`` the plugin brings the delivery back itself (nothing waits in memory).
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`.
+    .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`;
+       ``deferrer``.
     """
+
+    deferrer: Callable[[Delivery, float], bool] | None = None
 
     def __init__(
         self,
@@ -332,7 +338,8 @@ class Subscription:
         after: the worker goes on with the deliveries behind it, and the return is not
         reported as handled. The delivery comes back with ``attempt`` increased and
         ``redelivered`` set, through the queue (its overflow policy applies). One still
-        waiting when the subscription stops is dropped, and counted by :meth:`stop`.
+        waiting when the subscription stops is dropped, and counted by :meth:`stop`,
+        unless the subscription's :attr:`deferrer` took it over (durable: persisted).
 
         :param delivery: the delivery being handled.
         :param delay: seconds to wait, at least 0.
@@ -340,7 +347,7 @@ class Subscription:
         .. versionadded:: 0.3.0
         """
         self._deferring.add(id(delivery))
-        if not self._started:
+        if not self._started or (self.deferrer is not None and self.deferrer(delivery, delay)):
             return
         again = dataclasses.replace(delivery, attempt=delivery.attempt + 1, redelivered=True)
 

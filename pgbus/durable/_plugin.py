@@ -438,9 +438,10 @@ class DurablePlugin:
         """Stop waiting for the outcome of ``event_id`` in ``group``."""
         self._inflight.pop((group, event_id), None)
 
-    def _find(
+    def find(
         self, subscription: Subscription | str | None, event_id: str | None
     ) -> Inflight | None:
+        """The delivery of ``event_id`` awaited in ``subscription`` (a name), if any."""
         if subscription is None or event_id is None or not self._inflight:
             return None
         name = subscription if isinstance(subscription, str) else subscription.durable
@@ -456,7 +457,7 @@ class DurablePlugin:
         duration: float,  # noqa: ARG002 - hook signature
     ) -> None:
         """A durable delivery succeeded: it will be acked."""
-        inflight = self._find(subscription, delivery.id)
+        inflight = self.find(subscription, delivery.id)
         if inflight is not None:
             inflight.resolve(OK)
 
@@ -468,7 +469,7 @@ class DurablePlugin:
         policy: Overflow,  # noqa: ARG002 - hook signature
     ) -> None:
         """A durable delivery was dropped by an overflow policy: deliver it again later."""
-        inflight = self._find(subscription, delivery.id)
+        inflight = self.find(subscription, delivery.id)
         if inflight is not None:
             inflight.resolve(AGAIN)
 
@@ -481,7 +482,7 @@ class DurablePlugin:
                 if sub.name == dead_letter.subscription:
                     durable_name = getattr(sub, "durable", None)
                     break
-        inflight = self._find(durable_name, dead_letter.id)
+        inflight = self.find(durable_name, dead_letter.id)
         if inflight is None and not (self.persist_dead_letters and self._running):
             return
         try:

@@ -176,6 +176,18 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             $pump$""",
         ),
     ),
+    (
+        3,
+        (
+            # Persisted retries: a nacked event leaves its batch for a batch of its own,
+            # claimable from ``not_before`` on, whose handler attempt is ``attempt``. The
+            # claim skips batches not yet due, so a retry never holds up those behind it.
+            (
+                "ALTER TABLE {s}.batches ADD COLUMN not_before timestamptz,"
+                " ADD COLUMN attempt integer NOT NULL DEFAULT 1"
+            ),
+        ),
+    ),
 )
 
 #: The schema version this pgbus works with.
@@ -402,6 +414,7 @@ class Sql:
                 SELECT id, journal_ids FROM {s}.batches
                 WHERE subscription = $1
                   AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)
+                  AND (not_before IS NULL OR not_before <= now())
                 ORDER BY seq, journal_ids[1] LIMIT 1
                 FOR UPDATE SKIP LOCKED
             ), u AS (
@@ -411,13 +424,14 @@ class Sql:
                     journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
                                   ELSE b.journal_ids END
                 FROM c WHERE b.id = c.id
-                RETURNING b.seq, b.journal_ids, b.deliveries, c.journal_ids AS whole
+                RETURNING b.seq, b.journal_ids, b.deliveries, b.attempt,
+                          c.journal_ids AS whole
             ), rest AS (
                 INSERT INTO {s}.batches (subscription, seq, journal_ids)
                 SELECT $1, seq, whole[2:] FROM u
                 WHERE cardinality(u.journal_ids) < cardinality(whole)
             )
-            SELECT x.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
+            SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
                    extract(epoch FROM j.created_at)::float8 AS stored_at
             FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
             LEFT JOIN {s}.journal j ON j.id = x.journal_id
@@ -428,16 +442,28 @@ class Sql:
                    extract(epoch FROM created_at)::float8 AS stored_at
             FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
         # Handled (or dead-lettered) events leave their batches; an empty batch goes.
+        # Those to retry ($2 also holds them) each go into a batch of their own, due
+        # ``$4`` seconds from now, on handler attempt ``$5`` (in the same statement).
         self.ack = f"""
             WITH gone AS (
                 DELETE FROM {s}.batches
                 WHERE subscription = $1 AND journal_ids <@ $2::bigint[]
+            ), retried AS (
+                INSERT INTO {s}.batches (subscription, journal_ids, not_before, attempt)
+                SELECT $1, ARRAY[r.journal_id], now() + make_interval(secs => r.delay), r.attempt
+                FROM unnest($3::bigint[], $4::float8[], $5::integer[])
+                    WITH ORDINALITY AS r(journal_id, delay, attempt, ord)
+                ORDER BY r.ord
             )
             UPDATE {s}.batches SET journal_ids = array(
                 SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
                 WHERE x <> ALL($2::bigint[]) ORDER BY o)
             WHERE subscription = $1 AND journal_ids && $2::bigint[]
               AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
+        # Seconds until the subscription's next retry is due (NULL: none waits).
+        self.next_due = f"""
+            SELECT extract(epoch FROM min(not_before) - now())::float8 FROM {s}.batches
+            WHERE subscription = $1 AND not_before > now()"""  # noqa: S608 - quoted identifier
         self.release = f"""
             UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL
             WHERE subscription = $1 AND claimed_by = $2 AND journal_ids && $3::bigint[]
