@@ -181,11 +181,11 @@ class Nack(Exception):  # noqa: N818 - the name the public API promises
 
     The attempt counts under the subscription's :class:`~pgbus.Retry` policy: when it
     was the last one, the delivery is dead-lettered with this ``Nack`` as its error.
-    Unlike a failure, a plain subscription does not wait for the delay in its worker:
-    the delivery is queued again when the delay is over, and the events behind it are
-    handled meanwhile. A key-ordered subscription (``key=``) waits in the worker, so
-    that key's later events wait too, and so does a durable one (its retries are not
-    persisted yet)::
+    Unlike a failure, a subscription does not wait for the delay in its worker: the
+    delivery is queued again when the delay is over (a durable one's retry is persisted
+    and survives a restart), and the events behind it are handled meanwhile. A
+    key-ordered subscription (``key=``) waits in the worker, so that key's later events
+    wait too::
 
         @bus.subscribe(OrderPlaced)
         async def charge(event: OrderPlaced) -> None:
