@@ -27,9 +27,10 @@ from pgbus._signals import stop_on_signals
 from pgbus._status import BusState, BusStatus, ListenerState
 from pgbus._subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
 from pgbus._util import plural, redact_dsn
-from pgbus.errors import AlreadyStarted, BusClosed, ConfigError
+from pgbus.errors import AlreadyStarted, BusClosed, ConfigError, due_time
 
 if TYPE_CHECKING:
+    import datetime as dt
     from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
     from types import TracebackType
 
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
     from pgbus.default_plugins.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+#: What a durable-only feature raises on a bus without the durable plugin.
+_NEEDS_DURABLE = "{what} needs durable mode: Bus(dsn, durable=True) (and `pgbus migrate`)"
 
 H = TypeVar("H", bound="Handler")
 
@@ -812,6 +816,8 @@ class Bus:
         *,
         connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> str:
         """Publish ``event`` on its channel.
 
@@ -821,17 +827,23 @@ class Bus:
             psycopg dialect) or psycopg's ``AsyncConnection``; the event is then delivered
             only if that transaction commits. pgbus never commits or rolls it back.
         :param headers: string headers carried in the envelope.
-        :returns: the event's id.
+        :param delay: durable mode: deliver no earlier than this many seconds (or this
+            ``timedelta``) from now, to the subscriptions that exist then.
+        :param at: durable mode: deliver no earlier than this aware datetime.
+        :returns: the event's id (what :meth:`cancel` takes).
         :raises PayloadTooLarge: when the encoded event is 8000 bytes or more (nothing is
             sent); in durable mode large events are journaled and sent by reference.
         :raises PublishError: when PostgreSQL could not be reached.
-        :raises ConfigError: for a ``connection`` of none of those drivers.
+        :raises ConfigError: for a ``connection`` of none of those drivers; for ``delay``
+            or ``at`` without durable mode, a negative ``delay``, a naive ``at``, or both.
         :raises BusClosed: after :meth:`stop`.
+
+        .. versionchanged:: 0.3.0 ``delay`` and ``at``.
         """
         self._check_open()
+        due = due_time(delay, at)
         outs = self._publisher.encode((event,), headers)
-        await self._publisher.publish(outs, connection)
-        self.plugins.on_published(outs)
+        await self._send(outs, connection, due)
         return outs[0].id
 
     async def publish_many(
@@ -840,21 +852,53 @@ class Bus:
         *,
         connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> list[str]:
         """Publish many events in one statement (one round trip, all or nothing).
 
         Events may be on different channels; each channel receives its events in order.
+        ``delay`` and ``at`` apply to every event, as in :meth:`publish`.
 
         :returns: the events' ids, in order.
         :raises PayloadTooLarge: when any event is too large (nothing is sent).
+
+        .. versionchanged:: 0.3.0 ``delay`` and ``at``.
         """
         self._check_open()
+        due = due_time(delay, at)
         outs = self._publisher.encode(events, headers)
         if not outs:
             return []
-        await self._publisher.publish(outs, connection)
-        self.plugins.on_published(outs)
+        await self._send(outs, connection, due)
         return [o.id for o in outs]
+
+    async def _send(
+        self, outs: Sequence[Outgoing], connection: AsyncConnection | None, due: float | None
+    ) -> None:
+        """Send encoded events now, or hand them to the plugin that keeps them for ``due``."""
+        if due is None:
+            await self._publisher.publish(outs, connection)
+        else:
+            later = self.plugins.schedule(self, outs, due, connection)
+            if later is None:
+                raise ConfigError(_NEEDS_DURABLE.format(what="delayed delivery (delay=, at=)"))
+            await later
+        self.plugins.on_published(outs)
+
+    async def cancel(self, event_id: str) -> bool:
+        """Cancel an event published with ``delay=`` or ``at=`` that is not yet due.
+
+        :param event_id: the id :meth:`publish` returned.
+        :returns: whether it was cancelled (``False``: unknown, due already, or cancelled).
+        :raises ConfigError: without durable mode.
+
+        .. versionadded:: 0.3.0
+        """
+        taken = self.plugins.cancel(self, event_id)
+        if taken is None:
+            raise ConfigError(_NEEDS_DURABLE.format(what="cancel()"))
+        return await taken
 
     async def notify(
         self, channel: str, payload: str = "", *, connection: AsyncConnection | None = None

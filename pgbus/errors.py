@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -219,6 +220,23 @@ class Reject(Exception):  # noqa: N818 - the name the public API promises
     def __init__(self, reason: str = "rejected by the handler") -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def due_time(delay: float | dt.timedelta | None, at: dt.datetime | None) -> float | None:
+    """When an event published with ``delay=`` or ``at=`` is due, in epoch seconds.
+
+    :returns: ``None`` when neither is given.
+    :raises ConfigError: for both, a negative delay, or a naive (or non-datetime) ``at``.
+    """
+    if delay is not None and at is not None:
+        raise ConfigError("publish: give delay= or at=, not both")
+    if delay is not None:
+        return time.time() + _seconds(delay, "publish: delay")
+    if at is None:
+        return None
+    if not isinstance(at, dt.datetime) or at.utcoffset() is None:
+        raise ConfigError(f"publish: at= must be an aware datetime (with a timezone), not {at!r}")
+    return at.timestamp()
 
 
 def _seconds(value: float | dt.timedelta, what: str) -> float:

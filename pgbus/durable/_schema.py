@@ -186,6 +186,18 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 "ALTER TABLE {s}.batches ADD COLUMN not_before timestamptz,"
                 " ADD COLUMN attempt integer NOT NULL DEFAULT 1"
             ),
+            # Delayed delivery: events published for later wait here, and move into the
+            # journal once due (so the subscriptions that exist then get them).
+            """CREATE TABLE {s}.scheduled (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                due_at timestamptz NOT NULL,
+                channel text NOT NULL,
+                event_id text NOT NULL UNIQUE,
+                type text NOT NULL,
+                payload text NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now()
+            )""",
+            "CREATE INDEX scheduled_due ON {s}.scheduled (due_at, id)",
         ),
     ),
 )
@@ -354,6 +366,17 @@ def missing_schema_error(schema: str) -> SchemaError:
     return _missing(schema)
 
 
+#: The wake-up payload of a journal row (columns ``id``, ``event_id``, ``type`` and
+#: ``payload``): NULL when the event itself fits in NOTIFY, else its reference envelope.
+REFERENCE_SQL = f"""CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
+    ELSE json_build_object(
+        'v', 1, 'id', event_id, 'type', 'pgbus.ref',
+        'ts', extract(epoch FROM clock_timestamp()),
+        'data', json_build_object(
+            'journal_id', id, 'type', type, 'bytes', octet_length(payload))
+    )::text END"""
+
+
 class Sql:
     """Every statement of the durable machinery, for one schema."""
 
@@ -387,17 +410,40 @@ class Sql:
                 WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (s.channel, s.type, s.payload)
             )
             SELECT array_agg(event_id ORDER BY id) AS ids,
-                array_agg(CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
-                    ELSE json_build_object(
-                        'v', 1, 'id', event_id, 'type', 'pgbus.ref',
-                        'ts', extract(epoch FROM clock_timestamp()),
-                        'data', json_build_object(
-                            'journal_id', id, 'type', type, 'bytes', octet_length(payload))
-                    )::text END ORDER BY id) AS refs,
+                array_agg({REFERENCE_SQL} ORDER BY id) AS refs,
                 pg_current_xact_id()::text::bigint AS xid,
                 (SELECT CASE WHEN ids IS NULL THEN 0
                         ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken) AS taken
             FROM ins"""  # noqa: S608 - quoted identifier
+        # Events published for later (an id taken already is skipped, as in publish).
+        self.schedule = f"""
+            INSERT INTO {s}.scheduled (due_at, channel, event_id, type, payload)
+            SELECT to_timestamp($5), channel, event_id, type, payload
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS t(channel, event_id, type, payload, ord)
+            ORDER BY ord
+            ON CONFLICT (event_id) DO NOTHING"""  # noqa: S608 - quoted identifier
+        self.cancel = f"DELETE FROM {s}.scheduled WHERE event_id = $1"  # noqa: S608 - quoted identifier
+        # Up to $1 events that fell due move into the journal, in due order, with the
+        # wake-ups to send once committed (the event's own payload, or a reference).
+        self.release_due = f"""
+            WITH due AS (
+                DELETE FROM {s}.scheduled WHERE id IN (
+                    SELECT id FROM {s}.scheduled WHERE due_at <= now()
+                    ORDER BY due_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING due_at, id, channel, event_id, type, payload
+            ), ins AS (
+                INSERT INTO {s}.journal (channel, event_id, type, payload)
+                SELECT channel, event_id, type, payload FROM due ORDER BY due_at, id
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING id, channel, event_id, type, payload
+            )
+            SELECT channel, coalesce({REFERENCE_SQL}, payload) AS wakeup
+            FROM ins ORDER BY id"""  # noqa: S608 - quoted identifier
+        # Seconds until the next event published for later is due, and how many wait.
+        self.scheduled = f"""
+            SELECT extract(epoch FROM min(due_at) - now())::float8, count(*)
+            FROM {s}.scheduled"""  # noqa: S608 - quoted identifier
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
             VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
