@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     # the typed accessors of two built-ins (bus.metrics, bus.dead_letters): type-only
     from pgbus.default_plugins.dead_letters import DeadLetters
     from pgbus.default_plugins.metrics import Metrics
+    from pgbus.durable import DurablePlugin, DurableSubscription
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -379,6 +381,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -412,6 +415,11 @@ class Bus:
             ``durable`` plugin: ``Bus(dsn, durable=True)``): it is fed from the journal,
             keeps its position in the database, replays what it missed, and shares the
             work with the other subscriptions of that name (a consumer group).
+        :param start: where a durable subscription that does not exist yet in the
+            database starts: ``"latest"`` (the default: what is published from now on),
+            ``"earliest"`` (every event still in the journal) or an aware datetime (the
+            events journaled from then on); an existing one keeps its position (move it
+            with :meth:`seek`).
         :param key: a function of the event (the message, for a channel subscription)
             returning a hashable key: events with equal keys are handled one at a time,
             in publish order, events with different keys in parallel (up to
@@ -433,6 +441,7 @@ class Bus:
             "where": where,
             "overflow": overflow,
             "durable": durable,
+            "start": start,
             "key": key,
             "batch": batch,
             "batch_wait": batch_wait,
@@ -466,6 +475,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -491,6 +501,7 @@ class Bus:
             where=where,
             overflow=overflow,
             durable=durable,
+            start=start,
             key=key,
             batch=batch,
             batch_wait=batch_wait,
@@ -885,6 +896,49 @@ class Bus:
                 raise ConfigError(_NEEDS_DURABLE.format(what="delayed delivery (delay=, at=)"))
             await later
         self.plugins.on_published(outs)
+
+    def _durable(self, what: str) -> DurablePlugin:
+        plugin = self.plugins.get("durable")
+        if plugin is None:
+            raise ConfigError(_NEEDS_DURABLE.format(what=what))
+        return typing.cast("DurablePlugin", plugin)
+
+    async def durable_subscriptions(self) -> list[DurableSubscription]:
+        """The durable subscriptions in the database (of every process), by name.
+
+        :raises ConfigError: without durable mode.
+
+        .. versionadded:: 0.3.0
+        """
+        return await self._durable("durable_subscriptions()").subscriptions()
+
+    async def seek(self, name: str, *, to: str | dt.datetime) -> bool:
+        """Move durable subscription ``name`` to ``"earliest"``, ``"latest"`` or a datetime.
+
+        Seeking back replays the events still in the journal from there; what it had
+        taken in and not handled (retries too) is dropped first. Its running consumers
+        go on from there after their batch in hand.
+
+        :param name: the durable name.
+        :param to: ``"earliest"``, ``"latest"`` or an aware datetime.
+        :returns: whether it exists (and was moved).
+        :raises ConfigError: without durable mode, or for another ``to``.
+
+        .. versionadded:: 0.3.0
+        """
+        return await self._durable("seek()").seek(name, to)
+
+    async def drop_subscription(self, name: str) -> bool:
+        """Delete durable subscription ``name``: its position and its unhandled events.
+
+        Stop its consumers first; one that starts again later begins anew (``start=``).
+
+        :returns: whether it existed.
+        :raises ConfigError: without durable mode.
+
+        .. versionadded:: 0.3.0
+        """
+        return await self._durable("drop_subscription()").drop_subscription(name)
 
     async def cancel(self, event_id: str) -> bool:
         """Cancel an event published with ``delay=`` or ``at=`` that is not yet due.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import enum
 import inspect
 import logging
@@ -206,6 +207,8 @@ class Subscription:
         in order), or ``None``.
     :ivar batch: the largest batch of a batch handler, or ``None`` for one event a call.
     :ivar batch_wait: seconds a batch waits to fill.
+    :ivar start_position: where a durable subscription new to the database starts: ``"latest"``,
+        ``"earliest"`` or an aware datetime.
     :ivar deferrer: set by a plugin that persists retries (the durable consumer):
         :meth:`defer` calls it with the delivery and the delay, and when it returns
         ``True`` the plugin brings the delivery back itself (nothing waits in memory).
@@ -233,6 +236,7 @@ class Subscription:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -280,7 +284,7 @@ class Subscription:
         self.where = where
         self.overflow = policy
         self.dropped = 0
-        self.durable = durable
+        self.durable, self.start_position = durable, _start(name, start, durable)
         self.key = key
         self.batch, self.batch_wait = batch, batch_wait or DEFAULT_BATCH_WAIT
         self._keys = None if key is None else _KeyOrder(key, _EVENT if event_types else _MESSAGE)
@@ -718,6 +722,30 @@ def _EVENTS(batch: Delivery) -> list[Any]:  # noqa: N802 - named like the getter
 
 def _MESSAGES(batch: Delivery) -> list[Message]:  # noqa: N802 - named like the getters above
     return [d.message for d in cast("Batch", batch).deliveries]
+
+
+def check_position(value: object, what: str) -> str | dt.datetime:
+    """``value`` as a durable position: ``"latest"``, ``"earliest"`` or an aware datetime.
+
+    :param value: the position given.
+    :param what: names the argument in the error.
+    :returns: the position.
+    :raises ConfigError: for anything else (a naive datetime too).
+    """
+    if value == "latest" or value == "earliest":  # noqa: PLR1714 - narrows to str
+        return value
+    if isinstance(value, dt.datetime) and value.utcoffset() is not None:
+        return value
+    raise ConfigError(f"{what} must be 'latest', 'earliest' or an aware datetime, not {value!r}")
+
+
+def _start(name: str, start: object, durable: str | None) -> str | dt.datetime:
+    """The start position of a subscription (only a durable one takes ``start=``)."""
+    if start is None:
+        return "latest"
+    if durable is None:
+        raise ConfigError(f"subscription {name!r}: start= needs a durable subscription")
+    return check_position(start, f"subscription {name!r}: start")
 
 
 def _check_key_and_batch(

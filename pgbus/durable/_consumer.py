@@ -380,7 +380,9 @@ class Consumer:
         payload: str | None = row["payload"]
         if payload is None or event_id is None:  # pruned by age meanwhile
             return None
-        if event_id in self._recent:
+        # a batch claimed again (its ack was lost): skip what was handled; a first
+        # claim is never a duplicate (after a seek back it is a replay, wanted)
+        if row["deliveries"] > 1 and event_id in self._recent:
             self.duplicates += 1
             logger.debug("durable subscription %s: skipping duplicate %s", self.group, event_id)
             return None

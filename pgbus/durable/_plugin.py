@@ -24,11 +24,19 @@ from pgbus.durable._schema import (
     publish_error,
     wakeup_notifications,
 )
+from pgbus.durable._subscriptions import (
+    DurableSubscription,
+    drop_subscription,
+    list_subscriptions,
+    position_args,
+    seek,
+)
 from pgbus.durable._wakeups import Wakeups
 from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Mapping, Sequence
+    import datetime as dt
+    from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 
     from pgbus._bus import Bus
     from pgbus._drivers import AsyncConnection
@@ -221,18 +229,47 @@ class DurablePlugin:
 
         :returns: ``(version before, version after)``.
         """
+        async with self._admin() as conn:
+            return await migrate(conn, self.schema)
+
+    # -- durable subscriptions in the database -------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> AsyncIterator[Connection]:
+        """A connection for a one-off statement: the pool's while running, else its own."""
+        if self._running:
+            pool = await self.pool()
+            async with pool.acquire() as conn:
+                yield conn
+            return
         bus = self._bus
         if bus is None:
             raise ConfigError("the durable plugin is not registered with a Bus")
-        conn = await asyncpg.connect(
-            bus.dsn,
-            timeout=bus.connect_timeout,
-            **bus.connect_kwargs,
-        )
+        conn = await asyncpg.connect(bus.dsn, timeout=bus.connect_timeout, **bus.connect_kwargs)
         try:
-            return await migrate(conn, self.schema)
+            yield conn
         finally:
             await conn.close()
+
+    async def subscriptions(self) -> list[DurableSubscription]:
+        """The durable subscriptions of this plugin's schema (``bus.durable_subscriptions()``)."""
+        async with self._admin() as conn:
+            return await list_subscriptions(conn, self.schema)
+
+    async def seek(self, name: str, to: str | dt.datetime) -> bool:
+        """Move durable subscription ``name`` (``bus.seek()``; see :func:`pgbus.durable.seek`)."""
+        position_args(to)  # a bad position is refused before connecting
+        async with self._admin() as conn:
+            moved = await seek(conn, name, to, self.schema)
+        consumer = self.consumers.get(name)
+        if consumer is not None:
+            consumer.wake()
+        return moved
+
+    async def drop_subscription(self, name: str) -> bool:
+        """Delete durable subscription ``name`` (``bus.drop_subscription()``)."""
+        async with self._admin() as conn:
+            return await drop_subscription(conn, name, self.schema)
 
     # -- hooks: lifecycle ----------------------------------------------------------------
 
@@ -286,7 +323,10 @@ class DurablePlugin:
         if bus is None:  # pragma: no cover - configured before start
             return
         consumer = Consumer(self, bus, sub)
-        await conn.execute(self.sql.ensure_subscription, group, list(sub.channels), consumer.types)
+        mode, at = position_args(sub.start_position)
+        await conn.execute(
+            self.sql.ensure_subscription, group, list(sub.channels), consumer.types, mode, at
+        )
         self.consumers[group] = consumer
         for channel in sub.channels:
             self._by_channel.setdefault(channel, []).append(consumer)

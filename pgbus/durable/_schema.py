@@ -377,6 +377,22 @@ REFERENCE_SQL = f"""CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
     )::text END"""
 
 
+def position_sql(s: str, mode: str, at: str) -> str:
+    """The snapshot of a durable position, in SQL, from the parameters ``mode`` and ``at``.
+
+    ``mode`` ``'latest'``: now; else every journal row from ``at`` on (``NULL``: the
+    whole journal). Not a snapshot of that time (there is none): one that sees every transaction
+    below the smallest xid of those rows, and none still in progress, so no row
+    journaled from ``at`` on is skipped (a few journaled just before may come too).
+    """
+    return f"""CASE WHEN {mode}::text = 'latest' THEN pg_current_snapshot() ELSE (
+        SELECT (x::text || ':' || x::text || ':')::pg_snapshot FROM (
+            SELECT least(min(j.xid), pg_snapshot_xmin(pg_current_snapshot())) AS x
+            FROM {s}.journal j
+            WHERE {at}::timestamptz IS NULL OR j.created_at >= {at}::timestamptz
+        ) AS q) END"""  # noqa: S608 - quoted identifier
+
+
 class Sql:
     """Every statement of the durable machinery, for one schema."""
 
@@ -444,9 +460,10 @@ class Sql:
         self.scheduled = f"""
             SELECT extract(epoch FROM min(due_at) - now())::float8, count(*)
             FROM {s}.scheduled"""  # noqa: S608 - quoted identifier
+        # A new subscription starts at its position ($4, $5: see position_sql).
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
-            VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
+            VALUES ($1, $2::text[], $3::text[], {position_sql(s, "$4", "$5")})
             ON CONFLICT (name) DO UPDATE SET channels = excluded.channels, types = excluded.types
         """  # noqa: S608 - quoted identifier
         # Cuts what the subscription's snapshot newly sees into batches: no row when
@@ -506,6 +523,24 @@ class Sql:
                 WHERE x <> ALL($2::bigint[]) ORDER BY o)
             WHERE subscription = $1 AND journal_ids && $2::bigint[]
               AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
+        # Move a subscription to a position: what it had taken in and not handled (its
+        # batches, retries too) is dropped, and it takes in again from there.
+        self.seek = f"""
+            WITH gone AS (DELETE FROM {s}.batches WHERE subscription = $1)
+            UPDATE {s}.subscriptions
+            SET snap = {position_sql(s, "$2", "$3")}, batch_snap = NULL, batch_cursor = 0
+            WHERE name = $1"""  # noqa: S608 - quoted identifier
+        self.drop_subscription = f"""
+            WITH gone AS (DELETE FROM {s}.batches WHERE subscription = $1)
+            DELETE FROM {s}.subscriptions WHERE name = $1"""  # noqa: S608 - quoted identifier
+        self.list_subscriptions = f"""
+            SELECT s.name, s.channels, s.types, s.created_at, s.pumped_at,
+                coalesce(sum(cardinality(b.journal_ids))
+                    FILTER (WHERE b.not_before IS NULL OR b.not_before <= now()), 0)::bigint
+                    AS backlog,
+                count(b.id) FILTER (WHERE b.not_before > now()) AS retries
+            FROM {s}.subscriptions s LEFT JOIN {s}.batches b ON b.subscription = s.name
+            GROUP BY s.name ORDER BY s.name"""  # noqa: S608 - quoted identifier
         # Seconds until the subscription's next retry is due (NULL: none waits).
         self.next_due = f"""
             SELECT extract(epoch FROM min(not_before) - now())::float8 FROM {s}.batches
