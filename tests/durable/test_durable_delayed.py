@@ -96,3 +96,21 @@ async def test_plain_mode_refuses_delayed_delivery_and_cancel(pg_dsn, channel):
     with pytest.raises(pgbus.ConfigError, match="needs durable mode"):
         await bus.cancel("nope")
     await bus.stop()
+
+
+async def test_a_delayed_publish_joins_the_callers_transaction(durable_bus, sql, schema, channel):
+    """publish(delay=, connection=conn) keeps the event only if the transaction commits."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus = durable_bus(plugin={"poll_interval": 0.2})
+    bus.subscribe(ticket, durable="tx")(got)
+    async with bus:
+        tx = sql.transaction()
+        await tx.start()
+        await bus.publish(ticket(n=1), delay=0.1, connection=sql)
+        await tx.rollback()
+        assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".scheduled') == 0
+        async with sql.transaction():
+            await bus.publish(ticket(n=2), delay=0.1, connection=sql)
+        await got.wait_for(1, timeout=10)
+    assert [e.n for e in got.items] == [2]
