@@ -266,7 +266,8 @@ class Consumer:
             if due is not None:
                 self._wake_in(due)
             self._due_unknown = False
-        rows = await self._fetch(self.plugin.sql.claim)
+        sql = self.plugin.sql
+        rows = await self._fetch(sql.claim if self.sub.key is None else sql.claim_ordered)
         self._batches_low = len(rows) < self.plugin.batch_size
         if rows:
             await self._handle(rows)

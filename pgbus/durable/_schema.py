@@ -393,6 +393,42 @@ def position_sql(s: str, mode: str, at: str) -> str:
         ) AS q) END"""  # noqa: S608 - quoted identifier
 
 
+def _claim_sql(s: str, *, ordered: bool) -> str:
+    """The claim of a subscription's next batch (see :attr:`Sql.claim`)."""
+    free = "(b.claimed_until IS NULL OR b.claimed_until < now() OR b.claimed_by = $2)"
+    # unordered: the first free batch, skipping those other members hold or lock now;
+    # ordered: the first batch, waiting for a member claiming it now, taken if free
+    pick, take = ("", f"AND {free}") if ordered else (f"AND {free}", "")
+    lock = "FOR UPDATE" if ordered else "FOR UPDATE SKIP LOCKED"
+    return f"""
+            WITH c AS (
+                SELECT id, journal_ids FROM {s}.batches b
+                WHERE subscription = $1
+                  {pick}
+                  AND (not_before IS NULL OR not_before <= now())
+                ORDER BY seq, journal_ids[1] LIMIT 1
+                {lock}
+            ), u AS (
+                UPDATE {s}.batches b
+                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
+                    deliveries = b.deliveries + 1,
+                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
+                                  ELSE b.journal_ids END
+                FROM c WHERE b.id = c.id {take}
+                RETURNING b.seq, b.journal_ids, b.deliveries, b.attempt,
+                          c.journal_ids AS whole
+            ), rest AS (
+                INSERT INTO {s}.batches (subscription, seq, journal_ids)
+                SELECT $1, seq, whole[2:] FROM u
+                WHERE cardinality(u.journal_ids) < cardinality(whole)
+            )
+            SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
+                   extract(epoch FROM j.created_at)::float8 AS stored_at
+            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
+            LEFT JOIN {s}.journal j ON j.id = x.journal_id
+            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
+
+
 class Sql:
     """Every statement of the durable machinery, for one schema."""
 
@@ -472,33 +508,10 @@ class Sql:
         # The subscription's next batch not claimed by another member (or whose lease
         # ran out), with its events. A batch delivered before (its member died, or
         # handed it back) is split: its first event alone, the rest as a batch after it.
-        self.claim = f"""
-            WITH c AS (
-                SELECT id, journal_ids FROM {s}.batches
-                WHERE subscription = $1
-                  AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)
-                  AND (not_before IS NULL OR not_before <= now())
-                ORDER BY seq, journal_ids[1] LIMIT 1
-                FOR UPDATE SKIP LOCKED
-            ), u AS (
-                UPDATE {s}.batches b
-                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
-                    deliveries = b.deliveries + 1,
-                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
-                                  ELSE b.journal_ids END
-                FROM c WHERE b.id = c.id
-                RETURNING b.seq, b.journal_ids, b.deliveries, b.attempt,
-                          c.journal_ids AS whole
-            ), rest AS (
-                INSERT INTO {s}.batches (subscription, seq, journal_ids)
-                SELECT $1, seq, whole[2:] FROM u
-                WHERE cardinality(u.journal_ids) < cardinality(whole)
-            )
-            SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
-                   extract(epoch FROM j.created_at)::float8 AS stored_at
-            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
-            LEFT JOIN {s}.journal j ON j.id = x.journal_id
-            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
+        self.claim = _claim_sql(s, ordered=False)
+        # For a key-ordered subscription: only its first batch, and only when no other
+        # member holds it, so batches are handled one after another across the group.
+        self.claim_ordered = _claim_sql(s, ordered=True)
         # The event a reference notification points to (for plain subscriptions).
         self.stored_event = f"""
             SELECT channel, event_id, payload, pid,

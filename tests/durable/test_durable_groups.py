@@ -188,3 +188,42 @@ async def test_lease_is_renewed_while_a_handler_runs(durable_bus, channel: str):
         await a.publish(ticket(n=1))
         await asyncio.wait_for(finished.wait(), 10)
     assert len(handled) == 1
+
+
+async def test_key_ordered_group_never_handles_a_key_twice_at_once(durable_bus, channel: str):
+    """In a key-ordered group, a key is handled by one member at a time, in publish order."""
+    ticket = ticket_type(channel)
+    total = 300
+    active: set[int] = set()
+    overlaps: list[int] = []
+    by_key: dict[int, list[int]] = collections.defaultdict(list)
+    members: collections.Counter[str] = collections.Counter()
+    done = asyncio.Event()
+
+    def handler(member: str) -> Any:
+        async def handle(event: Any) -> None:
+            key = event.n % 3
+            if key in active:
+                overlaps.append(event.n)
+            active.add(key)
+            await asyncio.sleep(0)  # let the other member run meanwhile
+            by_key[key].append(event.n)
+            members[member] += 1
+            active.discard(key)
+            if sum(members.values()) >= total:
+                done.set()
+
+        return handle
+
+    buses = [durable_bus(plugin={"batch_size": 5, "poll_interval": 0.2}) for _ in "ab"]
+    for bus, member in zip(buses, "ab", strict=True):
+        bus.subscribe(ticket, durable="keyed", concurrency=4, key=lambda e: e.n % 3)(
+            handler(member)
+        )
+    async with buses[0], buses[1]:
+        for start in range(0, total, 50):
+            await buses[0].publish_many([ticket(n=i) for i in range(start, start + 50)])
+        await asyncio.wait_for(done.wait(), 30)
+    assert overlaps == []
+    for key, ns in by_key.items():
+        assert ns == sorted(ns) == list(range(key, total, 3))
