@@ -227,3 +227,45 @@ async def test_key_ordered_group_never_handles_a_key_twice_at_once(durable_bus, 
     assert overlaps == []
     for key, ns in by_key.items():
         assert ns == sorted(ns) == list(range(key, total, 3))
+
+
+async def test_key_ordered_group_waits_for_a_dead_members_batch(
+    durable_bus, sql, schema: str, channel: str
+):
+    """A key-ordered member takes no later batch while a dead member's lease runs: order kept."""
+    ticket = ticket_type(channel)
+    s = f'"{schema}"'
+    publisher = durable_bus()
+    await publisher.publish_many([ticket(n=i) for i in range(6)])
+    await publisher.stop()
+    # What a member that died holding the first batch leaves: its claim, for 1 s more.
+    await sql.execute(
+        f"INSERT INTO {s}.subscriptions (name, channels, types, snap)"
+        " VALUES ('keyed', $1, NULL, pg_current_snapshot())",
+        [channel],
+    )
+    ids = await sql.fetchval(f"SELECT array_agg(id ORDER BY id) FROM {s}.journal")
+    await sql.execute(
+        f"INSERT INTO {s}.batches (subscription, journal_ids, claimed_by, claimed_until,"
+        " deliveries) VALUES ('keyed', $1, 'dead', now() + interval '1 second', 1)",
+        ids[:3],
+    )
+    await sql.execute(
+        f"INSERT INTO {s}.batches (subscription, journal_ids) VALUES ('keyed', $1)", ids[3:]
+    )
+    handled: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(event: Any) -> None:
+        handled.append(event.n)
+        if len(handled) == 6:
+            done.set()
+
+    bus = durable_bus(plugin={"poll_interval": 0.2})
+    bus.subscribe(ticket, durable="keyed", concurrency=4, key=lambda e: e.n % 2)(handle)
+    async with bus:
+        await asyncio.wait_for(done.wait(), 10)
+    assert sorted(handled[:3]) == [0, 1, 2]  # the dead member's batch first, after its lease
+    assert sorted(handled[3:]) == [3, 4, 5]
+    assert [n for n in handled if n % 2 == 0] == [0, 2, 4]
+    assert [n for n in handled if n % 2 == 1] == [1, 3, 5]
