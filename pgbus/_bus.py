@@ -27,9 +27,10 @@ from pgbus._signals import stop_on_signals
 from pgbus._status import BusState, BusStatus, ListenerState
 from pgbus._subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
 from pgbus._util import plural, redact_dsn
-from pgbus.errors import AlreadyStarted, BusClosed, ConfigError
+from pgbus.errors import AlreadyStarted, BusClosed, ConfigError, due_time
 
 if TYPE_CHECKING:
+    import datetime as dt
     from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
     from types import TracebackType
 
@@ -40,12 +41,16 @@ if TYPE_CHECKING:
     from pgbus._status import ResyncCallback
     from pgbus._subscription import Handler, Retry, TimeoutAction
 
-    # the typed accessors of two built-ins (bus.metrics, bus.dead_letters): type-only
+    # typed access to built-ins (bus.metrics, bus.dead_letters, request(), durable): type-only
     from pgbus.default_plugins.dead_letters import DeadLetters
     from pgbus.default_plugins.metrics import Metrics
     from pgbus.default_plugins.reply import Replies
+    from pgbus.durable import DurablePlugin, DurableSubscription
 
 logger = logging.getLogger(__name__)
+
+#: What a durable-only feature raises on a bus without the durable plugin.
+_NEEDS_DURABLE = "{what} needs durable mode: Bus(dsn, durable=True) (and `pgbus migrate`)"
 
 H = TypeVar("H", bound="Handler")
 
@@ -356,6 +361,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -376,6 +382,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -409,6 +416,11 @@ class Bus:
             ``durable`` plugin: ``Bus(dsn, durable=True)``): it is fed from the journal,
             keeps its position in the database, replays what it missed, and shares the
             work with the other subscriptions of that name (a consumer group).
+        :param start: where a durable subscription that does not exist yet in the
+            database starts: ``"latest"`` (the default: what is published from now on),
+            ``"earliest"`` (every event still in the journal) or an aware datetime (the
+            events journaled from then on); an existing one keeps its position (move it
+            with :meth:`seek`).
         :param key: a function of the event (the message, for a channel subscription)
             returning a hashable key: events with equal keys are handled one at a time,
             in publish order, events with different keys in parallel (up to
@@ -430,6 +442,7 @@ class Bus:
             "where": where,
             "overflow": overflow,
             "durable": durable,
+            "start": start,
             "key": key,
             "batch": batch,
             "batch_wait": batch_wait,
@@ -463,6 +476,7 @@ class Bus:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -488,6 +502,7 @@ class Bus:
             where=where,
             overflow=overflow,
             durable=durable,
+            start=start,
             key=key,
             batch=batch,
             batch_wait=batch_wait,
@@ -813,6 +828,8 @@ class Bus:
         *,
         connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> str:
         """Publish ``event`` on its channel.
 
@@ -822,17 +839,23 @@ class Bus:
             psycopg dialect) or psycopg's ``AsyncConnection``; the event is then delivered
             only if that transaction commits. pgbus never commits or rolls it back.
         :param headers: string headers carried in the envelope.
-        :returns: the event's id.
+        :param delay: durable mode: deliver no earlier than this many seconds (or this
+            ``timedelta``) from now, to the subscriptions that exist then.
+        :param at: durable mode: deliver no earlier than this aware datetime.
+        :returns: the event's id (what :meth:`cancel` takes).
         :raises PayloadTooLarge: when the encoded event is 8000 bytes or more (nothing is
             sent); in durable mode large events are journaled and sent by reference.
         :raises PublishError: when PostgreSQL could not be reached.
-        :raises ConfigError: for a ``connection`` of none of those drivers.
+        :raises ConfigError: for a ``connection`` of none of those drivers; for ``delay``
+            or ``at`` without durable mode, a negative ``delay``, a naive ``at``, or both.
         :raises BusClosed: after :meth:`stop`.
+
+        .. versionchanged:: 0.3.0 ``delay`` and ``at``.
         """
         self._check_open()
+        due = due_time(delay, at)
         outs = self._publisher.encode((event,), headers)
-        await self._publisher.publish(outs, connection)
-        self.plugins.on_published(outs)
+        await self._send(outs, connection, due)
         return outs[0].id
 
     async def publish_many(
@@ -841,20 +864,25 @@ class Bus:
         *,
         connection: AsyncConnection | None = None,
         headers: Mapping[str, str] | None = None,
+        delay: float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
     ) -> list[str]:
         """Publish many events in one statement (one round trip, all or nothing).
 
         Events may be on different channels; each channel receives its events in order.
+        ``delay`` and ``at`` apply to every event, as in :meth:`publish`.
 
         :returns: the events' ids, in order.
         :raises PayloadTooLarge: when any event is too large (nothing is sent).
+
+        .. versionchanged:: 0.3.0 ``delay`` and ``at``.
         """
         self._check_open()
+        due = due_time(delay, at)
         outs = self._publisher.encode(events, headers)
         if not outs:
             return []
-        await self._publisher.publish(outs, connection)
-        self.plugins.on_published(outs)
+        await self._send(outs, connection, due)
         return [o.id for o in outs]
 
     async def request(
@@ -890,6 +918,76 @@ class Bus:
         if plugin is None:
             raise ConfigError("request() needs the reply plugin, which is disabled on this bus")
         return await typing.cast("Replies", plugin).request(event, timeout=timeout, headers=headers)
+
+    async def _send(
+        self, outs: Sequence[Outgoing], connection: AsyncConnection | None, due: float | None
+    ) -> None:
+        """Send encoded events now, or hand them to the plugin that keeps them for ``due``."""
+        if due is None:
+            await self._publisher.publish(outs, connection)
+        else:
+            later = self.plugins.schedule(self, outs, due, connection)
+            if later is None:
+                raise ConfigError(_NEEDS_DURABLE.format(what="delayed delivery (delay=, at=)"))
+            await later
+        self.plugins.on_published(outs)
+
+    def _durable(self, what: str) -> DurablePlugin:
+        plugin = self.plugins.get("durable")
+        if plugin is None:
+            raise ConfigError(_NEEDS_DURABLE.format(what=what))
+        return typing.cast("DurablePlugin", plugin)
+
+    async def durable_subscriptions(self) -> list[DurableSubscription]:
+        """The durable subscriptions in the database (of every process), by name.
+
+        :raises ConfigError: without durable mode.
+
+        .. versionadded:: 0.3.0
+        """
+        return await self._durable("durable_subscriptions()").subscriptions()
+
+    async def seek(self, name: str, *, to: str | dt.datetime) -> bool:
+        """Move durable subscription ``name`` to ``"earliest"``, ``"latest"`` or a datetime.
+
+        Seeking back replays the events still in the journal from there; what it had
+        taken in and not handled (retries too) is dropped first. Its running consumers
+        go on from there after their batch in hand.
+
+        :param name: the durable name.
+        :param to: ``"earliest"``, ``"latest"`` or an aware datetime.
+        :returns: whether it exists (and was moved).
+        :raises ConfigError: without durable mode, or for another ``to``.
+
+        .. versionadded:: 0.3.0
+        """
+        return await self._durable("seek()").seek(name, to)
+
+    async def drop_subscription(self, name: str) -> bool:
+        """Delete durable subscription ``name``: its position and its unhandled events.
+
+        Stop its consumers first; one that starts again later begins anew (``start=``).
+
+        :returns: whether it existed.
+        :raises ConfigError: without durable mode.
+
+        .. versionadded:: 0.3.0
+        """
+        return await self._durable("drop_subscription()").drop_subscription(name)
+
+    async def cancel(self, event_id: str) -> bool:
+        """Cancel an event published with ``delay=`` or ``at=`` that is not yet due.
+
+        :param event_id: the id :meth:`publish` returned.
+        :returns: whether it was cancelled (``False``: unknown, due already, or cancelled).
+        :raises ConfigError: without durable mode.
+
+        .. versionadded:: 0.3.0
+        """
+        taken = self.plugins.cancel(self, event_id)
+        if taken is None:
+            raise ConfigError(_NEEDS_DURABLE.format(what="cancel()"))
+        return await taken
 
     async def notify(
         self, channel: str, payload: str = "", *, connection: AsyncConnection | None = None

@@ -248,6 +248,20 @@ class PluginManager:
         )
         return taken
 
+    def schedule(
+        self, bus: object, outgoing: Sequence[Outgoing], due: float, connection: Any
+    ) -> Awaitable[None] | None:
+        """:func:`~pgbus.hookspecs.pgbus_schedule`: a plugin's store for later, or ``None``."""
+        taken: Awaitable[None] | None = self.hook.pgbus_schedule(
+            bus=bus, outgoing=outgoing, due=due, connection=connection
+        )
+        return taken
+
+    def cancel(self, bus: object, event_id: str) -> Awaitable[bool] | None:
+        """:func:`~pgbus.hookspecs.pgbus_cancel`: a plugin's cancellation, or ``None``."""
+        taken: Awaitable[bool] | None = self.hook.pgbus_cancel(bus=bus, event_id=event_id)
+        return taken
+
     def resolve_reference(
         self, bus: object, message: Message, reference: Mapping[str, Any]
     ) -> Awaitable[Message | None] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import enum
 import inspect
 import logging
@@ -207,10 +208,18 @@ class Subscription:
         in order), or ``None``.
     :ivar batch: the largest batch of a batch handler, or ``None`` for one event a call.
     :ivar batch_wait: seconds a batch waits to fill.
+    :ivar start_position: where a durable subscription new to the database starts: ``"latest"``,
+        ``"earliest"`` or an aware datetime.
+    :ivar deferrer: set by a plugin that persists retries (the durable consumer):
+        :meth:`defer` calls it with the delivery and the delay, and when it returns
+        ``True`` the plugin brings the delivery back itself (nothing waits in memory).
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`.
+    .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`;
+       ``deferrer``.
     """
+
+    deferrer: Callable[[Delivery, float], bool] | None = None
 
     def __init__(
         self,
@@ -228,6 +237,7 @@ class Subscription:
         where: Callable[[Any], bool] | None = None,
         overflow: Overflow | str = Overflow.WAIT,
         durable: str | None = None,
+        start: str | dt.datetime | None = None,
         key: Callable[[Any], Hashable] | None = None,
         batch: int | None = None,
         batch_wait: float | None = None,
@@ -275,7 +285,7 @@ class Subscription:
         self.where = where
         self.overflow = policy
         self.dropped = 0
-        self.durable = durable
+        self.durable, self.start_position = durable, _start(name, start, durable)
         self.key = key
         self.batch, self.batch_wait = batch, batch_wait or DEFAULT_BATCH_WAIT
         self._keys = None if key is None else _KeyOrder(key, _EVENT if event_types else _MESSAGE)
@@ -333,7 +343,8 @@ class Subscription:
         after: the worker goes on with the deliveries behind it, and the return is not
         reported as handled. The delivery comes back with ``attempt`` increased and
         ``redelivered`` set, through the queue (its overflow policy applies). One still
-        waiting when the subscription stops is dropped, and counted by :meth:`stop`.
+        waiting when the subscription stops is dropped, and counted by :meth:`stop`,
+        unless the subscription's :attr:`deferrer` took it over (durable: persisted).
 
         :param delivery: the delivery being handled.
         :param delay: seconds to wait, at least 0.
@@ -341,7 +352,7 @@ class Subscription:
         .. versionadded:: 0.3.0
         """
         self._deferring.add(id(delivery))
-        if not self._started:
+        if not self._started or (self.deferrer is not None and self.deferrer(delivery, delay)):
             return
         again = dataclasses.replace(delivery, attempt=delivery.attempt + 1, redelivered=True)
 
@@ -712,6 +723,30 @@ def _EVENTS(batch: Delivery) -> list[Any]:  # noqa: N802 - named like the getter
 
 def _MESSAGES(batch: Delivery) -> list[Message]:  # noqa: N802 - named like the getters above
     return [d.message for d in cast("Batch", batch).deliveries]
+
+
+def check_position(value: object, what: str) -> str | dt.datetime:
+    """``value`` as a durable position: ``"latest"``, ``"earliest"`` or an aware datetime.
+
+    :param value: the position given.
+    :param what: names the argument in the error.
+    :returns: the position.
+    :raises ConfigError: for anything else (a naive datetime too).
+    """
+    if value == "latest" or value == "earliest":  # noqa: PLR1714 - narrows to str
+        return value
+    if isinstance(value, dt.datetime) and value.utcoffset() is not None:
+        return value
+    raise ConfigError(f"{what} must be 'latest', 'earliest' or an aware datetime, not {value!r}")
+
+
+def _start(name: str, start: object, durable: str | None) -> str | dt.datetime:
+    """The start position of a subscription (only a durable one takes ``start=``)."""
+    if start is None:
+        return "latest"
+    if durable is None:
+        raise ConfigError(f"subscription {name!r}: start= needs a durable subscription")
+    return check_position(start, f"subscription {name!r}: start")
 
 
 def _check_key_and_batch(

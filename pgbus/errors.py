@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -218,11 +219,11 @@ class Nack(Exception):  # noqa: N818 - the name the public API promises
 
     The attempt counts under the subscription's :class:`~pgbus.Retry` policy: when it
     was the last one, the delivery is dead-lettered with this ``Nack`` as its error.
-    Unlike a failure, a plain subscription does not wait for the delay in its worker:
-    the delivery is queued again when the delay is over, and the events behind it are
-    handled meanwhile. A key-ordered subscription (``key=``) waits in the worker, so
-    that key's later events wait too, and so does a durable one (its retries are not
-    persisted yet)::
+    Unlike a failure, a subscription does not wait for the delay in its worker: the
+    delivery is queued again when the delay is over (a durable one's retry is persisted
+    and survives a restart), and the events behind it are handled meanwhile. A
+    key-ordered subscription (``key=``) waits in the worker, so that key's later events
+    wait too::
 
         @bus.subscribe(OrderPlaced)
         async def charge(event: OrderPlaced) -> None:
@@ -256,6 +257,23 @@ class Reject(Exception):  # noqa: N818 - the name the public API promises
     def __init__(self, reason: str = "rejected by the handler") -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def due_time(delay: float | dt.timedelta | None, at: dt.datetime | None) -> float | None:
+    """When an event published with ``delay=`` or ``at=`` is due, in epoch seconds.
+
+    :returns: ``None`` when neither is given.
+    :raises ConfigError: for both, a negative delay, or a naive (or non-datetime) ``at``.
+    """
+    if delay is not None and at is not None:
+        raise ConfigError("publish: give delay= or at=, not both")
+    if delay is not None:
+        return time.time() + _seconds(delay, "publish: delay")
+    if at is None:
+        return None
+    if not isinstance(at, dt.datetime) or at.utcoffset() is None:
+        raise ConfigError(f"publish: at= must be an aware datetime (with a timezone), not {at!r}")
+    return at.timestamp()
 
 
 def _seconds(value: float | dt.timedelta, what: str) -> float:

@@ -167,6 +167,43 @@ def pgbus_publish(
 
 
 @hookspec(firstresult=True)
+def pgbus_schedule(
+    bus: Bus, outgoing: Sequence[Outgoing], due: float, connection: AsyncConnection | None
+) -> Awaitable[None] | None:
+    """Take on events published for later (``publish(..., delay=...)`` or ``at=...``).
+
+    Called instead of :func:`pgbus_publish` once the events are encoded. Return an
+    awaitable that stores them so that they are delivered no earlier than ``due``, to the
+    subscriptions that exist then, or ``None``; when no plugin answers, the publish
+    raises :class:`pgbus.ConfigError` (delayed delivery needs durable mode). The
+    ``durable`` plugin implements it.
+
+    :param bus: the bus publishing.
+    :param outgoing: the events, in order, encoded.
+    :param due: when they are due, in seconds since the epoch.
+    :param connection: the caller's connection, or ``None``.
+    :returns: an awaitable that stores them, or ``None``.
+
+    .. versionadded:: 0.3.0
+    """
+
+
+@hookspec(firstresult=True)
+def pgbus_cancel(bus: Bus, event_id: str) -> Awaitable[bool] | None:
+    """Cancel an event published for later that is not yet due (:meth:`Bus.cancel`).
+
+    Return an awaitable resolving to whether it was cancelled, or ``None`` (no plugin
+    answers: :meth:`Bus.cancel <pgbus.Bus.cancel>` raises :class:`pgbus.ConfigError`).
+
+    :param bus: the bus.
+    :param event_id: the id :meth:`Bus.publish <pgbus.Bus.publish>` returned.
+    :returns: an awaitable of ``True`` when it was cancelled, or ``None``.
+
+    .. versionadded:: 0.3.0
+    """
+
+
+@hookspec(firstresult=True)
 def pgbus_resolve_reference(
     bus: Bus, message: Message, reference: Mapping[str, Any]
 ) -> Awaitable[Message | None] | None:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import re
+import time
 from pathlib import Path
 
 from _helpers import Letters, event_on
@@ -355,3 +356,42 @@ async def test_a_reference_without_a_resolver_is_a_decode_error(make_bus, channe
     assert isinstance(dead.error, pgbus.DecodeError)
     assert "durable plugin" in str(dead.error)
     assert first.payload == "after"  # the untyped subscription never saw the reference
+
+
+async def test_hook_pgbus_schedule(pg_dsn, channel):
+    """A plugin's pgbus_schedule gets the encoded events of publish(delay=) and their due time."""
+    Ping = event_on(channel)
+    seen: list[tuple[list[str], float]] = []
+
+    class Later:
+        @pgbus.hookimpl
+        def pgbus_schedule(self, bus, outgoing, due, connection):
+            async def keep() -> None:
+                seen.append(([o.id for o in outgoing], due))
+
+            return keep()
+
+    bus = pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[Later()])
+    before = time.time()
+    event_id = await bus.publish(Ping(n=1), delay=30)
+    [(ids, due)] = seen
+    assert ids == [event_id]
+    assert before + 30 <= due <= time.time() + 30
+    await bus.stop()
+
+
+async def test_hook_pgbus_cancel(pg_dsn):
+    """bus.cancel() returns what a plugin's pgbus_cancel answers."""
+
+    class Canceller:
+        @pgbus.hookimpl
+        def pgbus_cancel(self, bus, event_id):
+            async def answer() -> bool:
+                return event_id == "mine"
+
+            return answer()
+
+    bus = pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[Canceller()])
+    assert await bus.cancel("mine") is True
+    assert await bus.cancel("other") is False
+    await bus.stop()

@@ -43,6 +43,11 @@ COMMANDS = (
         "Check that the database works for pgbus, and say what to fix.",
     ),
     (
+        "durable",
+        "pgbus.cli.durable:durable",
+        "List durable subscriptions, move their position (replay) or drop them.",
+    ),
+    (
         "listen",
         "pgbus.cli._app:listen",
         "Print notifications on CHANNELs as they arrive.",

@@ -7,13 +7,18 @@
     pgbus dead-letters                 # list the dead letters not yet redelivered
     pgbus dead-letters list --subscription billing --json
     pgbus dead-letters redeliver 12 13
+    pgbus durable list                 # the durable subscriptions, with their backlog
+    pgbus durable seek billing --to earliest   # replay what the journal still holds
+    pgbus durable drop billing
 
 .. versionadded:: 0.1.0
+.. versionchanged:: 0.3.0 ``pgbus durable``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 
 import click
 from rich.table import Table
@@ -22,13 +27,16 @@ from pgbus.cli._common import CliError, State, dumps, stdout, with_connection
 from pgbus.durable import (
     DEFAULT_SCHEMA,
     SCHEMA_VERSION,
+    drop_subscription,
     list_dead_letters,
+    list_subscriptions,
     migrate,
     redeliver,
     schema_version,
+    seek,
 )
 
-__all__ = ["dead_letters", "migrate_command"]
+__all__ = ["dead_letters", "durable", "migrate_command"]
 
 _SCHEMA = click.option(
     "--schema",
@@ -143,3 +151,82 @@ def redeliver_command(ctx: click.Context, ids: tuple[int, ...]) -> None:
             click.echo(f"{dead_id}: not redelivered: {what}", err=True)
     if failed:
         raise click.exceptions.Exit(1)
+
+
+@click.group("durable", invoke_without_command=True)
+@_SCHEMA
+@click.pass_context
+def durable(ctx: click.Context, schema: str) -> None:
+    """List durable subscriptions, move their position (replay) or drop them."""
+    ctx.meta["pgbus.schema"] = schema
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(durable_list)
+
+
+@durable.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+@click.pass_context
+def durable_list(ctx: click.Context, as_json: bool = False) -> None:
+    """List the durable subscriptions, with what they have taken in and not handled."""
+    schema = ctx.meta.get("pgbus.schema", DEFAULT_SCHEMA)
+    rows = with_connection(_state(ctx), lambda conn: list_subscriptions(conn, schema))
+    if as_json:
+        click.echo(dumps([dataclasses.asdict(row) for row in rows]))
+        return
+    if not rows:
+        click.echo("no durable subscriptions")
+        return
+    table = Table(title="pgbus durable subscriptions", title_justify="left")
+    for column in ("name", "channels", "types", "backlog", "retries", "pumped at"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.name,
+            ", ".join(row.channels),
+            ", ".join(row.types) if row.types else "all",
+            str(row.backlog),
+            str(row.retries),
+            row.pumped_at.isoformat(timespec="seconds") if row.pumped_at else "-",
+        )
+    stdout().print(table)
+
+
+def _position(value: str) -> str | dt.datetime:
+    """``--to``: earliest, latest, or an ISO 8601 timestamp with its time zone."""
+    if value in ("earliest", "latest"):
+        return value
+    try:
+        at = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(
+            f"--to takes earliest, latest or an ISO 8601 timestamp, not {value!r}"
+        ) from None
+    if at.utcoffset() is None:
+        raise CliError(f"--to {value}: give the time zone (e.g. {value}+00:00 or {value}Z)")
+    return at
+
+
+@durable.command("seek")
+@click.argument("name")
+@click.option("--to", "to", required=True, help="earliest, latest or an ISO 8601 timestamp.")
+@click.pass_context
+def durable_seek(ctx: click.Context, name: str, to: str) -> None:
+    """Move durable subscription NAME; back in time replays what the journal still holds."""
+    schema = ctx.meta.get("pgbus.schema", DEFAULT_SCHEMA)
+    position = _position(to)
+    moved = with_connection(_state(ctx), lambda conn: seek(conn, name, position, schema))
+    if not moved:
+        raise CliError(f"no durable subscription {name!r} in schema {schema!r}")
+    click.echo(f"{name}: moved to {to}")
+
+
+@durable.command("drop")
+@click.argument("name")
+@click.pass_context
+def durable_drop(ctx: click.Context, name: str) -> None:
+    """Delete durable subscription NAME (stop its consumers first)."""
+    schema = ctx.meta.get("pgbus.schema", DEFAULT_SCHEMA)
+    dropped = with_connection(_state(ctx), lambda conn: drop_subscription(conn, name, schema))
+    if not dropped:
+        raise CliError(f"no durable subscription {name!r} in schema {schema!r}")
+    click.echo(f"{name}: dropped")

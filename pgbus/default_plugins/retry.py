@@ -17,7 +17,8 @@ A handler decides its outcome by raising :class:`~pgbus.Nack` (handle again afte
 ``delay``, an attempt under the policy whatever the policy's ``on=``) or
 :class:`~pgbus.Reject` (dead-letter now, never retried). A nacked delivery of a plain
 subscription does not wait in the worker: it is queued again when its delay is over
-(:meth:`Subscription.defer <pgbus.Subscription.defer>`), and the events behind it go on.
+(:meth:`Subscription.defer <pgbus.Subscription.defer>`), and the events behind it go on;
+a durable one's retry is persisted by the durable plugin, so it survives a restart.
 
 Block it by name (``Bus(disable_plugins=["retry"])``): every handler then runs once.
 """
@@ -86,10 +87,8 @@ def _retry(policy: Retry, subscription: Subscription, bus: Bus | None) -> Middle
     attempts = policy.attempts
     retry_on = policy.on
     name = subscription.name
-    # in place, in the worker: a key-ordered one (the key's later events wait) or a
-    # durable one (its retries are not persisted yet)
-    in_place = subscription.durable is not None or subscription.key is not None
-    defer = None if in_place else subscription.defer
+    # in place, in the worker, for a key-ordered one: the key's later events wait
+    defer = None if subscription.key is not None else subscription.defer
 
     async def retry(delivery: Delivery, call_next: CallNext) -> None:
         while True:

@@ -30,17 +30,27 @@ from pgbus.durable._schema import (
     migrate,
     schema_version,
 )
+from pgbus.durable._subscriptions import (
+    DurableSubscription,
+    drop_subscription,
+    list_subscriptions,
+    seek,
+)
 
 __all__ = [
     "DEFAULT_RETENTION",
     "DEFAULT_SCHEMA",
     "SCHEMA_VERSION",
     "DurablePlugin",
+    "DurableSubscription",
     "SchemaError",
     "StoredDeadLetter",
     "check_schema",
+    "drop_subscription",
     "list_dead_letters",
+    "list_subscriptions",
     "migrate",
     "redeliver",
     "schema_version",
+    "seek",
 ]

@@ -34,7 +34,7 @@ from pgbus._events import DeadLetter, Message
 
 if TYPE_CHECKING:
     from pgbus._bus import Bus
-    from pgbus._events import Decoder
+    from pgbus._events import Decoder, Delivery
     from pgbus._subscription import Router, Subscription
     from pgbus.durable._plugin import DurablePlugin
 
@@ -43,8 +43,8 @@ logger = logging.getLogger(__name__)
 #: What the driver raises when a statement or a connection fails.
 DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-#: Outcomes of one delivery.
-OK, DEAD, AGAIN = "ok", "dead", "again"
+#: Outcomes of one delivery (RETRY: nacked, handled again from a batch of its own).
+OK, DEAD, AGAIN, RETRY = "ok", "dead", "again", "retry"
 
 
 def member_id() -> str:
@@ -55,11 +55,13 @@ def member_id() -> str:
 class Inflight:
     """A delivery handed to a subscription, waiting for its outcome."""
 
-    __slots__ = ("future", "journal_id")
+    __slots__ = ("future", "journal_id", "retry")
 
     def __init__(self, journal_id: int) -> None:
         self.journal_id = journal_id
         self.future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        #: For RETRY: seconds until the next attempt, and that attempt's number.
+        self.retry: tuple[float, int] = (0.0, 1)
 
     def resolve(self, outcome: str) -> None:
         """Set the outcome (the first one wins)."""
@@ -86,6 +88,10 @@ class Consumer:
         self._need_pump = True
         self._batches_low = True
         self._acks: list[int] = []
+        #: Nacked events to persist with the next ack: journal id, delay, next attempt.
+        self._retries: list[tuple[int, float, int]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._due_unknown = True
         self._task: asyncio.Task[None] | None = None
         self._claimed: list[int] = []
         #: The batch in hand: rows acked without a handler, and those awaiting one.
@@ -98,8 +104,37 @@ class Consumer:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the loop."""
+        """Start the loop; the subscription's nacks are persisted by :meth:`defer`."""
+        self.sub.deferrer = self.defer
         self._task = asyncio.create_task(self._run(), name=f"pgbus-durable-{self.group}")
+
+    def defer(self, delivery: Delivery, delay: float) -> bool:
+        """Persist the retry of a nacked delivery (the subscription's ``deferrer``).
+
+        It leaves its batch, at the next ack, for a batch of its own due after
+        ``delay`` seconds, so the events behind it go on and a restart keeps it.
+
+        :returns: whether the delivery was one of this consumer's (else not persisted).
+        """
+        inflight = self.plugin.find(self.group, delivery.id)
+        if inflight is None or inflight.future.done():
+            return False
+        inflight.retry = (delay, delivery.attempt + 1)
+        inflight.resolve(RETRY)
+        return True
+
+    def _wake_in(self, delay: float) -> None:
+        """Look for work in ``delay`` seconds (a retry falls due), and for the next due then."""
+        if self._stopping:
+            return
+
+        def due() -> None:
+            self._timers.discard(handle)
+            self._due_unknown = True
+            self.wake()
+
+        handle = asyncio.get_running_loop().call_later(delay, due)
+        self._timers.add(handle)
 
     def wake(self) -> None:
         """Look for work now (a NOTIFY arrived, or the listener reconnected)."""
@@ -114,6 +149,10 @@ class Consumer:
         """
         self._stopping = True
         self.wakeup.set()
+        self.sub.deferrer = None
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         task = self._task
         if task is None:
             return
@@ -221,7 +260,14 @@ class Consumer:
                 self._need_pump = True
         if self._stopping:
             return False
-        rows = await self._fetch(self.plugin.sql.claim)
+        if self._due_unknown:  # after a restart: wake when the first persisted retry is due
+            pool = await self.plugin.pool()
+            due = await pool.fetchval(self.plugin.sql.next_due, self.group)
+            if due is not None:
+                self._wake_in(due)
+            self._due_unknown = False
+        sql = self.plugin.sql
+        rows = await self._fetch(sql.claim if self.sub.key is None else sql.claim_ordered)
         self._batches_low = len(rows) < self.plugin.batch_size
         if rows:
             await self._handle(rows)
@@ -260,10 +306,18 @@ class Consumer:
         return rows
 
     async def _ack(self) -> None:
-        acks = list(self._acks)
-        if acks:
-            await self._execute(self.plugin.sql.ack, self.group, acks, self.member)
+        acks, retries = list(self._acks), list(self._retries)
+        if acks or retries:
+            ids, delays, attempts = (
+                (list(c) for c in zip(*retries, strict=True)) if retries else ([], [], [])
+            )
+            await self._execute(
+                self.plugin.sql.ack, self.group, acks + ids, ids, delays, attempts, self.member
+            )
             del self._acks[: len(acks)]
+            del self._retries[: len(retries)]
+            if delays:
+                self._wake_in(min(delays))
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()
@@ -311,11 +365,15 @@ class Consumer:
             if outcome == AGAIN:
                 continue
             decided.add(journal_id)
-            if outcome == OK:
+            if outcome == RETRY:
+                delay, attempt = inflight.retry
+                self._retries.append((journal_id, delay, attempt))
+            elif outcome == OK:
                 self.handled += 1
                 self._remember(event_id)
         self._waiting, self._batch_acks = [], []
-        self._acks.extend(j for j in self._claimed if j in decided)  # acked before the next claim
+        retried = {r[0] for r in self._retries}
+        self._acks.extend(j for j in self._claimed if j in decided and j not in retried)
         return [j for j in self._claimed if j not in decided]
 
     async def _offer(self, row: Any) -> Inflight | None:
@@ -325,7 +383,9 @@ class Consumer:
         payload: str | None = row["payload"]
         if payload is None or event_id is None:  # pruned by age meanwhile
             return None
-        if event_id in self._recent:
+        # a batch claimed again (its ack was lost): skip what was handled; a first
+        # claim is never a duplicate (after a seek back it is a replay, wanted)
+        if row["deliveries"] > 1 and event_id in self._recent:
             self.duplicates += 1
             logger.debug("durable subscription %s: skipping duplicate %s", self.group, event_id)
             return None
@@ -337,9 +397,11 @@ class Consumer:
                 " process die while handling it?)"
             )
             return await self._give_up(message, event_id, journal_id, error)
-        return await self._hand_over(message, event_id, journal_id)
+        return await self._hand_over(message, event_id, journal_id, row)
 
-    async def _hand_over(self, message: Message, event_id: str, journal_id: int) -> Inflight | None:
+    async def _hand_over(
+        self, message: Message, event_id: str, journal_id: int, row: Any
+    ) -> Inflight | None:
         """Decode and route one event; queue it for the handler if it is routed here."""
         decode, route = self._route(message.channel)
         try:
@@ -357,6 +419,9 @@ class Consumer:
             return None
         if delivery.id is None:
             delivery.id = event_id
+        # the attempt a nack persisted; claimed before: a redelivery
+        delivery.attempt = row["attempt"]
+        delivery.redelivered = row["deliveries"] > 1 or delivery.attempt > 1
         inflight = self.plugin.track(self.group, delivery.id, journal_id)
         await self.sub.put(delivery)
         return inflight

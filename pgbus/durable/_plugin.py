@@ -24,11 +24,19 @@ from pgbus.durable._schema import (
     publish_error,
     wakeup_notifications,
 )
+from pgbus.durable._subscriptions import (
+    DurableSubscription,
+    drop_subscription,
+    list_subscriptions,
+    position_args,
+    seek,
+)
 from pgbus.durable._wakeups import Wakeups
 from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Mapping, Sequence
+    import datetime as dt
+    from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 
     from pgbus._bus import Bus
     from pgbus._drivers import AsyncConnection
@@ -140,6 +148,11 @@ class DurablePlugin:
         self._inflight: dict[tuple[str, str], Inflight] = {}
         self._by_channel: dict[str, list[Consumer]] = {}
         self._pruner: asyncio.Task[None] | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        #: Set when this process published for later: the scheduler looks again.
+        self._schedule_changed = asyncio.Event()
+        #: Events published for later that this plugin moved into the journal when due.
+        self.released = 0
         self._running = False
         #: The wake-ups of this plugin's publishes, sent once their rows committed.
         self.wakeups = Wakeups(self)
@@ -216,18 +229,47 @@ class DurablePlugin:
 
         :returns: ``(version before, version after)``.
         """
+        async with self._admin() as conn:
+            return await migrate(conn, self.schema)
+
+    # -- durable subscriptions in the database -------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> AsyncIterator[Connection]:
+        """A connection for a one-off statement: the pool's while running, else its own."""
+        if self._running:
+            pool = await self.pool()
+            async with pool.acquire() as conn:
+                yield conn
+            return
         bus = self._bus
         if bus is None:
             raise ConfigError("the durable plugin is not registered with a Bus")
-        conn = await asyncpg.connect(
-            bus.dsn,
-            timeout=bus.connect_timeout,
-            **bus.connect_kwargs,
-        )
+        conn = await asyncpg.connect(bus.dsn, timeout=bus.connect_timeout, **bus.connect_kwargs)
         try:
-            return await migrate(conn, self.schema)
+            yield conn
         finally:
             await conn.close()
+
+    async def subscriptions(self) -> list[DurableSubscription]:
+        """The durable subscriptions of this plugin's schema (``bus.durable_subscriptions()``)."""
+        async with self._admin() as conn:
+            return await list_subscriptions(conn, self.schema)
+
+    async def seek(self, name: str, to: str | dt.datetime) -> bool:
+        """Move durable subscription ``name`` (``bus.seek()``; see :func:`pgbus.durable.seek`)."""
+        position_args(to)  # a bad position is refused before connecting
+        async with self._admin() as conn:
+            moved = await seek(conn, name, to, self.schema)
+        consumer = self.consumers.get(name)
+        if consumer is not None:
+            consumer.wake()
+        return moved
+
+    async def drop_subscription(self, name: str) -> bool:
+        """Delete durable subscription ``name`` (``bus.drop_subscription()``)."""
+        async with self._admin() as conn:
+            return await drop_subscription(conn, name, self.schema)
 
     # -- hooks: lifecycle ----------------------------------------------------------------
 
@@ -260,6 +302,7 @@ class DurablePlugin:
             consumer.start()
         if self.prune_interval is not None:
             self._pruner = asyncio.create_task(self._prune_loop(), name="pgbus-durable-prune")
+        self._scheduler = asyncio.create_task(self._schedule_loop(), name="pgbus-durable-due")
         logger.info(
             "durable delivery on %s (schema %s): %s",
             redact_dsn(bus.dsn),
@@ -280,7 +323,10 @@ class DurablePlugin:
         if bus is None:  # pragma: no cover - configured before start
             return
         consumer = Consumer(self, bus, sub)
-        await conn.execute(self.sql.ensure_subscription, group, list(sub.channels), consumer.types)
+        mode, at = position_args(sub.start_position)
+        await conn.execute(
+            self.sql.ensure_subscription, group, list(sub.channels), consumer.types, mode, at
+        )
         self.consumers[group] = consumer
         for channel in sub.channels:
             self._by_channel.setdefault(channel, []).append(consumer)
@@ -291,10 +337,12 @@ class DurablePlugin:
         if bus is not self._bus:
             return
         await asyncio.gather(*(c.stop(bus.stop_timeout) for c in self.consumers.values()))
-        if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+        for task in (self._pruner, self._scheduler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._pruner = self._scheduler = None
 
     @hookimpl
     async def pgbus_on_stopped(self, bus: Bus) -> None:
@@ -386,6 +434,88 @@ class DurablePlugin:
         self.wakeups.add(None if committed else row[2], channels, payloads)
 
     @hookimpl
+    def pgbus_schedule(
+        self,
+        bus: Bus,
+        outgoing: Sequence[Outgoing],
+        due: float,
+        connection: AsyncConnection | None,
+    ) -> Awaitable[None] | None:
+        """Keep events published for later until ``due`` (the caller's transaction, if given)."""
+        if bus is not self._bus or not all(o.event is not None for o in outgoing):
+            return None
+        return self._schedule(outgoing, due, connection)
+
+    async def _schedule(
+        self, outgoing: Sequence[Outgoing], due: float, connection: AsyncConnection | None
+    ) -> None:
+        args = (*journal_args(outgoing), due)
+        try:
+            if connection is None:
+                pool = await self.publish_pool()
+                await pool.execute(self.sql.schedule, *args)
+            else:
+                await executor(connection).execute(self.sql.schedule, *args)
+        except (DriverError, *DRIVER_ERRORS) as exc:
+            raise publish_error(exc, self.schema) from exc
+        self._schedule_changed.set()
+
+    @hookimpl
+    def pgbus_cancel(self, bus: Bus, event_id: str) -> Awaitable[bool] | None:
+        """Cancel an event published for later, if it is not yet due."""
+        if bus is not self._bus:
+            return None
+        return self._cancel(event_id)
+
+    async def _cancel(self, event_id: str) -> bool:
+        pool = await self.publish_pool()
+        status = await pool.execute(self.sql.cancel, event_id)
+        return bool(status.endswith(" 1"))
+
+    async def scheduled(self) -> tuple[int, float | None]:
+        """The events published for later and not yet due (the delayed backlog).
+
+        :returns: how many wait, and the seconds until the first is due (``None``: none).
+        """
+        pool = await self.pool()
+        row = await pool.fetchrow(self.sql.scheduled)
+        return (0, None) if row is None else (int(row[1]), row[0])
+
+    async def release_due(self) -> int:
+        """Move the events published for later that fell due into the journal, and wake.
+
+        Run by a background task of every started durable bus (one process at a time
+        takes each event); the subscriptions that exist then get them.
+
+        :returns: how many moved.
+        """
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(self.sql.release_due, self.pump_size)
+        if rows:
+            self.wakeups.add(None, [r["channel"] for r in rows], [r["wakeup"] for r in rows])
+            self.released += len(rows)
+        return len(rows)
+
+    async def _schedule_loop(self) -> None:
+        """Release what falls due, waking at the next due time (or a local publish)."""
+        while True:
+            self._schedule_changed.clear()
+            wait = self.poll_interval
+            try:
+                moved = await self.release_due()
+                count, due = await self.scheduled()
+                if moved >= self.pump_size:  # more fell due than one statement moves
+                    wait = 0.0
+                elif count and due is not None:  # due already: another process has it
+                    wait = min(wait, max(due, self.busy_retry))
+            except DRIVER_ERRORS as exc:
+                logger.warning("durable schema %s: releasing due events: %s", self.schema, exc)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._schedule_changed.wait(), wait)
+
+    @hookimpl
     def pgbus_resolve_reference(
         self,
         bus: Bus,
@@ -438,9 +568,10 @@ class DurablePlugin:
         """Stop waiting for the outcome of ``event_id`` in ``group``."""
         self._inflight.pop((group, event_id), None)
 
-    def _find(
+    def find(
         self, subscription: Subscription | str | None, event_id: str | None
     ) -> Inflight | None:
+        """The delivery of ``event_id`` awaited in ``subscription`` (a name), if any."""
         if subscription is None or event_id is None or not self._inflight:
             return None
         name = subscription if isinstance(subscription, str) else subscription.durable
@@ -456,7 +587,7 @@ class DurablePlugin:
         duration: float,  # noqa: ARG002 - hook signature
     ) -> None:
         """A durable delivery succeeded: it will be acked."""
-        inflight = self._find(subscription, delivery.id)
+        inflight = self.find(subscription, delivery.id)
         if inflight is not None:
             inflight.resolve(OK)
 
@@ -468,7 +599,7 @@ class DurablePlugin:
         policy: Overflow,  # noqa: ARG002 - hook signature
     ) -> None:
         """A durable delivery was dropped by an overflow policy: deliver it again later."""
-        inflight = self._find(subscription, delivery.id)
+        inflight = self.find(subscription, delivery.id)
         if inflight is not None:
             inflight.resolve(AGAIN)
 
@@ -481,7 +612,7 @@ class DurablePlugin:
                 if sub.name == dead_letter.subscription:
                     durable_name = getattr(sub, "durable", None)
                     break
-        inflight = self._find(durable_name, dead_letter.id)
+        inflight = self.find(durable_name, dead_letter.id)
         if inflight is None and not (self.persist_dead_letters and self._running):
             return
         try:

@@ -176,6 +176,30 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             $pump$""",
         ),
     ),
+    (
+        3,
+        (
+            # Persisted retries: a nacked event leaves its batch for a batch of its own,
+            # claimable from ``not_before`` on, whose handler attempt is ``attempt``. The
+            # claim skips batches not yet due, so a retry never holds up those behind it.
+            (
+                "ALTER TABLE {s}.batches ADD COLUMN not_before timestamptz,"
+                " ADD COLUMN attempt integer NOT NULL DEFAULT 1"
+            ),
+            # Delayed delivery: events published for later wait here, and move into the
+            # journal once due (so the subscriptions that exist then get them).
+            """CREATE TABLE {s}.scheduled (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                due_at timestamptz NOT NULL,
+                channel text NOT NULL,
+                event_id text NOT NULL UNIQUE,
+                type text NOT NULL,
+                payload text NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now()
+            )""",
+            "CREATE INDEX scheduled_due ON {s}.scheduled (due_at, id)",
+        ),
+    ),
 )
 
 #: The schema version this pgbus works with.
@@ -342,6 +366,69 @@ def missing_schema_error(schema: str) -> SchemaError:
     return _missing(schema)
 
 
+#: The wake-up payload of a journal row (columns ``id``, ``event_id``, ``type`` and
+#: ``payload``): NULL when the event itself fits in NOTIFY, else its reference envelope.
+REFERENCE_SQL = f"""CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
+    ELSE json_build_object(
+        'v', 1, 'id', event_id, 'type', 'pgbus.ref',
+        'ts', extract(epoch FROM clock_timestamp()),
+        'data', json_build_object(
+            'journal_id', id, 'type', type, 'bytes', octet_length(payload))
+    )::text END"""
+
+
+def position_sql(s: str, mode: str, at: str) -> str:
+    """The snapshot of a durable position, in SQL, from the parameters ``mode`` and ``at``.
+
+    ``mode`` ``'latest'``: now; else every journal row from ``at`` on (``NULL``: the
+    whole journal). Not a snapshot of that time (there is none): one that sees every transaction
+    below the smallest xid of those rows, and none still in progress, so no row
+    journaled from ``at`` on is skipped (a few journaled just before may come too).
+    """
+    return f"""CASE WHEN {mode}::text = 'latest' THEN pg_current_snapshot() ELSE (
+        SELECT (x::text || ':' || x::text || ':')::pg_snapshot FROM (
+            SELECT least(min(j.xid), pg_snapshot_xmin(pg_current_snapshot())) AS x
+            FROM {s}.journal j
+            WHERE {at}::timestamptz IS NULL OR j.created_at >= {at}::timestamptz
+        ) AS q) END"""  # noqa: S608 - quoted identifier
+
+
+def _claim_sql(s: str, *, ordered: bool) -> str:
+    """The claim of a subscription's next batch (see :attr:`Sql.claim`)."""
+    free = "(b.claimed_until IS NULL OR b.claimed_until < now() OR b.claimed_by = $2)"
+    # unordered: the first free batch, skipping those other members hold or lock now;
+    # ordered: the first batch, waiting for a member claiming it now, taken if free
+    pick, take = ("", f"AND {free}") if ordered else (f"AND {free}", "")
+    lock = "FOR UPDATE" if ordered else "FOR UPDATE SKIP LOCKED"
+    return f"""
+            WITH c AS (
+                SELECT id, journal_ids FROM {s}.batches b
+                WHERE subscription = $1
+                  {pick}
+                  AND (not_before IS NULL OR not_before <= now())
+                ORDER BY seq, journal_ids[1] LIMIT 1
+                {lock}
+            ), u AS (
+                UPDATE {s}.batches b
+                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
+                    deliveries = b.deliveries + 1,
+                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
+                                  ELSE b.journal_ids END
+                FROM c WHERE b.id = c.id {take}
+                RETURNING b.seq, b.journal_ids, b.deliveries, b.attempt,
+                          c.journal_ids AS whole
+            ), rest AS (
+                INSERT INTO {s}.batches (subscription, seq, journal_ids)
+                SELECT $1, seq, whole[2:] FROM u
+                WHERE cardinality(u.journal_ids) < cardinality(whole)
+            )
+            SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
+                   extract(epoch FROM j.created_at)::float8 AS stored_at
+            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
+            LEFT JOIN {s}.journal j ON j.id = x.journal_id
+            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
+
+
 class Sql:
     """Every statement of the durable machinery, for one schema."""
 
@@ -375,20 +462,44 @@ class Sql:
                 WHERE (j.channel, j.type, j.payload) IS DISTINCT FROM (s.channel, s.type, s.payload)
             )
             SELECT array_agg(event_id ORDER BY id) AS ids,
-                array_agg(CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN NULL
-                    ELSE json_build_object(
-                        'v', 1, 'id', event_id, 'type', 'pgbus.ref',
-                        'ts', extract(epoch FROM clock_timestamp()),
-                        'data', json_build_object(
-                            'journal_id', id, 'type', type, 'bytes', octet_length(payload))
-                    )::text END ORDER BY id) AS refs,
+                array_agg({REFERENCE_SQL} ORDER BY id) AS refs,
                 pg_current_xact_id()::text::bigint AS xid,
                 (SELECT CASE WHEN ids IS NULL THEN 0
                         ELSE ('{TAKEN_IDS_MARKER}' || ids)::int END FROM taken) AS taken
             FROM ins"""  # noqa: S608 - quoted identifier
+        # Events published for later (an id taken already is skipped, as in publish).
+        self.schedule = f"""
+            INSERT INTO {s}.scheduled (due_at, channel, event_id, type, payload)
+            SELECT to_timestamp($5), channel, event_id, type, payload
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS t(channel, event_id, type, payload, ord)
+            ORDER BY ord
+            ON CONFLICT (event_id) DO NOTHING"""  # noqa: S608 - quoted identifier
+        self.cancel = f"DELETE FROM {s}.scheduled WHERE event_id = $1"  # noqa: S608 - quoted identifier
+        # Up to $1 events that fell due move into the journal, in due order, with the
+        # wake-ups to send once committed (the event's own payload, or a reference).
+        self.release_due = f"""
+            WITH due AS (
+                DELETE FROM {s}.scheduled WHERE id IN (
+                    SELECT id FROM {s}.scheduled WHERE due_at <= now()
+                    ORDER BY due_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING due_at, id, channel, event_id, type, payload
+            ), ins AS (
+                INSERT INTO {s}.journal (channel, event_id, type, payload)
+                SELECT channel, event_id, type, payload FROM due ORDER BY due_at, id
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING id, channel, event_id, type, payload
+            )
+            SELECT channel, coalesce({REFERENCE_SQL}, payload) AS wakeup
+            FROM ins ORDER BY id"""  # noqa: S608 - quoted identifier
+        # Seconds until the next event published for later is due, and how many wait.
+        self.scheduled = f"""
+            SELECT extract(epoch FROM min(due_at) - now())::float8, count(*)
+            FROM {s}.scheduled"""  # noqa: S608 - quoted identifier
+        # A new subscription starts at its position ($4, $5: see position_sql).
         self.ensure_subscription = f"""
             INSERT INTO {s}.subscriptions (name, channels, types, snap)
-            VALUES ($1, $2::text[], $3::text[], pg_current_snapshot())
+            VALUES ($1, $2::text[], $3::text[], {position_sql(s, "$4", "$5")})
             ON CONFLICT (name) DO UPDATE SET channels = excluded.channels, types = excluded.types
         """  # noqa: S608 - quoted identifier
         # Cuts what the subscription's snapshot newly sees into batches: no row when
@@ -397,49 +508,58 @@ class Sql:
         # The subscription's next batch not claimed by another member (or whose lease
         # ran out), with its events. A batch delivered before (its member died, or
         # handed it back) is split: its first event alone, the rest as a batch after it.
-        self.claim = f"""
-            WITH c AS (
-                SELECT id, journal_ids FROM {s}.batches
-                WHERE subscription = $1
-                  AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)
-                ORDER BY seq, journal_ids[1] LIMIT 1
-                FOR UPDATE SKIP LOCKED
-            ), u AS (
-                UPDATE {s}.batches b
-                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
-                    deliveries = b.deliveries + 1,
-                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
-                                  ELSE b.journal_ids END
-                FROM c WHERE b.id = c.id
-                RETURNING b.seq, b.journal_ids, b.deliveries, c.journal_ids AS whole
-            ), rest AS (
-                INSERT INTO {s}.batches (subscription, seq, journal_ids)
-                SELECT $1, seq, whole[2:] FROM u
-                WHERE cardinality(u.journal_ids) < cardinality(whole)
-            )
-            SELECT x.journal_id, u.deliveries, j.channel, j.event_id, j.payload, j.pid,
-                   extract(epoch FROM j.created_at)::float8 AS stored_at
-            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
-            LEFT JOIN {s}.journal j ON j.id = x.journal_id
-            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
+        self.claim = _claim_sql(s, ordered=False)
+        # For a key-ordered subscription: only its first batch, and only when no other
+        # member holds it, so batches are handled one after another across the group.
+        self.claim_ordered = _claim_sql(s, ordered=True)
         # The event a reference notification points to (for plain subscriptions).
         self.stored_event = f"""
             SELECT channel, event_id, payload, pid,
                    extract(epoch FROM created_at)::float8 AS stored_at
             FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
-        # Handled (or dead-lettered) events leave the batches this member claimed; an
-        # empty batch goes. Only its own claims: a batch of the same events made since
-        # (a dead letter redelivered meanwhile) is new work, not this ack's.
+        # Handled (or dead-lettered) events leave the batches this member ($6) claimed;
+        # an empty batch goes. Only its own claims: a batch of the same events made since
+        # (a dead letter redelivered meanwhile) is new work, not this ack's. Those to
+        # retry ($2 also holds them) each go into a batch of their own, due ``$4``
+        # seconds from now, on handler attempt ``$5`` (in the same statement).
         self.ack = f"""
             WITH gone AS (
                 DELETE FROM {s}.batches
-                WHERE subscription = $1 AND claimed_by = $3 AND journal_ids <@ $2::bigint[]
+                WHERE subscription = $1 AND claimed_by = $6 AND journal_ids <@ $2::bigint[]
+            ), retried AS (
+                INSERT INTO {s}.batches (subscription, journal_ids, not_before, attempt)
+                SELECT $1, ARRAY[r.journal_id], now() + make_interval(secs => r.delay), r.attempt
+                FROM unnest($3::bigint[], $4::float8[], $5::integer[])
+                    WITH ORDINALITY AS r(journal_id, delay, attempt, ord)
+                ORDER BY r.ord
             )
             UPDATE {s}.batches SET journal_ids = array(
                 SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
                 WHERE x <> ALL($2::bigint[]) ORDER BY o)
-            WHERE subscription = $1 AND claimed_by = $3 AND journal_ids && $2::bigint[]
+            WHERE subscription = $1 AND claimed_by = $6 AND journal_ids && $2::bigint[]
               AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
+        # Move a subscription to a position: what it had taken in and not handled (its
+        # batches, retries too) is dropped, and it takes in again from there.
+        self.seek = f"""
+            WITH gone AS (DELETE FROM {s}.batches WHERE subscription = $1)
+            UPDATE {s}.subscriptions
+            SET snap = {position_sql(s, "$2", "$3")}, batch_snap = NULL, batch_cursor = 0
+            WHERE name = $1"""  # noqa: S608 - quoted identifier
+        self.drop_subscription = f"""
+            WITH gone AS (DELETE FROM {s}.batches WHERE subscription = $1)
+            DELETE FROM {s}.subscriptions WHERE name = $1"""  # noqa: S608 - quoted identifier
+        self.list_subscriptions = f"""
+            SELECT s.name, s.channels, s.types, s.created_at, s.pumped_at,
+                coalesce(sum(cardinality(b.journal_ids))
+                    FILTER (WHERE b.not_before IS NULL OR b.not_before <= now()), 0)::bigint
+                    AS backlog,
+                count(b.id) FILTER (WHERE b.not_before > now()) AS retries
+            FROM {s}.subscriptions s LEFT JOIN {s}.batches b ON b.subscription = s.name
+            GROUP BY s.name ORDER BY s.name"""  # noqa: S608 - quoted identifier
+        # Seconds until the subscription's next retry is due (NULL: none waits).
+        self.next_due = f"""
+            SELECT extract(epoch FROM min(not_before) - now())::float8 FROM {s}.batches
+            WHERE subscription = $1 AND not_before > now()"""  # noqa: S608 - quoted identifier
         self.release = f"""
             UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL
             WHERE subscription = $1 AND claimed_by = $2 AND journal_ids && $3::bigint[]

@@ -188,3 +188,84 @@ async def test_lease_is_renewed_while_a_handler_runs(durable_bus, channel: str):
         await a.publish(ticket(n=1))
         await asyncio.wait_for(finished.wait(), 10)
     assert len(handled) == 1
+
+
+async def test_key_ordered_group_never_handles_a_key_twice_at_once(durable_bus, channel: str):
+    """In a key-ordered group, a key is handled by one member at a time, in publish order."""
+    ticket = ticket_type(channel)
+    total = 300
+    active: set[int] = set()
+    overlaps: list[int] = []
+    by_key: dict[int, list[int]] = collections.defaultdict(list)
+    members: collections.Counter[str] = collections.Counter()
+    done = asyncio.Event()
+
+    def handler(member: str) -> Any:
+        async def handle(event: Any) -> None:
+            key = event.n % 3
+            if key in active:
+                overlaps.append(event.n)
+            active.add(key)
+            await asyncio.sleep(0)  # let the other member run meanwhile
+            by_key[key].append(event.n)
+            members[member] += 1
+            active.discard(key)
+            if sum(members.values()) >= total:
+                done.set()
+
+        return handle
+
+    buses = [durable_bus(plugin={"batch_size": 5, "poll_interval": 0.2}) for _ in "ab"]
+    for bus, member in zip(buses, "ab", strict=True):
+        bus.subscribe(ticket, durable="keyed", concurrency=4, key=lambda e: e.n % 3)(
+            handler(member)
+        )
+    async with buses[0], buses[1]:
+        for start in range(0, total, 50):
+            await buses[0].publish_many([ticket(n=i) for i in range(start, start + 50)])
+        await asyncio.wait_for(done.wait(), 30)
+    assert overlaps == []
+    for key, ns in by_key.items():
+        assert ns == sorted(ns) == list(range(key, total, 3))
+
+
+async def test_key_ordered_group_waits_for_a_dead_members_batch(
+    durable_bus, sql, schema: str, channel: str
+):
+    """A key-ordered member takes no later batch while a dead member's lease runs: order kept."""
+    ticket = ticket_type(channel)
+    s = f'"{schema}"'
+    publisher = durable_bus()
+    await publisher.publish_many([ticket(n=i) for i in range(6)])
+    await publisher.stop()
+    # What a member that died holding the first batch leaves: its claim, for 1 s more.
+    await sql.execute(
+        f"INSERT INTO {s}.subscriptions (name, channels, types, snap)"
+        " VALUES ('keyed', $1, NULL, pg_current_snapshot())",
+        [channel],
+    )
+    ids = await sql.fetchval(f"SELECT array_agg(id ORDER BY id) FROM {s}.journal")
+    await sql.execute(
+        f"INSERT INTO {s}.batches (subscription, journal_ids, claimed_by, claimed_until,"
+        " deliveries) VALUES ('keyed', $1, 'dead', now() + interval '1 second', 1)",
+        ids[:3],
+    )
+    await sql.execute(
+        f"INSERT INTO {s}.batches (subscription, journal_ids) VALUES ('keyed', $1)", ids[3:]
+    )
+    handled: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(event: Any) -> None:
+        handled.append(event.n)
+        if len(handled) == 6:
+            done.set()
+
+    bus = durable_bus(plugin={"poll_interval": 0.2})
+    bus.subscribe(ticket, durable="keyed", concurrency=4, key=lambda e: e.n % 2)(handle)
+    async with bus:
+        await asyncio.wait_for(done.wait(), 10)
+    assert sorted(handled[:3]) == [0, 1, 2]  # the dead member's batch first, after its lease
+    assert sorted(handled[3:]) == [3, 4, 5]
+    assert [n for n in handled if n % 2 == 0] == [0, 2, 4]
+    assert [n for n in handled if n % 2 == 1] == [1, 3, 5]

@@ -56,7 +56,7 @@ async def test_v1_events_and_positions_survive_the_upgrade(
         await publisher.stop()
 
         assert await migrate(sql, schema_name) == (1, SCHEMA_VERSION)
-        assert await schema_version(sql, schema_name) == 2
+        assert await schema_version(sql, schema_name) == SCHEMA_VERSION
         assert await sql.fetchval(f"SELECT to_regclass('{s}.inbox')") is None
 
         got = Collector()
