@@ -165,20 +165,30 @@ def import_module(module_name: str) -> ModuleType:
         raise CliError(f"importing {module_name!r} failed: {exc!r}") from exc
 
 
-def load_model(path: str) -> type[Event]:
-    """Import ``module:Class`` and check that it is a :class:`pgbus.Event` with a channel.
+def import_target(path: str, form: str = "module:attribute") -> Any:
+    """The object ``module:attr`` names (``attr`` may be dotted), imported.
 
-    :raises CliError: when it cannot be imported or is not an event type.
+    :param form: how the error names the expected shape (``"module:Class"``).
+    :raises CliError: when ``path`` has another shape, or names nothing.
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise CliError(f"{path!r} is not of the form module:Class")
+        raise CliError(f"{path!r} is not of the form {form}")
     obj: Any = import_module(module_name)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise CliError(f"{module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def load_model(path: str) -> type[Event]:
+    """Import ``module:Class`` and check that it is a :class:`pgbus.Event` with a channel.
+
+    :raises CliError: when it cannot be imported or is not an event type.
+    """
+    obj = import_target(path, "module:Class")
     if not (isinstance(obj, type) and issubclass(obj, Event)):
         raise CliError(f"{path} is not a pgbus.Event subclass")
     if obj.pgbus_channel is None:

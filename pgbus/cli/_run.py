@@ -24,7 +24,7 @@ from pgbus._bus import Bus
 from pgbus._health import serve_health
 from pgbus._signals import stop_on_signals
 from pgbus._util import plural
-from pgbus.cli._common import CliError, State, import_module, run
+from pgbus.cli._common import CliError, State, import_target, run
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -53,15 +53,7 @@ async def load_bus(target: str) -> Bus:
 
     :raises CliError: when it names nothing, or not a Bus.
     """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise CliError(f"{target!r} is not of the form module:attribute")
-    obj: Any = import_module(module_name)
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise CliError(f"{module_name!r} has no attribute {attr!r}") from None
+    obj = import_target(target)
     if not isinstance(obj, Bus) and callable(obj):
         obj = obj()
         if inspect.isawaitable(obj):
