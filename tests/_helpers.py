@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -186,3 +187,17 @@ class Process:
         out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
         assert self.proc.returncode is not None
         return self.proc.returncode, out.decode(), "".join(self.seen) + err.decode()
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    """Run ``python -m pgbus ARGS``; its exit status and its output (stdout and stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pgbus",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()

@@ -6,19 +6,10 @@ import asyncio
 import math
 
 import pytest
-from _helpers import event_on
+from _helpers import Letters, event_on
 
 import pgbus
 from pgbus.default_plugins.metrics import BUCKETS
-
-
-class Letters:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[pgbus.DeadLetter] = asyncio.Queue()
-
-    @pgbus.hookimpl
-    def pgbus_on_dead_letter(self, dead_letter: pgbus.DeadLetter) -> None:
-        self.queue.put_nowait(dead_letter)
 
 
 async def test_counters_per_channel_and_subscription(make_bus, channel):

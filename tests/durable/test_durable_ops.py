@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from typing import Any
 
-from _helpers import Collector, ticket_type
+from _helpers import Collector, run_cli, ticket_type
 
 import pgbus
 from pgbus.durable import list_dead_letters, redeliver
-
-
-async def _cli(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pgbus",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
-
 
 # -- dead letters ---------------------------------------------------------------------
 
@@ -49,7 +34,7 @@ async def test_dead_letter_listed_and_redelivered(durable_bus, pg_dsn, sql, sche
         await bus.publish_many([ticket(n=0), ticket(n=1), ticket(n=2)])
         await got.wait_for(2)
         await other.wait_for(3)
-        code, out = await _cli(
+        code, out = await run_cli(
             "--dsn", pg_dsn, "dead-letters", "--schema", schema, "list", "--json"
         )
         assert code == 0, out
@@ -57,7 +42,7 @@ async def test_dead_letter_listed_and_redelivered(durable_bus, pg_dsn, sql, sche
         assert listed["subscription"] == "flaky"
         assert "RuntimeError: down" in listed["error"]
         failing["on"] = False
-        code, out = await _cli(
+        code, out = await run_cli(
             "--dsn", pg_dsn, "dead-letters", "--schema", schema, "redeliver", str(listed["id"])
         )
         assert code == 0, out

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-import sys
 from typing import Any
 
 import pytest
-from _helpers import Collector, ticket_type
+from _helpers import Collector, run_cli, ticket_type
 
 import pgbus
-
-
-async def _cli(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pgbus",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 async def _published(durable_bus, events) -> None:
@@ -156,18 +141,18 @@ async def test_cli_lists_seeks_and_drops(durable_bus, pg_dsn, schema, channel):
     async with bus:
         await bus.publish(ticket(n=0))
         await got.wait_for(1)
-        code, out = await _cli(*base, "list", "--json")
+        code, out = await run_cli(*base, "list", "--json")
         assert code == 0, out
         assert [s["name"] for s in json.loads(out)] == ["cli"]
-        code, out = await _cli(*base, "seek", "cli", "--to", "earliest")
+        code, out = await run_cli(*base, "seek", "cli", "--to", "earliest")
         assert (code, out.strip()) == (0, "cli: moved to earliest")
         await got.wait_for(2)
-        code, out = await _cli(*base, "seek", "cli", "--to", "2026-01-01T00:00:00")
+        code, out = await run_cli(*base, "seek", "cli", "--to", "2026-01-01T00:00:00")
         assert code == 1
         assert "time zone" in out
     assert [e.n for e in got.items] == [0, 0]
-    code, out = await _cli(*base, "drop", "cli")
+    code, out = await run_cli(*base, "drop", "cli")
     assert (code, out.strip()) == (0, "cli: dropped")
-    code, out = await _cli(*base, "drop", "cli")
+    code, out = await run_cli(*base, "drop", "cli")
     assert code == 1
     assert "no durable subscription 'cli'" in out
