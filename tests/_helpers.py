@@ -201,3 +201,14 @@ async def run_cli(*args: str) -> tuple[int, str]:
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode()
+
+
+class OnlyOdd:
+    """A router plugin replacing the built-in one: only events with an odd ``n`` are routed."""
+
+    @pgbus.hookimpl
+    def pgbus_router(self, channel: str, subscriptions: Any) -> Any:
+        def route(delivery: Any) -> Any:
+            return subscriptions if delivery.event.n % 2 else ()
+
+        return route

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from _helpers import logged
+from _helpers import OnlyOdd, logged
 
 import pgbus
 
@@ -155,14 +155,6 @@ async def test_the_router_can_be_replaced(make_bus, channel):
     """A plugin implementing pgbus_router decides instead of the built-in one."""
     Placed, _ = models(channel)
     got: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-
-    class OnlyOdd:
-        @pgbus.hookimpl
-        def pgbus_router(self, channel, subscriptions):
-            def route(delivery):
-                return subscriptions if delivery.event.n % 2 else ()
-
-            return route
 
     bus = make_bus(disable_plugins=["routing"], plugins=[OnlyOdd()])
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from _helpers import ticket_type
+from _helpers import OnlyOdd, ticket_type
 
 import pgbus
 
@@ -139,14 +139,6 @@ async def test_a_plugins_router_decides_for_durable_subscriptions(durable_bus, c
     """A replaced pgbus_router routes durable deliveries too, as it does plain ones."""
     ticket = ticket_type(channel)
     got: asyncio.Queue[int] = asyncio.Queue()
-
-    class OnlyOdd:
-        @pgbus.hookimpl
-        def pgbus_router(self, channel, subscriptions):
-            def route(delivery):
-                return subscriptions if delivery.event.n % 2 else ()
-
-            return route
 
     bus: pgbus.Bus = durable_bus(disable_plugins=["routing"])
     bus.plugins.register(OnlyOdd())
