@@ -72,6 +72,14 @@ def _extra() -> tuple[ModuleType, ModuleType]:
     show_default=True,
     help="The channel the buses publish their metrics on.",
 )
+@click.option(
+    "--window",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=10),
+    metavar="SECONDS",
+    help="How much history the overview's plots show.",
+)
 @click.pass_obj
 def dashboard(
     state: State,
@@ -81,6 +89,7 @@ def dashboard(
     read_only: bool,
     schema: str,
     channel: str,
+    window: float,
 ) -> None:
     """Serve a web page where operators see the buses of the database and act on them.
 
@@ -109,6 +118,7 @@ def dashboard(
         read_only=read_only,
         schema=schema,
         metrics_channel=checked,
+        window=window,
         timeout=state.timeout,
     )
     actions = logging.getLogger("pgbus.dashboard")

@@ -112,7 +112,11 @@ def _rate(value: float | None) -> str:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:,.1f} ms"
+    if value is None:
+        return "-"
+    if value < 0.001:  # noqa: PLR2004 - below a millisecond
+        return f"{value * 1e6:,.0f} µs"
+    return f"{value * 1000:,.1f} ms"
 
 
 def _json(value: Any) -> Any:

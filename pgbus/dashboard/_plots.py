@@ -66,4 +66,5 @@ def plot(
         ]
         known = [v for _, v in points if v is not None]
         lines.append(Line(label, f"s{index}", " ".join(coords), fmt(known[-1]) if known else "-"))
-    return Plot(title, tuple(lines), fmt(top), f"{window / 60:g} min")
+    span = f"{window:g} s" if window < 120 else f"{window / 60:g} min"  # noqa: PLR2004 - 2 min
+    return Plot(title, tuple(lines), fmt(top), span)

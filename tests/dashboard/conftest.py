@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 #: The dashboard's token in these tests.
-TOKEN = "s3cret-token-for-tests"
+TOKEN = "s3cret-token-for-tests"  # noqa: S105 - a test token
 
 #: A payload that would run if the page did not escape it.
 XSS = '<script>window.__pwned = true; alert("pwned")</script><img src=x onerror="window.__pwned=1">'
@@ -43,6 +43,7 @@ class World:
     channel: str
     durable_channel: str
     bus: pgbus.Bus
+    ping: type[pgbus.Event]
     published: int
     backlog_events: int
     dead_ids: list[int]
@@ -78,17 +79,10 @@ async def _seed(conn: asyncpg.Connection, schema: str, channel: str) -> list[int
         ("billing", channel, str(uuid.uuid4()), '{"n": 2}', "ValueError: card declined", 3),
         ("audit", channel, str(uuid.uuid4()), XSS, f"RuntimeError: {XSS}", 5),
     ]
-    ids = []
-    for row in rows:
-        ids.append(
-            await conn.fetchval(
-                f"""INSERT INTO "{schema}".dead_letters
-                    (subscription, channel, event_id, payload, error, attempts)
-                    VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
-                *row,
-            )
-        )
-    return ids
+    insert = f"""INSERT INTO "{schema}".dead_letters
+        (subscription, channel, event_id, payload, error, attempts)
+        VALUES ($1, $2, $3, $4, $5, $6) RETURNING id"""
+    return [await conn.fetchval(insert, *row) for row in rows]
 
 
 @pytest.fixture
@@ -118,7 +112,7 @@ async def _world(
     class Invoice(pgbus.Event, channel=durable_channel):
         n: int
 
-    release = asyncio.Event()
+    release, holding = asyncio.Event(), asyncio.Event()
     got: asyncio.Queue[int] = asyncio.Queue()
     bus = pgbus.Bus(
         pg_dsn,
@@ -136,6 +130,7 @@ async def _world(
 
     @bus.subscribe(Invoice, durable="billing", name="bill")
     async def bill(event: Any) -> None:
+        holding.set()
         await release.wait()  # holds its lease: a member, a backlog
 
     async with bus:
@@ -148,11 +143,7 @@ async def _world(
         backlog = 4
         await bus.publish_many([Invoice(n=n) for n in range(backlog)])
         await bus.publish(Invoice(n=99), delay=3600)
-        async with asyncio.timeout(15):  # the group took the events in and holds them
-            while not await conn.fetchval(
-                f'SELECT count(*) FROM "{schema}".batches WHERE claimed_by IS NOT NULL'
-            ):
-                await asyncio.sleep(0.05)
+        await asyncio.wait_for(holding.wait(), 15)  # the group took the events in, holds them
         ids = await _seed(conn, schema, channel)
         world = World(
             dsn=pg_dsn,
@@ -160,6 +151,7 @@ async def _world(
             channel=channel,
             durable_channel=durable_channel,
             bus=bus,
+            ping=Ping,
             published=published,
             backlog_events=backlog,
             dead_ids=ids,

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 from _helpers import cli_env, logged, run_cli
-from conftest import TOKEN, XSS
+from conftest import TOKEN
 
 from pgbus.durable import list_dead_letters, list_subscriptions
 
@@ -156,7 +156,7 @@ def _csrf(html: str) -> str:
 
 
 async def test_login_session_needs_same_origin_and_csrf(world, dashboard, pg_conn):
-    """A login cookie is HttpOnly and SameSite=Strict; its forms need the origin and the CSRF token."""
+    """A login cookie is HttpOnly and SameSite=Strict; its forms need same origin and CSRF token."""
     dead_id = world.dead_ids[1]
     async with dashboard() as url, httpx.AsyncClient(base_url=url) as client:
         assert (await client.post("/login", data={"token": "wrong"})).status_code == 401
@@ -243,7 +243,7 @@ async def test_health_reports_the_doctor_checks(world, dashboard):
 
 async def test_cli_refuses_a_public_host_without_token(pg_dsn):
     """`pgbus dashboard --host 0.0.0.0` without a token exits with a clear error."""
-    status, out = await run_cli("--dsn", pg_dsn, "dashboard", "--host", "0.0.0.0")
+    status, out = await run_cli("--dsn", pg_dsn, "dashboard", "--host", "0.0.0.0")  # noqa: S104
     assert status == 1
     assert "without a token" in out
     assert "--token" in out
