@@ -20,6 +20,7 @@ RECEIVING = {
     "receive",
     "receive_metrics",
     "receive_batch",
+    "receive_dashboard",
     "otel_metrics",
     "otel_unsampled",
     "otel_sampled",
@@ -125,6 +126,20 @@ def test_otel_scenarios_say_unavailable_without_the_plugin(
     assert scenario["skipped"].startswith(
         "not available: pip install ./plugins/pgbus-opentelemetry"
     )
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_scenario_polls_a_real_dashboard(
+    pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`receive_dashboard` runs `pgbus dashboard` and requests its overview while measuring."""
+    status = bench.main(["--dsn", pg_dsn, "--quick", "--json", "--scenario", "receive_dashboard"])
+    assert status == 0
+    (scenario,) = json.loads(capsys.readouterr().out)["scenarios"]
+    assert scenario["skipped"] is None
+    assert scenario["lost"] == 0
+    assert scenario["pgbus_stats"]["details"]["dashboard_requests"] >= 1
+    assert "dashboard_requests" not in scenario["baseline_stats"]["details"]
 
 
 def test_the_bench_does_not_import_the_plugin_until_a_scenario_needs_it() -> None:
