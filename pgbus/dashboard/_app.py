@@ -119,6 +119,17 @@ def _ms(value: float | None) -> str:
     return f"{value * 1000:,.1f} ms"
 
 
+#: The plots of each bus: title, ``(label, Point attribute)`` of each line, value format.
+BUS_PLOTS: tuple[tuple[str, tuple[tuple[str, str], ...], Callable[[float], str]], ...] = (
+    ("events / s", (("received", "received"), ("handled", "handled"), ("errors", "errors")), _rate),
+    (
+        "lag and handler time",
+        (("lag avg", "lag_avg"), ("lag max", "lag_max"), ("handler avg", "handler_avg")),
+        _ms,
+    ),
+)
+
+
 def _json(value: Any) -> Any:
     """``value`` made of JSON types (dataclasses, datetimes and tuples converted)."""
     return json.loads(json.dumps(value, default=str))
@@ -177,29 +188,17 @@ class Dashboard:
         buses = []
         for name, entry in self.collector.buses().items():
             history = entry["history"]
-            rates = plot(
-                "events / s",
-                {
-                    "received": [(p.ts, p.received) for p in history],
-                    "handled": [(p.ts, p.handled) for p in history],
-                    "errors": [(p.ts, p.errors) for p in history],
-                },
-                now=now,
-                window=window,
-                fmt=_rate,
-            )
-            latency = plot(
-                "lag and handler time",
-                {
-                    "lag avg": [(p.ts, p.lag_avg) for p in history],
-                    "lag max": [(p.ts, p.lag_max) for p in history],
-                    "handler avg": [(p.ts, p.handler_avg) for p in history],
-                },
-                now=now,
-                window=window,
-                fmt=_ms,
-            )
-            buses.append({"id": name, "snapshot": entry["snapshot"], "plots": [rates, latency]})
+            plots = [
+                plot(
+                    title,
+                    {label: [(p.ts, getattr(p, attr)) for p in history] for label, attr in lines},
+                    now=now,
+                    window=window,
+                    fmt=fmt,
+                )
+                for title, lines, fmt in BUS_PLOTS
+            ]
+            buses.append({"id": name, "snapshot": entry["snapshot"], "plots": plots})
         usage = list(self.collector.queue_usage)
         queue = plot(
             "pg_notification_queue_usage()",

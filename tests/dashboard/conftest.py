@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("starlette", reason="the dashboard extra is not installed")
 
 import uvicorn
+from _secrets import TOKEN, XSS
 
 import pgbus
 from pgbus.dashboard import create_app
@@ -26,12 +27,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from starlette.applications import Starlette
-
-#: The dashboard's token in these tests.
-TOKEN = "s3cret-token-for-tests"  # noqa: S105 - a test token
-
-#: A payload that would run if the page did not escape it.
-XSS = '<script>window.__pwned = true; alert("pwned")</script><img src=x onerror="window.__pwned=1">'
 
 
 @dataclasses.dataclass
@@ -119,7 +114,7 @@ async def _world(
         load_entrypoints=False,
         stop_timeout=5.0,
         plugins=[
-            pgbus.MetricsPublisher(interval=0.25),
+            pgbus.MetricsPublisher(interval=0.25, channel=f"{channel}_metrics"),
             DurablePlugin(schema, poll_interval=0.5, prune_interval=None),
         ],
     )
@@ -171,6 +166,7 @@ def dashboard(world: World) -> Callable[..., contextlib.AbstractAsyncContextMana
     def serve(**options: Any) -> contextlib.AbstractAsyncContextManager[str]:
         options.setdefault("token", TOKEN)
         options.setdefault("refresh", 0.5)
+        options.setdefault("metrics_channel", f"{world.channel}_metrics")  # this world's only
         return serving(create_app(world.dsn, schema=world.schema, **options))
 
     return serve

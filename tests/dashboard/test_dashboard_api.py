@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 from _helpers import cli_env, logged, run_cli
-from conftest import TOKEN
+from _secrets import TOKEN
 
 from pgbus.durable import list_dead_letters, list_subscriptions
 

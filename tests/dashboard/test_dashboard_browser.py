@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from _helpers import missing
-from conftest import TOKEN
+from _secrets import TOKEN
 
 from pgbus.durable import list_dead_letters, list_subscriptions
 
