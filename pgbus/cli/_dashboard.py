@@ -17,6 +17,9 @@ from pgbus.durable import DEFAULT_SCHEMA
 if TYPE_CHECKING:
     from types import ModuleType
 
+#: The ``Host`` names a dashboard bound to loopback answers to.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
 #: What the extra installs: a module missing among these means the extra is missing.
 EXTRA_MODULES = ("starlette", "uvicorn", "jinja2")
 
@@ -120,6 +123,7 @@ def dashboard(
         metrics_channel=checked,
         window=window,
         timeout=state.timeout,
+        allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None,
     )
     actions = logging.getLogger("pgbus.dashboard")
     if actions.getEffectiveLevel() > logging.INFO:  # what it changed is always reported

@@ -14,6 +14,7 @@ import asyncpg
 import click
 import jinja2
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -36,7 +37,7 @@ from pgbus.durable import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from starlette.requests import Request
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -560,6 +561,7 @@ def create_app(
     window: float = 300.0,
     refresh: float = 2.0,
     timeout: float = 5.0,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """The dashboard as an ASGI application (what ``pgbus dashboard`` serves with uvicorn).
 
@@ -574,6 +576,9 @@ def create_app(
     :param window: seconds of history the plots show.
     :param refresh: seconds between the pages' refreshes (and queue usage samples).
     :param timeout: seconds to wait for a connection.
+    :param allowed_hosts: answer only requests whose ``Host`` is one of these (``None``:
+        any); ``pgbus dashboard`` on loopback allows only loopback names, so that a web
+        page elsewhere cannot read it through a DNS name it points at 127.0.0.1.
     :returns: a Starlette application; its lifespan opens and closes the connections.
 
     .. versionadded:: 0.3.0
@@ -593,4 +598,6 @@ def create_app(
     app = Starlette(routes=_routes(board), lifespan=board.lifespan)
     app.state.dashboard = board
     app.add_middleware(_SecurityHeaders)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     return app

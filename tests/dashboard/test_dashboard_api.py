@@ -292,6 +292,8 @@ async def test_cli_serves_the_dashboard(world, spawn, read_only):
             result = await client.post(
                 "/api/dead-letters/redeliver", json={"ids": [world.dead_ids[0]]}, headers=BEARER
             )
+            rebound = await client.get("/api/dead-letters", headers={"Host": "evil.example"})
+        assert rebound.status_code == 400  # a loopback dashboard answers loopback names only
         assert result.status_code == (403 if read_only else 200)
         line = await proc.until("dashboard dead-letters/redeliver")
         assert ("refused" in line) is read_only
