@@ -314,14 +314,13 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
 
     def filters(request: Request) -> dict[str, Any]:
         query = request.query_params
+        limit = query.get("limit") or "100"
         return {
             "subscription": query.get("subscription") or None,
             "channel": query.get("channel") or None,
             "error": query.get("error") or None,
             "include_redelivered": query.get("all") in {"1", "true", "on"},
-            "limit": min(max(int(query.get("limit") or 100), 1), 1000)
-            if (query.get("limit") or "100").isdigit()
-            else 100,
+            "limit": min(max(int(limit), 1), 1000) if limit.isdigit() else 100,
         }
 
     async def letters(request: Request) -> tuple[dict[str, Any], list[Any] | None, str | None]:
@@ -475,8 +474,8 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
         params: dict[str, Any]
         try:
             if as_json:
-                params = await _json_params(request)
                 how = board.guard.check(request)
+                params = await _json_params(request)
             else:
                 params = await _form(request)
                 how = board.guard.check(request, {"csrf": (params.get("csrf") or [""])[0]})
