@@ -266,11 +266,15 @@ async def _json_params(request: Request) -> dict[str, list[Any]]:
     return {k: v if isinstance(v, list) else [v] for k, v in body.items()}
 
 
-def _ids(values: list[Any]) -> list[int]:
+def _ids(params: dict[str, Any]) -> list[int]:
+    """The dead letters an action names (at least one), or :class:`Refused` (400)."""
     try:
-        return sorted({int(v) for v in values})
+        ids = sorted({int(v) for v in params.get("ids") or []})
     except (TypeError, ValueError):
         raise Refused(400, "ids must be whole numbers") from None
+    if not ids:
+        raise Refused(400, "choose at least one dead letter")
+    return ids
 
 
 def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - one closure per route
@@ -409,9 +413,7 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
     # -- the actions -----------------------------------------------------------------------
 
     async def do_redeliver(params: dict[str, Any]) -> tuple[str, Any]:
-        ids = _ids(params.get("ids") or [])
-        if not ids:
-            raise Refused(400, "choose at least one dead letter")
+        ids = _ids(params)
         async with board.pool.acquire() as conn:
             outcome = await redeliver(conn, ids, schema)
         done = [i for i, what in outcome.items() if what in {"inbox", "notify"}]
@@ -422,9 +424,7 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
         return text, {"outcome": {str(k): v for k, v in outcome.items()}}
 
     async def do_discard(params: dict[str, Any]) -> tuple[str, Any]:
-        ids = _ids(params.get("ids") or [])
-        if not ids:
-            raise Refused(400, "choose at least one dead letter")
+        ids = _ids(params)
         async with board.pool.acquire() as conn:
             deleted = await discard(conn, ids, schema)
         return f"discarded dead letters {deleted}", {"discarded": deleted}

@@ -117,6 +117,9 @@ async def test_redeliver_needs_the_token(world, dashboard, pg_conn):
                 headers={"Authorization": "Bearer nope"},
             )
             assert (anonymous.status_code, wrong.status_code) == (401, 401)
+            for bad in ({"ids": []}, {"ids": ["seven"]}):
+                refused = await client.post("/api/dead-letters/redeliver", json=bad, headers=BEARER)
+                assert refused.status_code == 400, bad
             assert [r.id for r in await list_dead_letters(pg_conn, world.schema)] == world.dead_ids
             with logged("pgbus.dashboard") as records:
                 ok = await client.post(
