@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from _helpers import json_report
 
 if TYPE_CHECKING:
     from pgbus.server import TempCluster
@@ -20,15 +18,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "growth_figures.py
 def test_quick_run_measures_every_curve_and_loses_nothing(pg_cluster: TempCluster) -> None:
     """`--quick --json` gives every point of the three curves, with positive rates, lost = 0."""
     # pg_cluster: the script starts its own default-durability cluster from the same binaries
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = json_report([str(SCRIPT), "--quick", "--json"], timeout=280)
     assert report["lost"] == 0
     assert report["machine"]["settings"]["fsync"] == "on"
     assert [p["listeners"] for p in report["listeners"]["raw asyncpg"]] == [1, 4]
