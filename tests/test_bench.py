@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from _helpers import json_report
 from click.testing import CliRunner
 
 from pgbus import bench
@@ -37,16 +38,7 @@ RECEIVING = {
 def test_quick_json_runs_every_scenario_and_loses_nothing(pg_dsn: str) -> None:
     """`python -m pgbus.bench --quick --json` runs every scenario against a baseline; lost = 0."""
     env = {**os.environ, "PGBUS_DSN": pg_dsn}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgbus.bench", "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=540,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = json_report(["-m", "pgbus.bench", "--quick", "--json"], timeout=540, env=env)
     assert report["ok"] is True
     assert report["quick"] is True
     assert {"python", "asyncpg", "postgresql", "cpus"} <= set(report["machine"])
