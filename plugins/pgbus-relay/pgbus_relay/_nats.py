@@ -9,6 +9,7 @@ stream's duplicate window is stored once: exactly once in the stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
@@ -61,6 +62,7 @@ class JetStreamBackend:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._subjects: list[str] = []
+        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<JetStreamBackend {','.join(self.servers)} stream={self.stream!r}>"
@@ -68,25 +70,38 @@ class JetStreamBackend:
     async def connect(self, topics: Sequence[str]) -> None:
         """Connect, and make sure the stream exists and captures ``topics``."""
         self._subjects = list(topics)
-        await self.close()
-        try:
-            nc = await nats.connect(
-                self.servers,
-                connect_timeout=self.timeout,
-                max_reconnect_attempts=-1,  # once connected, nats-py reconnects by itself
-                reconnect_time_wait=0.5,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-            )
-        except (NatsError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"NATS {','.join(self.servers)}: {exc!r}") from exc
-        self._nc, self._js = nc, nc.jetstream(timeout=self.timeout)
-        try:
-            await self._ensure_stream(self._js)
-        except (NatsError, OSError, TimeoutError) as exc:
-            await self.close()
-            raise BrokerUnavailable(f"JetStream stream {self.stream}: {exc!r}") from exc
+        await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """A new connection, unless another task made one meanwhile.
+
+        nats-py's own reconnecting is off (its connect would never give up unless
+        ``max_reconnect_attempts`` is positive): a closed connection makes the next
+        send connect again, after the relay's backoff, the bus's
+        ``pgbus_reconnect_backoff``.
+        """
+        async with self._lock:
+            if self._nc is not None and not self._nc.is_closed:
+                return
+            try:
+                nc = await nats.connect(
+                    self.servers,
+                    connect_timeout=self.timeout,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.1,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                )
+            except (NatsError, OSError, TimeoutError) as exc:
+                raise BrokerUnavailable(f"NATS {','.join(self.servers)}: {exc!r}") from exc
+            js = nc.jetstream(timeout=self.timeout)
+            try:
+                await self._ensure_stream(js)
+            except (NatsError, OSError, TimeoutError) as exc:
+                await nc.close()
+                raise BrokerUnavailable(f"JetStream stream {self.stream}: {exc!r}") from exc
+            self._nc, self._js = nc, js
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         try:
@@ -105,11 +120,11 @@ class JetStreamBackend:
 
     async def send(self, record: Record) -> None:
         """Publish ``record`` to the stream and wait for its ack."""
+        if self._js is None or self._nc is None or self._nc.is_closed:
+            await self._reconnect()
         js = self._js
-        if js is None or self._nc is None or self._nc.is_closed:
-            await self.connect(self._subjects)
-            js = self._js
-            assert js is not None  # noqa: S101 - connect() set it or raised
+        if js is None:  # closed meanwhile
+            raise BrokerUnavailable("JetStream: the relay is closing")
         headers = {**record.headers, "Nats-Msg-Id": record.event_id}
         try:
             await js.publish(
@@ -143,7 +158,4 @@ class JetStreamBackend:
         logger.debug("NATS: %r", error)
 
     async def _on_disconnected(self) -> None:
-        logger.warning("NATS %s: disconnected; reconnecting", ",".join(self.servers))
-
-    async def _on_reconnected(self) -> None:
-        logger.info("NATS %s: reconnected", ",".join(self.servers))
+        logger.info("NATS %s: disconnected", ",".join(self.servers))

@@ -229,7 +229,7 @@ class Relay:
                 "relay %s: %s refused an event of %s: %s", self.name, self.url, channel, text
             )
         elif self._failing.get(channel) != text:
-            logger.warning("relay %s: %s: %s; waiting for it", self.name, self.url, text)
+            logger.warning("relay %s: %s; waiting for the broker", self.name, text)
         else:
             return
         if not rejected:
