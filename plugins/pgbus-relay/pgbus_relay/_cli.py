@@ -74,6 +74,13 @@ class _State(Protocol):
     show_default=True,
     help="Where a relay new to the database starts: earliest, latest, or an ISO time.",
 )
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a process's claim on events lasts: a killed one's go to the others after it.",
+)
 @_SCHEMA
 @click.pass_context
 def relay(  # noqa: PLR0917 - click passes each option
@@ -85,6 +92,7 @@ def relay(  # noqa: PLR0917 - click passes each option
     name: str,
     concurrency: int,
     start: str,
+    lease: float,
     schema: str,
 ) -> None:
     r"""Relay durable events to Kafka or NATS JetStream until SIGTERM or SIGINT.
@@ -105,7 +113,8 @@ def relay(  # noqa: PLR0917 - click passes each option
         raise click.UsageError("give at least one --channel")
     state: _State = ctx.obj
     options = {"topic": topic, "key": key, "name": name, "concurrency": concurrency}
-    asyncio.run(_serve(state, to, list(channels), schema=schema, start=start, options=options))
+    plugin = {"schema": schema, "lease": lease}
+    asyncio.run(_serve(state, to, list(channels), plugin=plugin, start=start, options=options))
 
 
 async def _serve(
@@ -113,7 +122,7 @@ async def _serve(
     to: str,
     channels: list[str],
     *,
-    schema: str,
+    plugin: dict[str, Any],
     start: str,
     options: dict[str, Any],
 ) -> None:
@@ -131,7 +140,7 @@ async def _serve(
             raise click.BadParameter(str(exc), param_hint="--start") from exc
     bus = pgbus.Bus(
         state.require_dsn(),
-        plugins=[DurablePlugin(schema)],
+        plugins=[DurablePlugin(**plugin)],
         connect_timeout=state.timeout,
         start_timeout=state.timeout,
     )

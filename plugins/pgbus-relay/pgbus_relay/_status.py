@@ -79,7 +79,9 @@ UPDATE {s}.relays SET failing = $3,
 WHERE subscription = $1"""
 
 # Pending: the journal ids in the subscription's batches, and the journal rows on its
-# channels that committed after its snapshot (not taken in yet).
+# channels that committed after its snapshot (not taken in yet), but for those a pump
+# cut short (more than one statement's worth) already took in: up to ``batch_cursor``
+# of ``batch_snap``.
 _STATUS = """
 SELECT r.relay, r.channel, r.subscription, r.target, r.failing, r.last_error,
        r.last_error_at, r.started_at, p.lag, p.behind
@@ -98,6 +100,8 @@ LEFT JOIN LATERAL (
         WHERE j.channel = ANY(s.channels)
           AND j.xid >= pg_snapshot_xmin(s.snap)
           AND NOT pg_visible_in_snapshot(j.xid, s.snap)
+          AND NOT (s.batch_snap IS NOT NULL AND j.id <= s.batch_cursor
+                   AND pg_visible_in_snapshot(j.xid, s.batch_snap))
     ) pending
 ) p ON true
 ORDER BY r.relay, r.channel"""
