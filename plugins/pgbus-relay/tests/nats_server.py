@@ -13,7 +13,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import nats
 import pytest
+from relay_helpers import free_port, in_ci
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,11 +31,6 @@ if TYPE_CHECKING:
 
 #: Where Debian's package installs it (not on a normal user's PATH).
 DEBIAN_BINARY = "/usr/sbin/nats-server"
-
-
-def in_ci() -> bool:
-    """Whether the tests run in CI (``CI=true``), where nothing they need may be missing."""
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def nats_binary() -> str:
@@ -49,14 +44,6 @@ def nats_binary() -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return found
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def has_jetstream(url: str, timeout: float = 2.0) -> bool:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import TYPE_CHECKING
 
-import asyncpg
 import nats
 import pytest
 from nats.js.api import StreamConfig
 from nats_server import NatsServer, StreamReader
-from pgbus_relay import Relay, relay_status
+from pgbus_relay import Relay
+from relay_helpers import TIMEOUT, dead_letters, order_type, wait_for_status
 
 import pgbus
 
@@ -20,27 +19,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from nats.aio.client import Client
-
-TIMEOUT = 30.0
-
-
-def order_type(channel: str) -> type[pgbus.Event]:
-    """An event type on ``channel`` with a key field and a sequence number."""
-
-    class OrderPlaced(pgbus.Event, channel=channel):
-        order_id: int
-        seq: int = 0
-        note: str = ""
-
-    return OrderPlaced
-
-
-async def status_of(dsn: str, schema: str) -> list[object]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await relay_status(conn, schema))
-    finally:
-        await conn.close()
 
 
 async def test_events_reach_jetstream_with_their_id_type_and_headers(
@@ -127,13 +105,7 @@ async def test_a_poison_event_is_dead_lettered_with_the_brokers_error_and_the_re
         messages = await reader.take(2, TIMEOUT)
     assert [json.loads(m.data)["seq"] for m in messages] == [1, 3]
     assert relay.dead_lettered == 1
-    conn = await asyncpg.connect(pgbus_dsn)
-    try:
-        rows = await conn.fetch(
-            f'SELECT subscription, event_id, error FROM "{schema}".dead_letters'
-        )
-    finally:
-        await conn.close()
+    rows = await dead_letters(pgbus_dsn, schema)
     assert len(rows) == 1
     assert rows[0]["event_id"] == poison
     assert rows[0]["subscription"] == f"relay:{pgbus_channel}"
@@ -156,7 +128,7 @@ async def test_a_broker_down_at_start_and_in_the_middle_loses_nothing_and_duplic
     relay = Relay(bus, to=f"{own_nats.url}?stream={stream}", channels=[pgbus_channel])
     async with bus:
         first = [await bus.publish(order(order_id=n)) for n in range(20)]
-        failing = await _wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
+        failing = await wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
         assert failing.lag == 20
         assert failing.behind is not None
         assert "NATS" in (failing.last_error or "")
@@ -167,31 +139,16 @@ async def test_a_broker_down_at_start_and_in_the_middle_loses_nothing_and_duplic
             await reader.take(20, TIMEOUT)
             own_nats.kill()  # in the middle: the relay has sent, the server dies
             second = [await bus.publish(order(order_id=n)) for n in range(20, 40)]
-            await _wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
+            await wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
             own_nats.start()
             messages = await reader.take(40, TIMEOUT)
             assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(first + second)
             assert await reader.count() == 40
         finally:
             await nc.close()
-        ok = await _wait_for_status(pgbus_dsn, schema, lambda row: not row.failing and not row.lag)
+        ok = await wait_for_status(pgbus_dsn, schema, lambda row: not row.failing and not row.lag)
     assert ok.last_error is not None  # the last error stays visible, with its time
     assert relay.relayed == 40
-
-
-async def _wait_for_status(
-    dsn: str, schema: str, wanted: Callable[..., bool], timeout: float = TIMEOUT
-) -> object:
-    """Wait until the only relay row satisfies ``wanted``; return it."""
-
-    async def look() -> object:
-        while True:
-            rows = await status_of(dsn, schema)
-            if rows and wanted(rows[0]):
-                return rows[0]
-            await asyncio.sleep(0.1)
-
-    return await asyncio.wait_for(look(), timeout)
 
 
 async def test_relays_with_one_name_share_the_work(
