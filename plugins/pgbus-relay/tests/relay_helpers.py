@@ -70,7 +70,7 @@ async def dead_letters(dsn: str, schema: str) -> list[asyncpg.Record]:
     """The stored dead letters of ``schema``: subscription, event id, error."""
     conn = await asyncpg.connect(dsn)
     try:
-        query = f'SELECT subscription, event_id, error FROM "{schema}".dead_letters ORDER BY id'
+        query = f'SELECT subscription, event_id, error FROM "{schema}".dead_letters ORDER BY id'  # noqa: S608
         return list(await conn.fetch(query))
     finally:
         await conn.close()
