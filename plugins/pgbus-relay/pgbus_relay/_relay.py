@@ -156,14 +156,8 @@ class Relay:
             return _text(data[self.key])
         return ("no key", message.stored_id or id(message))  # unkeyed: in parallel
 
-    def record(self, message: pgbus.Message) -> Record:
-        """The broker's record of the journaled event ``message``.
-
-        :raises Reject: for a payload that is no pgbus envelope.
-        """
-        envelope = _envelope(message.payload)
-        if envelope is None:
-            raise Reject("relay: the journal row is not a pgbus envelope")
+    def _record(self, channel: str, envelope: dict[str, Any]) -> Record:
+        """The broker's record of a journaled event: data as body, the rest as headers."""
         data, type_name = envelope["data"], _text(envelope.get("type", ""))
         headers = {str(k): _text(v) for k, v in (envelope.get("headers") or {}).items() if k != ""}
         headers.update(
@@ -171,13 +165,13 @@ class Relay:
                 "content-type": "application/json",
                 "pgbus-id": envelope["id"],
                 "pgbus-type": type_name,
-                "pgbus-channel": message.channel,
+                "pgbus-channel": channel,
                 "pgbus-published-at": _text(envelope.get("ts", "")),
             }
         )
         key = data.get(self.key) if self.key is not None and isinstance(data, dict) else None
         return Record(
-            topic=self.topic.format(channel=message.channel, type=type_name),
+            topic=self.topic.format(channel=channel, type=type_name),
             value=json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(),
             key=None if key is None else _text(key).encode(),
             event_id=envelope["id"],
@@ -186,7 +180,10 @@ class Relay:
 
     async def _relay(self, message: pgbus.Message) -> None:
         """Send one event; return once the broker acknowledged it (then it is acked here)."""
-        record = self.record(message)
+        envelope = _envelope(message.payload)
+        if envelope is None:
+            raise Reject("relay: the journal row is not a pgbus envelope")
+        record = self._record(message.channel, envelope)
         attempt = 0
         while True:
             try:
@@ -206,9 +203,8 @@ class Relay:
                 continue
             break
         self.relayed += 1
-        published = _envelope(message.payload)
-        if published is not None and isinstance(published.get("ts"), int | float):
-            self.latencies.append(time.time() - float(published["ts"]))
+        if isinstance(published := envelope.get("ts"), int | float):
+            self.latencies.append(time.time() - float(published))
         if message.channel in self._failing:
             await self._recovered(message.channel)
 
