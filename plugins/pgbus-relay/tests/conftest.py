@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import nats
 import pytest
-from nats_server import NatsServer, running_nats
+from nats_server import NatsServer, StreamReader, running_nats
 
 import pgbus
 from pgbus.durable import DurablePlugin, migrate
@@ -97,3 +97,15 @@ async def nats_client(jetstream: str, stream: str) -> AsyncIterator[Client]:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await nc.jetstream().delete_stream(stream)
         await nc.close()
+
+
+@pytest.fixture
+def to_jetstream(jetstream: str, stream: str) -> str:
+    """The relay's URL for ``stream`` on the shared server."""
+    return f"{jetstream}?stream={stream}"
+
+
+@pytest.fixture
+def reader(nats_client: Client, stream: str, pgbus_channel: str) -> StreamReader:
+    """A reader of the test channel's subject in ``stream``, from its first message."""
+    return StreamReader(nats_client, stream, pgbus_channel)

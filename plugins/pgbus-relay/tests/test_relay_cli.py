@@ -10,15 +10,14 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from nats_server import StreamReader
-
 import pgbus
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from nats.aio.client import Client
+    from nats_server import StreamReader
+
 
 TIMEOUT = 60.0
 
@@ -51,9 +50,8 @@ async def test_a_relay_sigkilled_mid_stream_and_restarted_loses_and_duplicates_n
     durable_bus: Callable[..., pgbus.Bus],
     pgbus_dsn: str,
     schema: str,
-    jetstream: str,
-    stream: str,
-    nats_client: Client,
+    to_jetstream: str,
+    reader: StreamReader,
     pgbus_channel: str,
     tmp_path: Path,
 ) -> None:
@@ -62,10 +60,9 @@ async def test_a_relay_sigkilled_mid_stream_and_restarted_loses_and_duplicates_n
     class Tick(pgbus.Event, channel=pgbus_channel):
         n: int
 
-    args = ["--to", f"{jetstream}?stream={stream}", "--channel", pgbus_channel]
+    args = ["--to", to_jetstream, "--channel", pgbus_channel]
     args += ["--schema", schema, "--lease", "2"]
     log = tmp_path / "relay.log"
-    reader = StreamReader(nats_client, stream, pgbus_channel)
     bus = durable_bus()
     ids: list[str] = []
     async with bus:

@@ -18,21 +18,17 @@ import pgbus
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from nats.aio.client import Client
-
 
 async def test_events_reach_jetstream_with_their_id_type_and_headers(
     durable_bus: Callable[..., pgbus.Bus],
-    jetstream: str,
-    stream: str,
-    nats_client: Client,
+    to_jetstream: str,
+    reader: StreamReader,
     pgbus_channel: str,
 ) -> None:
     """Each event is one stream message: the data as body, id as Nats-Msg-Id, type in headers."""
     order = order_type(pgbus_channel)
     bus = durable_bus()
-    relay = Relay(bus, to=f"{jetstream}?stream={stream}", channels=[pgbus_channel])
-    reader = StreamReader(nats_client, stream, pgbus_channel)
+    relay = Relay(bus, to=to_jetstream, channels=[pgbus_channel])
     async with bus:
         events = [order(order_id=n) for n in range(3)]
         ids = [await bus.publish(e, headers={"tenant": "acme"}) for e in events]
@@ -53,9 +49,8 @@ async def test_events_reach_jetstream_with_their_id_type_and_headers(
 
 async def test_events_with_the_same_key_keep_their_order(
     durable_bus: Callable[..., pgbus.Bus],
-    jetstream: str,
-    stream: str,
-    nats_client: Client,
+    to_jetstream: str,
+    reader: StreamReader,
     pgbus_channel: str,
 ) -> None:
     """With key=, each key's events are stored in publish order, while keys run in parallel."""
@@ -63,12 +58,11 @@ async def test_events_with_the_same_key_keep_their_order(
     bus = durable_bus()
     Relay(
         bus,
-        to=f"{jetstream}?stream={stream}",
+        to=to_jetstream,
         channels=pgbus_channel,
         key="order_id",
         concurrency=16,
     )
-    reader = StreamReader(nats_client, stream, pgbus_channel)
     events = [order(order_id=n % 5, seq=n) for n in range(200)]
     async with bus:
         await bus.publish_many(events)
@@ -86,18 +80,16 @@ async def test_a_poison_event_is_dead_lettered_with_the_brokers_error_and_the_re
     durable_bus: Callable[..., pgbus.Bus],
     pgbus_dsn: str,
     schema: str,
-    jetstream: str,
-    stream: str,
-    nats_client: Client,
+    to_jetstream: str,
+    reader: StreamReader,
     pgbus_channel: str,
 ) -> None:
     """An event larger than the stream accepts lands in dead_letters with JetStream's error."""
-    js = nats_client.jetstream()
-    await js.add_stream(StreamConfig(name=stream, subjects=[pgbus_channel], max_msg_size=4096))
+    config = StreamConfig(name=reader.stream, subjects=[pgbus_channel], max_msg_size=4096)
+    await reader.js.add_stream(config)
     order = order_type(pgbus_channel)
     bus = durable_bus()
-    relay = Relay(bus, to=f"{jetstream}?stream={stream}", channels=[pgbus_channel], key="order_id")
-    reader = StreamReader(nats_client, stream, pgbus_channel)
+    relay = Relay(bus, to=to_jetstream, channels=[pgbus_channel], key="order_id")
     async with bus:
         await bus.publish(order(order_id=1, seq=1))
         poison = await bus.publish(order(order_id=1, seq=2, note="x" * 20_000))
@@ -153,17 +145,14 @@ async def test_a_broker_down_at_start_and_in_the_middle_loses_nothing_and_duplic
 
 async def test_relays_with_one_name_share_the_work(
     durable_bus: Callable[..., pgbus.Bus],
-    jetstream: str,
-    stream: str,
-    nats_client: Client,
+    to_jetstream: str,
+    reader: StreamReader,
     pgbus_channel: str,
 ) -> None:
     """Two relay processes (buses) with one name are one consumer group: each event once."""
     order = order_type(pgbus_channel)
     buses = [durable_bus(), durable_bus()]
-    to = f"{jetstream}?stream={stream}"
-    relays = [Relay(bus, to=to, channels=[pgbus_channel]) for bus in buses]
-    reader = StreamReader(nats_client, stream, pgbus_channel)
+    relays = [Relay(bus, to=to_jetstream, channels=[pgbus_channel]) for bus in buses]
     async with buses[0], buses[1]:
         publisher = buses[0]
         for start in range(0, 600, 100):
