@@ -32,6 +32,7 @@ if _typing.TYPE_CHECKING:
         Record,
         register_backend,
     )
+    from pgbus_relay._prometheus import RelayCollector
     from pgbus_relay._relay import Relay
     from pgbus_relay._status import RelayStatus, relay_status
 
@@ -41,6 +42,7 @@ _LAZY = {
     "BrokerUnavailable": "pgbus_relay._backends",
     "Record": "pgbus_relay._backends",
     "Relay": "pgbus_relay._relay",
+    "RelayCollector": "pgbus_relay._prometheus",
     "RelayStatus": "pgbus_relay._status",
     "register_backend": "pgbus_relay._backends",
     "relay_status": "pgbus_relay._status",
@@ -52,6 +54,7 @@ __all__ = [
     "BrokerUnavailable",
     "Record",
     "Relay",
+    "RelayCollector",
     "RelayStatus",
     "register_backend",
     "relay_status",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import string
@@ -93,6 +94,8 @@ class Relay:
     :param concurrency: events in flight at once (per channel).
     :param start: where a relay new to the database starts: ``"earliest"`` (every event
         still in the journal), ``"latest"`` or an aware datetime.
+    :param status_interval: seconds between reads of its status into
+        :attr:`last_status` while the bus runs (what :class:`RelayCollector` exports).
     :raises ConfigError: for an unsupported URL, a missing broker client, a bad template,
         no channels, or a bus without the durable plugin.
 
@@ -110,12 +113,15 @@ class Relay:
         name: str = "relay",
         concurrency: int = 64,
         start: str | dt.datetime = "earliest",
+        status_interval: float = 10.0,
     ) -> None:
         self.channels = [channels] if isinstance(channels, str) else list(dict.fromkeys(channels))
         if not self.channels:
             raise ConfigError("relay: give at least one channel")
         if concurrency < 1:
             raise ConfigError(f"relay: concurrency must be positive, not {concurrency!r}")
+        if status_interval <= 0:
+            raise ConfigError(f"relay: status_interval must be positive, not {status_interval!r}")
         self.backend: Backend = backend_for(to)
         self.bus, self.name, self.key = bus, name, key
         self.url = _public_url(to)
@@ -125,6 +131,10 @@ class Relay:
         self.relayed = self.dead_lettered = 0
         #: Seconds from publish to the broker's ack of the latest events.
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        #: This relay's status rows, as last read (every ``status_interval`` seconds).
+        self.last_status: list[RelayStatus] = []
+        self.status_interval = status_interval
+        self._watcher: asyncio.Task[None] | None = None
         self._durable: DurablePlugin | None = None
         self._connected = False
         self._connecting = asyncio.Lock()
@@ -268,6 +278,7 @@ class Relay:
                     channel=channel,
                     target=self.url,
                 )
+        self._watcher = asyncio.create_task(self._watch(), name=f"pgbus-relay-{self.name}")
         logger.info(
             "relay %s: %s to %s (%s)",
             self.name,
@@ -275,6 +286,24 @@ class Relay:
             self.url,
             self.backend.delivery,
         )
+
+    async def _watch(self) -> None:
+        """Keep :attr:`last_status` fresh for the metrics."""
+        while True:
+            try:
+                self.last_status = await self.status()
+            except Exception as exc:  # the metrics are best effort; relaying goes on
+                logger.warning("relay %s: cannot read its status: %r", self.name, exc)
+            await asyncio.sleep(self.status_interval)
+
+    @hookimpl
+    async def pgbus_on_stop(self, bus: pgbus.Bus) -> None:
+        """Stop refreshing the status."""
+        watcher, self._watcher = self._watcher, None
+        if bus is self.bus and watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     @hookimpl
     async def pgbus_on_stopped(self, bus: pgbus.Bus) -> None:

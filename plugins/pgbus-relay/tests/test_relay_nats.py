@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import TYPE_CHECKING
@@ -10,7 +11,8 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 from nats_server import NatsServer, StreamReader
-from pgbus_relay import Relay
+from pgbus_relay import Relay, RelayCollector
+from prometheus_client import CollectorRegistry
 from relay_helpers import TIMEOUT, dead_letters, order_type, wait_for_status
 
 import pgbus
@@ -192,3 +194,41 @@ def test_a_relay_needs_a_durable_bus(pgbus_dsn: str, jetstream: str) -> None:
     bus = pgbus.Bus(pgbus_dsn, load_entrypoints=False)
     with pytest.raises(pgbus.ConfigError, match="durable"):
         Relay(bus, to=f"{jetstream}?stream=X", channels=[f"c_{uuid.uuid4().hex[:8]}"])
+
+
+async def test_prometheus_exports_the_lag_and_the_counters(
+    durable_bus: Callable[..., pgbus.Bus],
+    own_nats: NatsServer,
+    stream: str,
+    pgbus_channel: str,
+) -> None:
+    """RelayCollector exports lag, seconds behind and failing per channel, and the counters."""
+    registry = CollectorRegistry()
+    order = order_type(pgbus_channel)
+    bus = durable_bus()
+    relay = Relay(
+        bus, to=f"{own_nats.url}?stream={stream}", channels=[pgbus_channel], status_interval=0.1
+    )
+    registry.register(RelayCollector(relay))
+    labels = {"relay": "relay", "channel": pgbus_channel}
+    async with bus:
+        await bus.publish_many([order(order_id=n) for n in range(5)])
+        await _until(lambda: registry.get_sample_value("pgbus_relay_failing", labels) == 1)
+        assert registry.get_sample_value("pgbus_relay_lag_events", labels) == 5
+        assert (registry.get_sample_value("pgbus_relay_behind_seconds", labels) or 0) > 0
+        own_nats.start()
+        await _until(lambda: registry.get_sample_value("pgbus_relay_lag_events", labels) == 0)
+    assert registry.get_sample_value("pgbus_relay_relayed_total", {"relay": "relay"}) == 5
+    assert registry.get_sample_value("pgbus_relay_dead_lettered_total", {"relay": "relay"}) == 0
+
+
+async def _until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Wait until ``condition()`` holds (the collector's status is refreshed every 0.1 s)."""
+
+    async def look() -> None:
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(look(), timeout)
