@@ -125,6 +125,12 @@ def plugin_commands() -> dict[str, str]:
     return {ep.name: ep.value for ep in found if ep.name not in builtin}
 
 
+def _import_command(path: str) -> click.Command:
+    module, _, attr = path.partition(":")
+    command: click.Command = getattr(importlib.import_module(module), attr)
+    return command
+
+
 class _Group(click.Group):
     """Commands loaded on demand; expected errors reported in one line, never a traceback."""
 
@@ -141,27 +147,25 @@ class _Group(click.Group):
             path = plugin_commands().get(cmd_name)
         if path is None:
             return None
-        module, _, attr = path.partition(":")
-        command: click.Command = getattr(importlib.import_module(module), attr)
+        command = _import_command(path)
         from pgbus.cli._common import accept_dsn  # noqa: PLC0415 - loaded with the command
 
         accept_dsn(command)
         self.add_command(command, cmd_name)
         return command
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:  # noqa: ARG002 - click's signature
         """List the commands from :data:`COMMANDS` without importing them, then plugins'."""
         with formatter.section("Commands"):
             formatter.write_dl([(name, text) for name, _, text in COMMANDS])
         plugins = []
-        for name in sorted(plugin_commands()):
-            try:
-                command = self.get_command(ctx, name)
+        for name, path in sorted(plugin_commands().items()):
+            try:  # only the command's module: what running it loads waits
+                command = _import_command(path)
             except Exception as exc:  # a broken plugin must not break --help
                 plugins.append((name, f"(cannot load: {exc!r})"))
                 continue
-            if command is not None:
-                plugins.append((name, command.get_short_help_str(limit=formatter.width)))
+            plugins.append((name, command.get_short_help_str(limit=formatter.width)))
         if plugins:
             with formatter.section("Plugin commands"):
                 formatter.write_dl(plugins)
