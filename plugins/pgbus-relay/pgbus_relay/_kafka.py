@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 
 from pgbus_relay._backends import BrokerRejected, BrokerUnavailable, hosts
 
@@ -26,8 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: What the broker (or the producer, before sending) says of a record over the size limit.
-TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+#: What the broker (or the producer, before sending) says of a record it will never take:
+#: over the size limit, or for a topic name Kafka does not allow.
+REFUSED = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
 #: Milliseconds one send may take, retries included, before it counts as unavailable.
 REQUEST_TIMEOUT_MS = 10_000
 #: The largest request the producer sends: the broker's limits decide (its error is kept).
@@ -83,7 +89,7 @@ class KafkaBackend:
             await producer.send_and_wait(
                 record.topic, record.value, key=record.key, headers=headers
             )
-        except TOO_LARGE as exc:
+        except REFUSED as exc:
             raise BrokerRejected(f"Kafka: {exc!r} ({len(record.value)} bytes)") from exc
         except (KafkaError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"Kafka: {exc!r}") from exc

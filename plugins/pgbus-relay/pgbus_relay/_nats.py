@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import nats
+from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
-from nats.errors import MaxPayloadError
 from nats.js.api import StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
@@ -136,6 +136,8 @@ class JetStreamBackend:
             )
         except MaxPayloadError as exc:
             raise BrokerRejected(f"NATS: {exc} ({len(record.value)} bytes)") from exc
+        except (BadSubjectError, BadHeaderError) as exc:  # this record's subject or headers
+            raise BrokerRejected(f"NATS: {exc!r}") from exc
         except APIError as exc:
             if exc.err_code in TOO_LARGE:
                 raise BrokerRejected(
