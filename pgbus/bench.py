@@ -46,10 +46,17 @@ Scenarios:
 ``durable_publish`` and ``durable_receive``
     the durable mode against plain NOTIFY (``publish_many``; publish to handled), when
     :mod:`pgbus.durable` is installed.
+``relay_nats``, ``relay_kafka`` and their ``_latency_1k``
+    ``pgbus-relay`` to NATS JetStream and Kafka: ``publish_many`` to the broker's ack
+    (events/s, with p50/p99 publish -> ack in the details), and publish -> ack at
+    1,000 events/s (p99), against a durable subscription's publish -> handled, when
+    the plugin and a broker are there (``$PGBUS_BENCH_NATS``, ``$PGBUS_BENCH_KAFKA``,
+    127.0.0.1:4222 and :9092, else a ``nats-server -js`` of its own).
 
 The baseline is raw asyncpg everywhere except ``receive_metrics`` (pgbus with the
-metrics plugin blocked), the ``otel_*`` scenarios (pgbus without the plugin) and the
-durable scenarios (pgbus with plain NOTIFY).
+metrics plugin blocked), the ``otel_*`` scenarios (pgbus without the plugin), the
+durable scenarios (pgbus with plain NOTIFY) and the relay scenarios (a durable
+subscription).
 
 Run it as ``pgbus bench`` or ``python -m pgbus.bench``; ``--quick`` runs every scenario
 with small counts (well under a minute) and asserts only that nothing was lost.
@@ -71,9 +78,11 @@ import logging
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -84,9 +93,17 @@ import pydantic
 
 from pgbus._bus import Bus
 from pgbus._events import Event
+from pgbus._markers import hookimpl
 from pgbus._util import keep_session
 from pgbus._version import __version__
-from pgbus.server import ClusterError, ServerNotFound, TempCluster, find_bindirs, local_server
+from pgbus.server import (
+    ClusterError,
+    ServerNotFound,
+    TempCluster,
+    _free_port,
+    find_bindirs,
+    local_server,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -151,6 +168,10 @@ SCENARIOS: Final = (
     "durable_latency_1k",
     "publish_64",
     "durable_publish_64",
+    "relay_nats",
+    "relay_nats_latency_1k",
+    "relay_kafka",
+    "relay_kafka_latency_1k",
 )
 
 
@@ -2038,6 +2059,191 @@ async def bench_publish_concurrent(cfg: Config, *, durable_mode: bool) -> Result
     return result
 
 
+# --------------------------------------------------------------------------- 8. relay
+
+#: Where the relay scenarios find a broker: ``$PGBUS_BENCH_NATS`` (a ``nats://`` URL with
+#: JetStream), ``$PGBUS_BENCH_KAFKA`` (``host:port``), else these, if they answer.
+BENCH_NATS: Final = "nats://127.0.0.1:4222"
+BENCH_KAFKA: Final = "127.0.0.1:9092"
+
+
+def relay_available(broker: str) -> bool:
+    """Whether ``pgbus-relay`` and the broker's client are installed."""
+    client = {"nats": "nats", "kafka": "aiokafka"}[broker]
+    return all(importlib.util.find_spec(name) is not None for name in ("pgbus_relay", client))
+
+
+async def _answers(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def _bench_broker(broker: str) -> AsyncIterator[str | None]:
+    """The relay's ``to=`` URL (without a stream), or ``None`` when no broker is found.
+
+    NATS: ``$PGBUS_BENCH_NATS``, else 127.0.0.1:4222, else a ``nats-server -js`` of its
+    own (from ``$PATH`` or Debian's ``/usr/sbin``) on a free port, stopped afterwards.
+    """
+    if broker == "kafka":
+        address = os.environ.get("PGBUS_BENCH_KAFKA", BENCH_KAFKA)
+        host, _, kafka_port = address.rpartition(":")
+        yield f"kafka://{address}" if await _answers(host, int(kafka_port)) else None
+        return
+    url = os.environ.get("PGBUS_BENCH_NATS", BENCH_NATS)
+    if await _answers("127.0.0.1", 4222) or "PGBUS_BENCH_NATS" in os.environ:
+        yield url
+        return
+    binary = shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if os.access("/usr/sbin/nats-server", os.X_OK) else None
+    )
+    if binary is None:
+        yield None
+        return
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="pgbus-bench-nats-") as store:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not await _answers("127.0.0.1", port):
+                if time.monotonic() > deadline or proc.returncode is not None:
+                    raise ClusterError("nats-server did not start within 30 s")
+                await asyncio.sleep(0.05)
+            yield f"nats://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+class _Relayed:
+    """A plugin counting the events its subscriptions handled, with publish-to-done times."""
+
+    def __init__(self, names: set[str], counter: Counter, samples: list[float]) -> None:
+        self.names, self.counter, self.samples = names, counter, samples
+
+    @hookimpl
+    def pgbus_on_handled(self, subscription: Any, delivery: Any, duration: float) -> None:  # noqa: ARG002 - hook signature
+        if subscription.name in self.names:
+            published = delivery.published_at
+            if published is None:  # the relay's channel subscription: its raw envelope
+                published = json.loads(delivery.message.payload)["ts"]
+            self.samples.append(time.time() - published)
+            self.counter.hit()
+
+
+async def bench_relay(cfg: Config, broker: str, *, rate: int | None = None) -> Result:
+    """The relay to ``broker``: throughput (or paced latency) against durable delivery."""
+    title = {"nats": "NATS JetStream", "kafka": "Kafka"}[broker]
+    if rate is None:
+        result = Result(
+            f"relay_{broker}",
+            f"relay to {title}, publish_many to broker ack (pgbus) vs a durable subscription,"
+            f" publish_many to handled (baseline), {cfg.batch} per call",
+            "events/s",
+            higher_is_better=True,
+            target="(reported)",
+        )
+    else:
+        result = Result(
+            f"relay_{broker}_latency_{rate // 1000}k",
+            f"latency publish -> {title} ack at {rate:,} events/s (p99, pgbus) vs publish ->"
+            " durable handler done (baseline)",
+            "µs",
+            higher_is_better=False,
+            target="(reported)",
+        )
+    if not relay_available(broker):
+        result.skipped = f"not available: pip install './plugins/pgbus-relay[{broker}]'"
+        return result
+    async with _bench_broker(broker) as url:
+        if url is None:
+            result.skipped = f"no {title} broker (set PGBUS_BENCH_{broker.upper()})"
+            return result
+        await _relay_sides(cfg, result, broker, url, rate)
+    return result
+
+
+async def _relay_sides(
+    cfg: Config, result: Result, broker: str, url: str, rate: int | None
+) -> None:
+    durable: Any = importlib.import_module("pgbus.durable")
+    relay_module: Any = importlib.import_module("pgbus_relay")
+    tag = uuid.uuid4().hex[:10]
+    n = max(cfg.batch, cfg.durable_events - cfg.durable_events % cfg.batch)
+    async with _durable_schema(cfg.dsn) as schema:
+        sides = []
+        for relaying in (True, False):
+            cls = event_class(new_channel("relay" if relaying else "dur"))
+            counter, samples = Counter(), list[float]()
+            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=[durable.DurablePlugin(schema)])
+            if relaying:
+                to = f"{url}?stream=PGBUS_BENCH_{tag.upper()}" if broker == "nats" else url
+                topic = f"pgbus-bench-{tag}" if broker == "kafka" else "{channel}"
+                relay = relay_module.Relay(bus, to=to, channels=[cls.pgbus_channel], topic=topic)
+                names = {relay.subscription(cls.pgbus_channel)}
+            else:
+
+                async def handle(event: BenchEvent) -> None:  # noqa: ARG001 - counted by _Relayed
+                    return None
+
+                bus.subscribe(cls, durable="bench", name="bench")(handle)
+                names = {"bench"}
+            bus.plugins.register(_Relayed(names, counter, samples))
+            sides.append((bus, cls, counter, samples))
+        await sides[0][0].migrate()
+        pending: set[asyncio.Task[Any]] = set()
+
+        def runner(
+            bus: Bus, cls: type[BenchEvent], counter: Counter, samples: list[float]
+        ) -> Callable[[], Awaitable[Measure]]:
+            async def send(i: int) -> None:  # not awaited in line: a publish may take longer
+                task = asyncio.create_task(bus.publish(make_event(cls, i)))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+            async def run() -> Measure:
+                if rate is not None:
+                    count = max(50, int(rate * cfg.latency_seconds))
+                    return await _latency_run(rate, count, send, samples, counter)
+                samples.clear()
+                counter.arm(n)
+                watch = Stopwatch()
+                for start in range(0, n, cfg.batch):
+                    await bus.publish_many(
+                        [make_event(cls, i) for i in range(start, start + cfg.batch)]
+                    )
+                lost = await counter.wait()
+                measure = watch.measure(n, lost, counter.last_arrival)
+                if samples:
+                    micro = [s * 1e6 for s in samples]
+                    measure.details["p50_us"] = percentile(micro, 0.50)
+                    measure.details["p99_us"] = percentile(micro, 0.99)
+                return measure
+
+            return run
+
+        async with sides[0][0], sides[1][0]:
+            await interleave(
+                result,
+                cfg.reps,
+                [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
+                cfg.progress,
+            )
+    result.notes.append(
+        f"{url.partition('?')[0]}; relay: {relay_module.Relay.__name__} with its defaults"
+        " (64 in flight); baseline: a durable subscription in the same process"
+    )
+
+
 # ------------------------------------------------------------------------------ run
 
 
@@ -2063,6 +2269,10 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "durable_latency_1k": bench_durable_latency,
     "publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=False),
     "durable_publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=True),
+    "relay_nats": lambda cfg: bench_relay(cfg, "nats"),
+    "relay_nats_latency_1k": lambda cfg: bench_relay(cfg, "nats", rate=1_000),
+    "relay_kafka": lambda cfg: bench_relay(cfg, "kafka"),
+    "relay_kafka_latency_1k": lambda cfg: bench_relay(cfg, "kafka", rate=1_000),
 }
 
 

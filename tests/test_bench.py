@@ -31,6 +31,10 @@ RECEIVING = {
     "fanout",
     "memory",
     "durable_receive",
+    "relay_nats",
+    "relay_nats_latency_1k",
+    "relay_kafka",
+    "relay_kafka_latency_1k",
 }
 
 
@@ -48,8 +52,8 @@ def test_quick_json_runs_every_scenario_and_loses_nothing(pg_dsn: str) -> None:
         assert {"name", "unit", "pgbus", "baseline", "ratio", "lost", "target"} <= set(s), s
         assert s["error"] is None, s
         if s["skipped"]:
-            # only the optional durable mode and pgbus-opentelemetry
-            assert s["name"].startswith(("durable", "otel")), s
+            # only the optional durable mode, pgbus-opentelemetry and pgbus-relay (or its broker)
+            assert s["name"].startswith(("durable", "otel", "relay")), s
             assert not s["name"].startswith("otel") or not bench.otel_available(), s
             continue
         for side in ("pgbus_stats", "baseline_stats"):
@@ -132,6 +136,17 @@ def test_dashboard_scenario_polls_a_real_dashboard(
     assert scenario["lost"] == 0
     assert scenario["pgbus_stats"]["details"]["dashboard_requests"] >= 1
     assert "dashboard_requests" not in scenario["baseline_stats"]["details"]
+
+
+def test_relay_scenarios_say_unavailable_without_the_plugin(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without pgbus-relay the relay scenarios are skipped as unavailable; exit 0."""
+    monkeypatch.setattr(bench, "relay_available", lambda broker: False)
+    status = bench.main(["--dsn", pg_dsn, "--quick", "--json", "--scenario", "relay_nats"])
+    assert status == 0
+    (scenario,) = json.loads(capsys.readouterr().out)["scenarios"]
+    assert scenario["skipped"] == "not available: pip install './plugins/pgbus-relay[nats]'"
 
 
 def test_the_bench_does_not_import_the_plugin_until_a_scenario_needs_it() -> None:

@@ -175,6 +175,7 @@ NEEDS_MODULES = {
     "plugins/faststream.md": ("faststream_pgbus",),
     "plugins/opentelemetry.md": ("pgbus_opentelemetry", "opentelemetry.sdk"),
     "plugins/prometheus.md": ("pgbus_prometheus",),
+    "plugins/relay.md": ("pgbus_relay", "nats"),
     "plugins/signing.md": ("pgbus_signing",),
 }
 

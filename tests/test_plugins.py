@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,32 @@ def test_plugins_can_be_blocked_by_name(plugin_on_path, pg_dsn, monkeypatch):
         _ = bus.metrics
     monkeypatch.setenv("PGBUS_DISABLE_PLUGINS", "backoff, routing")
     assert not {"backoff", "routing"} & _names(pgbus.Bus(pg_dsn, load_entrypoints=False))
+
+
+def _pgbus(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pgbus ARGS`` with the installed plugin distribution on the path."""
+    environ = {**os.environ, "PYTHONPATH": str(site), **env}
+    argv = [sys.executable, "-m", "pgbus", *args]
+    return subprocess.run(
+        argv, capture_output=True, text=True, env=environ, timeout=60, check=False
+    )
+
+
+def test_a_plugin_distribution_adds_a_command(installed_plugin):
+    """A `pgbus.commands` entry point is a command, listed in --help, run in the group context."""
+    result = _pgbus(installed_plugin, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Plugin commands" in result.stdout
+    assert "hello" in result.stdout
+    assert "Say hello to the database" in result.stdout
+    result = _pgbus(installed_plugin, "--timeout", "3", "hello", "--dsn", "postgresql://db/x")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hello postgresql://db/x within 3.0s"
+    result = _pgbus(installed_plugin, "run", "--help")  # the built-in, not the plugin's
+    assert "MODULE:ATTR" in result.stdout
+    result = _pgbus(installed_plugin, "hello", PGBUS_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert result.returncode == 2
+    assert "No such command 'hello'" in result.stderr
 
 
 def _names(bus: pgbus.Bus) -> set[str]:

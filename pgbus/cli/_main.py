@@ -3,6 +3,21 @@
 ``pgbus --help`` and ``pgbus --version`` import click and nothing heavy: a command's
 module (and asyncpg, pydantic, rich, the bench, the server helpers behind it) is
 imported only when that command is asked for.
+
+Plugin distributions add commands through the ``pgbus.commands`` entry-point group
+(Flask's ``flask.commands``), one click command (or group) per entry::
+
+    [project.entry-points."pgbus.commands"]
+    relay = "pgbus_relay._cli:relay"
+
+It is a group of its own, not a hook: hooks belong to one Bus, and ``pgbus --help``
+lists the commands without loading any Bus plugin. A command's module should import
+only click at the top (``pgbus --help`` imports it for its short help). The command
+runs in the ``pgbus`` group's context: ``ctx.obj.require_dsn()`` is the database
+(``--dsn``, also after the command's name, ``$PGBUS_DSN``, libpq's environment) and
+``ctx.obj.timeout`` the connect timeout; pgbus's own errors and OSError become one
+line on stderr. A plugin command never replaces a built-in one of the same name, and
+``PGBUS_DISABLE_PLUGIN_AUTOLOAD=1`` turns plugin commands off, as it does plugins.
 """
 
 from __future__ import annotations
@@ -11,6 +26,7 @@ import importlib
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 import click
@@ -95,11 +111,37 @@ COMMANDS = (
 )
 
 
+#: The entry-point group of plugin commands: ``name = "module:attribute"``.
+COMMAND_GROUP = "pgbus.commands"
+
+
+def plugin_commands() -> dict[str, str]:
+    """The commands installed distributions add: ``{name: "module:attribute"}``.
+
+    Built-in names are left out (a plugin cannot replace ``pgbus run``), and so is
+    everything under ``PGBUS_DISABLE_PLUGIN_AUTOLOAD=1``.
+
+    .. versionadded:: 0.4.0
+    """
+    if os.environ.get("PGBUS_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0"):
+        return {}
+    builtin = {name for name, _, _ in COMMANDS}
+    found = entry_points(group=COMMAND_GROUP)
+    return {ep.name: ep.value for ep in found if ep.name not in builtin}
+
+
+def _import_command(path: str) -> click.Command:
+    module, _, attr = path.partition(":")
+    command: click.Command = getattr(importlib.import_module(module), attr)
+    return command
+
+
 class _Group(click.Group):
     """Commands loaded on demand; expected errors reported in one line, never a traceback."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *(name for name, _, _ in COMMANDS)})
+        names = (name for name, _, _ in COMMANDS)
+        return sorted({*super().list_commands(ctx), *names, *plugin_commands()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
@@ -107,9 +149,10 @@ class _Group(click.Group):
             return found
         path = next((path for name, path, _ in COMMANDS if name == cmd_name), None)
         if path is None:
+            path = plugin_commands().get(cmd_name)
+        if path is None:
             return None
-        module, _, attr = path.partition(":")
-        command: click.Command = getattr(importlib.import_module(module), attr)
+        command = _import_command(path)
         from pgbus.cli._common import accept_dsn  # noqa: PLC0415 - loaded with the command
 
         accept_dsn(command)
@@ -117,9 +160,20 @@ class _Group(click.Group):
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:  # noqa: ARG002 - click's signature
-        """List the commands from :data:`COMMANDS`, without importing them."""
+        """List the commands from :data:`COMMANDS` without importing them, then plugins'."""
         with formatter.section("Commands"):
             formatter.write_dl([(name, text) for name, _, text in COMMANDS])
+        plugins = []
+        for name, path in sorted(plugin_commands().items()):
+            try:  # only the command's module: what running it loads waits
+                command = _import_command(path)
+            except Exception as exc:  # a broken plugin must not break --help
+                plugins.append((name, f"(cannot load: {exc!r})"))
+                continue
+            plugins.append((name, command.get_short_help_str(limit=formatter.width)))
+        if plugins:
+            with formatter.section("Plugin commands"):
+                formatter.write_dl(plugins)
 
     def invoke(self, ctx: click.Context) -> Any:
         from pgbus.cli._common import EXPECTED_ERRORS, one_line  # noqa: PLC0415 - not for --help

@@ -1,0 +1,163 @@
+"""NATS JetStream: publish with ``Nats-Msg-Id``, return on the stream's ack (nats-py).
+
+``nats://host:port?stream=NAME``: the stream must capture the relay's subjects; if it
+does not exist, the relay creates it (file storage, limits retention, the server's
+default duplicate window of two minutes), and adds missing subjects to one that does.
+The event id is the ``Nats-Msg-Id``, so a record sent again after a crash within the
+stream's duplicate window is stored once: exactly once in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+
+import nats
+from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
+from nats.errors import Error as NatsError
+from nats.js.api import StreamConfig
+from nats.js.errors import APIError, NotFoundError
+
+from pgbus import ConfigError
+from pgbus_relay._backends import BrokerRejected, BrokerUnavailable, hosts
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from urllib.parse import SplitResult
+
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+
+    from pgbus_relay._backends import Record
+
+logger = logging.getLogger(__name__)
+
+#: JetStream's error codes for a message over the stream's (or the server's) size limit.
+TOO_LARGE = frozenset({10054})
+#: Seconds one publish waits for the stream's ack before it counts as unavailable.
+ACK_TIMEOUT = 5.0
+
+
+class JetStreamBackend:
+    """A JetStream publisher (``nats://host:port?stream=NAME``).
+
+    :param parts: the split URL; ``stream`` (query) names the stream, ``timeout`` (query)
+        the seconds to wait for each ack.
+    :raises ConfigError: without ``?stream=``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    delivery = "exactly once within the stream's duplicate window (Nats-Msg-Id)"
+
+    def __init__(self, parts: SplitResult) -> None:
+        query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        self.stream = query.get("stream", "")
+        if not self.stream:
+            raise ConfigError("relay: a nats:// URL names its JetStream stream: ?stream=NAME")
+        self.timeout = float(query.get("timeout", ACK_TIMEOUT))
+        self.servers = [f"nats://{host}" for host in hosts(parts, 4222)]
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._subjects: list[str] = []
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<JetStreamBackend {','.join(self.servers)} stream={self.stream!r}>"
+
+    async def connect(self, topics: Sequence[str]) -> None:
+        """Connect, and make sure the stream exists and captures ``topics``."""
+        self._subjects = list(topics)
+        await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """A new connection, unless another task made one meanwhile.
+
+        nats-py's own reconnecting is off (its connect would never give up unless
+        ``max_reconnect_attempts`` is positive): a closed connection makes the next
+        send connect again, after the relay's backoff, the bus's
+        ``pgbus_reconnect_backoff``.
+        """
+        async with self._lock:
+            if self._nc is not None and not self._nc.is_closed:
+                return
+            try:
+                nc = await nats.connect(
+                    self.servers,
+                    connect_timeout=self.timeout,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.1,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                )
+            except (NatsError, OSError, TimeoutError) as exc:
+                raise BrokerUnavailable(f"NATS {','.join(self.servers)}: {exc!r}") from exc
+            js = nc.jetstream(timeout=self.timeout)
+            try:
+                await self._ensure_stream(js)
+            except (NatsError, OSError, TimeoutError) as exc:
+                await nc.close()
+                raise BrokerUnavailable(f"JetStream stream {self.stream}: {exc!r}") from exc
+            self._nc, self._js = nc, js
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        try:
+            info = await js.stream_info(self.stream)
+        except NotFoundError:
+            subjects = self._subjects
+            await js.add_stream(StreamConfig(name=self.stream, subjects=subjects))
+            logger.info("created JetStream stream %s for %s", self.stream, ", ".join(subjects))
+            return
+        have = list(info.config.subjects or ())
+        missing = [s for s in self._subjects if s not in have]
+        if missing:
+            info.config.subjects = [*have, *missing]
+            await js.update_stream(info.config)
+            logger.info("JetStream stream %s now also takes %s", self.stream, ", ".join(missing))
+
+    async def send(self, record: Record) -> None:
+        """Publish ``record`` to the stream and wait for its ack."""
+        if self._js is None or self._nc is None or self._nc.is_closed:
+            await self._reconnect()
+        js = self._js
+        if js is None:  # closed meanwhile
+            raise BrokerUnavailable("JetStream: the relay is closing")
+        headers = {**record.headers, "Nats-Msg-Id": record.event_id}
+        try:
+            await js.publish(
+                record.topic,
+                record.value,
+                timeout=self.timeout,
+                stream=self.stream,
+                headers=headers,
+            )
+        except MaxPayloadError as exc:
+            raise BrokerRejected(f"NATS: {exc} ({len(record.value)} bytes)") from exc
+        except (BadSubjectError, BadHeaderError) as exc:  # this record's subject or headers
+            raise BrokerRejected(f"NATS: {exc!r}") from exc
+        except APIError as exc:
+            if exc.err_code in TOO_LARGE:
+                raise BrokerRejected(
+                    f"JetStream: {exc.description} (err_code {exc.err_code})"
+                ) from exc
+            raise BrokerUnavailable(f"JetStream: {exc!r}") from exc
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"JetStream: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Drain and close the connection."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.close()
+            except (NatsError, OSError, TimeoutError) as exc:
+                logger.debug("closing the NATS connection: %r", exc)
+
+    async def _on_error(self, error: Exception) -> None:
+        logger.debug("NATS: %r", error)
+
+    async def _on_disconnected(self) -> None:
+        logger.info("NATS %s: disconnected", ",".join(self.servers))
