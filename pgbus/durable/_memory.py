@@ -138,7 +138,10 @@ class Journal:
         self.rows: list[Row] = []
         self._by_event: dict[str, Row] = {}
         self.groups: dict[str, Group] = {}
-        self.scheduled: dict[str, tuple[float, list[Outgoing], asyncio.TimerHandle]] = {}
+        #: Events published for later, by id: when due, in what order, the event.
+        self.scheduled: dict[str, tuple[float, int, Outgoing]] = {}
+        self._order = 0
+        self._timer: asyncio.TimerHandle | None = None
         self._seq = 0
 
     # -- publishing ----------------------------------------------------------------------
@@ -179,32 +182,35 @@ class Journal:
 
     def schedule(self, outgoing: Sequence[Outgoing], due: float) -> None:
         """Keep events until ``due`` (epoch seconds); an id kept or journaled is skipped."""
-        fresh = [o for o in outgoing if o.id not in self.scheduled and o.id not in self._by_event]
-        if not fresh:
-            return
-        loop = asyncio.get_running_loop()
-        first = fresh[0].id
-        handle = loop.call_later(max(0.0, due - time.time()), self._release, first)
-        for out in fresh:  # one timer for the batch, kept under each id for cancel()
-            self.scheduled[out.id] = (due, fresh, handle)
+        for out in outgoing:
+            if out.id not in self.scheduled and out.id not in self._by_event:
+                self._order += 1
+                self.scheduled[out.id] = (due, self._order, out)
+        self._arm()
 
-    def _release(self, first: str) -> None:
-        found = self.scheduled.get(first)
-        if found is None:  # pragma: no cover - the timer is cancelled with its last event
-            return
-        _, batch, _ = found
-        due = [o for o in batch if self.scheduled.pop(o.id, None) is not None]
-        self.append(due)
+    def _arm(self) -> None:
+        """Set the timer for the first kept event (one timer for the journal)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.scheduled:
+            first = min(due for due, _, _ in self.scheduled.values())
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, first - time.time()), self.release_due)
+
+    def release_due(self) -> None:
+        """Move the kept events that fell due into the journal, in due order (and notify)."""
+        now = time.time()
+        due = sorted(v for v in self.scheduled.values() if v[0] <= now)
+        for _, _, out in due:
+            del self.scheduled[out.id]
+        if due:
+            self.append([out for _, _, out in due])
+        self._arm()
 
     def cancel(self, event_id: str) -> bool:
         """Cancel a kept event not yet due."""
-        found = self.scheduled.pop(event_id, None)
-        if found is None:
-            return False
-        _, batch, handle = found
-        if not any(o.id in self.scheduled for o in batch):
-            handle.cancel()
-        return True
+        return self.scheduled.pop(event_id, None) is not None
 
     def pending(self) -> tuple[int, float | None]:
         """How many events wait for their time, and the seconds until the first is due."""
@@ -295,6 +301,8 @@ class Journal:
         group = self.groups.get(name)
         if group is None:
             return []
+        if self.scheduled:  # a timer of a loop that is gone cannot release them
+            self.release_due()
         self._pump(group, batch_size)
         now = _loop_time()
         due = (b for b in group.batches if b.due(now))
@@ -351,6 +359,7 @@ class Journal:
         for batch in self._claimed(name, member, gone):
             batch.journal_ids = [j for j in batch.journal_ids if j not in gone]
         group.batches = [b for b in group.batches if b.journal_ids]
+        group.wake()  # a key-ordered group's next batch may be free now
         if not retries:
             return
         loop = asyncio.get_running_loop()

@@ -173,3 +173,17 @@ async def test_a_delayed_event_waits_while_no_bus_runs(durable_bus, channel):
         async with consumer:
             [event] = await got.wait_for(1)
     assert event.n == 7
+
+
+async def test_cancelling_one_event_of_a_delayed_batch_keeps_the_others(durable_bus, channel):
+    """publish_many(delay=) then cancel(first): the rest of the batch still comes, in order."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus = durable_bus()
+    bus.subscribe(ticket, durable="partly")(got)
+    async with bus:
+        ids = await bus.publish_many([ticket(n=1), ticket(n=2), ticket(n=3)], delay=0.2)
+        assert await bus.cancel(ids[0]) is True
+        await got.wait_for(2)
+        assert await bus.plugins.get("durable").scheduled() == (0, None)
+    assert [e.n for e in got.items] == [2, 3]
