@@ -349,9 +349,13 @@ class Journal:
         ]
 
     def ack(
-        self, name: str, member: str, done: Sequence[int], retries: Sequence[tuple[int, float, int]]
+        self, name: str, member: str, done: Sequence[int], retries: Sequence[tuple[Any, ...]]
     ) -> None:
-        """Take handled events out of ``member``'s batches; each retry into a batch of its own."""
+        """Take handled events out of ``member``'s batches; retries into batches of their own.
+
+        A retry is ``(journal id, delay, next attempt[, together])``: the events with the
+        same ``together`` (a batch handler's) are retried in one batch, the others alone.
+        """
         gone = set(done) | {r[0] for r in retries}
         group = self.groups.get(name)
         if group is None:
@@ -360,13 +364,18 @@ class Journal:
             batch.journal_ids = [j for j in batch.journal_ids if j not in gone]
         group.batches = [b for b in group.batches if b.journal_ids]
         group.wake()  # a key-ordered group's next batch may be free now
-        if not retries:
-            return
         loop = asyncio.get_running_loop()
-        for journal_id, delay, attempt in retries:
-            self._seq += 1
-            group.batches.append(Batch(self._seq, [journal_id], loop.time() + delay, attempt))
-            loop.call_later(delay, group.wake)
+        together: dict[object, Batch] = {}
+        for retry in retries:
+            journal_id, delay, attempt = retry[0], float(retry[1]), int(retry[2])
+            key = retry[3] if len(retry) > 3 else journal_id  # noqa: PLR2004 - the optional 4th
+            again = together.get(key)
+            if again is None:
+                self._seq += 1
+                again = together[key] = Batch(self._seq, [], loop.time() + delay, attempt)
+                group.batches.append(again)
+                loop.call_later(delay, group.wake)
+            again.journal_ids.append(journal_id)
 
     def release(self, name: str, member: str, ids: Sequence[int]) -> None:
         """Hand ``member``'s claims on ``ids`` back to the group."""

@@ -20,37 +20,6 @@ import pgbus
 pytestmark = pytest.mark.both_buses
 
 
-async def test_a_nacked_retry_waits_in_the_journal_across_a_restart(durable_bus, channel):
-    """A retry nacked before a stop comes to the next bus of the group as attempt 2."""
-    ticket = ticket_type(channel)
-    nacked = asyncio.Event()
-
-    async def first(event: Any) -> None:
-        nacked.set()
-        raise pgbus.Nack(delay=0.3)
-
-    bus = durable_bus()
-    bus.subscribe(ticket, durable="later")(first)
-    async with bus:
-        await bus.publish(ticket(n=1))
-        await asyncio.wait_for(nacked.wait(), 10)
-    [sub] = await bus.durable_subscriptions()  # stopped: what was decided is acked
-    assert (sub.backlog, sub.retries) == (0, 1)
-
-    seen: list[tuple[int, bool]] = []
-    done = asyncio.Event()
-
-    async def second(event: Any, context: pgbus.Context) -> None:
-        seen.append((context.attempt, context.redelivered))
-        done.set()
-
-    bus = durable_bus()
-    bus.subscribe(ticket, durable="later")(second)
-    async with bus:
-        await asyncio.wait_for(done.wait(), 10)  # the poll is 60 s: the due time wakes it
-    assert seen == [(2, True)]
-
-
 async def test_a_nacked_event_leaves_the_next_to_be_handled_now(durable_bus, channel):
     """With concurrency=1, an event nacked for a minute does not hold up the one behind it."""
     ticket = ticket_type(channel)
