@@ -135,6 +135,7 @@ SCENARIOS: Final = (
     "receive",
     "receive_metrics",
     "receive_batch",
+    "receive_dashboard",
     "otel_metrics",
     "otel_unsampled",
     "otel_sampled",
@@ -877,6 +878,117 @@ async def bench_receive_metrics(cfg: Config) -> Result:
         # resolve a difference of 10 % through the noise of a shared machine.
         reps = cfg.reps if cfg.quick else 3 * cfg.reps
         await interleave(result, reps, [("pgbus", on), ("baseline", off)], cfg.progress)
+    return result
+
+
+#: How often the dashboard's overview page refreshes (``create_app(refresh=...)``).
+DASHBOARD_REFRESH: Final = 2.0
+#: The dashboard scenario's events per run, as a multiple of ``receive_events``: runs of
+#: a few seconds, so that each one sees several refreshes.
+DASHBOARD_EVENTS_FACTOR: Final = 5
+
+
+def dashboard_available() -> bool:
+    """Whether the ``dashboard`` extra (and httpx, the polling client) is installed."""
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("starlette", "uvicorn", "jinja2", "httpx")
+    )
+
+
+@contextlib.asynccontextmanager
+async def dashboard_server(dsn: str) -> AsyncIterator[str]:
+    """``pgbus dashboard`` in a process of its own, as an operator runs it; yields its URL."""
+    import httpx  # noqa: PLC0415 - only with the dashboard extra
+
+    from pgbus.server import _free_port  # noqa: PLC0415 - the helper of the clusters' ports
+
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pgbus",
+        "--dsn",
+        dsn,
+        "dashboard",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url) as client, asyncio.timeout(30):
+            while True:  # until it answers (it connects to the database first)
+                with contextlib.suppress(httpx.TransportError):
+                    (await client.get("/")).raise_for_status()
+                    break
+                if proc.returncode is not None:
+                    raise RuntimeError(f"pgbus dashboard exited with status {proc.returncode}")
+                await asyncio.sleep(0.1)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
+async def bench_receive_dashboard(cfg: Config) -> Result:
+    """A busy bus's receive rate with the dashboard open on it, against without one."""
+    result = Result(
+        "receive_dashboard",
+        "receive: `pgbus dashboard` open on the overview, refreshing every"
+        f" {DASHBOARD_REFRESH:g} s (pgbus) vs no dashboard (baseline)",
+        "events/s",
+        higher_is_better=True,
+        **ratio_target(0.95, ", lost = 0"),
+    )
+    if not dashboard_available():
+        result.skipped = "not available: pip install 'pgbus[dashboard]' httpx"
+        return result
+    import httpx  # noqa: PLC0415 - only with the dashboard extra
+
+    from pgbus._metrics_publisher import MetricsPublisher  # noqa: PLC0415 - this scenario's
+
+    longer = dataclasses.replace(cfg, receive_events=cfg.receive_events * DASHBOARD_EVENTS_FACTOR)
+    polls: list[int] = []
+
+    async with _as_cm(_receive_pgbus(longer, plugins=[MetricsPublisher()])) as run:
+
+        async def with_dashboard() -> Measure:
+            async with dashboard_server(cfg.dsn) as url, httpx.AsyncClient(base_url=url) as client:
+                stop = asyncio.Event()
+
+                async def poll() -> None:
+                    (await client.get("/")).raise_for_status()  # the page, then its fragment
+                    count = 1
+                    while True:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), DASHBOARD_REFRESH)
+                        if stop.is_set():
+                            polls.append(count)
+                            return
+                        (await client.get("/fragments/overview")).raise_for_status()
+                        count += 1
+
+                poller = asyncio.create_task(poll())
+                try:
+                    measure = await run()
+                finally:
+                    stop.set()
+                    await poller
+                measure.details["dashboard_requests"] = float(polls[-1])
+                return measure
+
+        await interleave(
+            result, cfg.reps, [("pgbus", with_dashboard), ("baseline", run)], cfg.progress
+        )
+    result.notes.append(
+        "both sides: the same Bus with every default plugin and pgbus.MetricsPublisher();"
+        f" {longer.receive_events:,} events per run; the dashboard runs in its own process,"
+        f" started before each run of its side and stopped after it; requests per run:"
+        f" {min(polls, default=0)} to {max(polls, default=0)}"
+    )
     return result
 
 
@@ -1935,6 +2047,7 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "receive": bench_receive,
     "receive_metrics": bench_receive_metrics,
     "receive_batch": lambda cfg: bench_receive(cfg, batch=100),
+    "receive_dashboard": bench_receive_dashboard,
     "otel_metrics": lambda cfg: bench_otel(cfg, "otel_metrics"),
     "otel_unsampled": lambda cfg: bench_otel(cfg, "otel_unsampled"),
     "otel_sampled": lambda cfg: bench_otel(cfg, "otel_sampled"),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,6 +144,23 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["COLUMNS"] = "200"
     env.update(extra)
     return env
+
+
+def json_report(
+    args: list[str], *, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python ARGS`` (a bench or figures script), assert it exits 0; its JSON output."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
 
 
 class Process:

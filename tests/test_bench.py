@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from _helpers import json_report
 from click.testing import CliRunner
 
 from pgbus import bench
@@ -20,6 +21,7 @@ RECEIVING = {
     "receive",
     "receive_metrics",
     "receive_batch",
+    "receive_dashboard",
     "otel_metrics",
     "otel_unsampled",
     "otel_sampled",
@@ -36,16 +38,7 @@ RECEIVING = {
 def test_quick_json_runs_every_scenario_and_loses_nothing(pg_dsn: str) -> None:
     """`python -m pgbus.bench --quick --json` runs every scenario against a baseline; lost = 0."""
     env = {**os.environ, "PGBUS_DSN": pg_dsn}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgbus.bench", "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=540,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = json_report(["-m", "pgbus.bench", "--quick", "--json"], timeout=540, env=env)
     assert report["ok"] is True
     assert report["quick"] is True
     assert {"python", "asyncpg", "postgresql", "cpus"} <= set(report["machine"])
@@ -125,6 +118,20 @@ def test_otel_scenarios_say_unavailable_without_the_plugin(
     assert scenario["skipped"].startswith(
         "not available: pip install ./plugins/pgbus-opentelemetry"
     )
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_scenario_polls_a_real_dashboard(
+    pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`receive_dashboard` runs `pgbus dashboard` and requests its overview while measuring."""
+    status = bench.main(["--dsn", pg_dsn, "--quick", "--json", "--scenario", "receive_dashboard"])
+    assert status == 0
+    (scenario,) = json.loads(capsys.readouterr().out)["scenarios"]
+    assert scenario["skipped"] is None
+    assert scenario["lost"] == 0
+    assert scenario["pgbus_stats"]["details"]["dashboard_requests"] >= 1
+    assert "dashboard_requests" not in scenario["baseline_stats"]["details"]
 
 
 def test_the_bench_does_not_import_the_plugin_until_a_scenario_needs_it() -> None:

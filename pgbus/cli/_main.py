@@ -28,6 +28,11 @@ COMMANDS = (
         "Measure pgbus side by side with raw asyncpg, in the same run.",
     ),
     (
+        "dashboard",
+        "pgbus.cli._dashboard:dashboard",
+        "Serve a web page where operators see the buses of the database and act on them.",
+    ),
+    (
         "dead-letters",
         "pgbus.cli.durable:dead_letters",
         "List stored dead letters (the default) and deliver chosen ones again.",

@@ -23,7 +23,12 @@ See ``docs/durable.md`` for the guarantees, the ordering rules and the numbers.
 
 from __future__ import annotations
 
-from pgbus.durable._dead_letters import StoredDeadLetter, list_dead_letters, redeliver
+from pgbus.durable._dead_letters import (
+    StoredDeadLetter,
+    discard,
+    list_dead_letters,
+    redeliver,
+)
 from pgbus.durable._memory import MemoryDurablePlugin
 from pgbus.durable._plugin import DEFAULT_RETENTION, DurablePlugin
 from pgbus.durable._schema import (
@@ -51,6 +56,7 @@ __all__ = [
     "SchemaError",
     "StoredDeadLetter",
     "check_schema",
+    "discard",
     "drop_subscription",
     "list_dead_letters",
     "list_subscriptions",

@@ -54,6 +54,8 @@ async def list_dead_letters(
     subscription: str | None = None,
     include_redelivered: bool = False,
     limit: int = 100,
+    channel: str | None = None,
+    error: str | None = None,
 ) -> list[StoredDeadLetter]:
     """Return stored dead letters, oldest first.
 
@@ -62,10 +64,13 @@ async def list_dead_letters(
     :param subscription: only those of this subscription.
     :param include_redelivered: also those already delivered again.
     :param limit: at most this many.
+    :param channel: only those of this channel.
+    :param error: only those whose error contains this text (case-insensitive).
     :returns: the dead letters.
     :raises SchemaError: when the schema is missing or at another version.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``channel`` and ``error``.
     """
     await check_schema(conn, schema)
     rows = await conn.fetch(
@@ -74,10 +79,14 @@ async def list_dead_letters(
             FROM {quote_ident(schema)}.dead_letters
             WHERE ($1::text IS NULL OR subscription = $1)
               AND ($2 OR redelivered_at IS NULL)
+              AND ($4::text IS NULL OR channel = $4)
+              AND ($5::text IS NULL OR strpos(lower(error), lower($5)) > 0)
             ORDER BY id LIMIT $3""",  # noqa: S608 - quoted identifier
         subscription,
         include_redelivered,
         limit,
+        channel,
+        error,
     )
     return [StoredDeadLetter(**dict(row)) for row in rows]
 
@@ -135,3 +144,23 @@ async def redeliver(
                 dead_id,
             )
     return outcome
+
+
+async def discard(conn: Connection, ids: Iterable[int], schema: str = DEFAULT_SCHEMA) -> list[int]:
+    """Delete chosen dead letters for good.
+
+    :param conn: an asyncpg connection.
+    :param ids: the dead letters' ids.
+    :param schema: the durable schema.
+    :returns: the ids that were deleted (an unknown id is left out).
+    :raises SchemaError: when the schema is missing or at another version.
+
+    .. versionadded:: 0.3.0
+    """
+    await check_schema(conn, schema)
+    rows = await conn.fetch(
+        f"DELETE FROM {quote_ident(schema)}.dead_letters WHERE id = ANY($1::bigint[])"  # noqa: S608 - quoted identifier
+        " RETURNING id",
+        list(ids),
+    )
+    return sorted(row["id"] for row in rows)
