@@ -95,7 +95,8 @@ class Bus:
         callbacks instead (about 1 µs more per notification).
     :param durable: register the ``durable`` plugin (:class:`pgbus.durable.DurablePlugin`
         with its defaults) unless one is registered: published events are journaled, and
-        ``subscribe(..., durable="name")`` works.
+        ``subscribe(..., durable="name")`` works. On a ``memory://`` bus it is
+        :class:`pgbus.durable.MemoryDurablePlugin`, whose journal lives in the process.
     :param allow_sql_ascii: start on a database whose encoding is ``SQL_ASCII``. By
         default the bus refuses: there a NOTIFY whose payload is not UTF-8 makes the
         server end the LISTEN session, and what is published until the reconnect is
@@ -103,6 +104,7 @@ class Bus:
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.2.0 ``allow_sql_ascii``.
+    .. versionchanged:: 0.3.0 ``durable=True`` on a ``memory://`` bus.
     """
 
     def __init__(
@@ -151,10 +153,8 @@ class Bus:
         kwargs = dict(connect_kwargs or {})
         self._connect_kwargs, self._connect_timeout = kwargs, connect_timeout
         memory = broker(dsn) if dsn is not None and is_memory(dsn) else None
-        if durable:
-            if memory is not None:
-                raise no_database("durable mode needs PostgreSQL (Bus(dsn, durable=True))")
-            self.plugins.enable("durable")
+        if durable:  # a memory:// bus takes the durable plugin that keeps its journal in memory
+            self.plugins.enable("durable", memory=memory is not None)
         self._dispatch = Dispatcher(self.plugins, self)
         self._listener: Listener | MemoryListener
         if memory is not None:

@@ -19,7 +19,7 @@ import pluggy
 from pgbus import hookspecs
 from pgbus._events import Batch, DeadLetter
 from pgbus._util import await_all
-from pgbus.default_plugins import DEFAULT_PLUGINS, OPTIONAL_PLUGINS
+from pgbus.default_plugins import DEFAULT_PLUGINS, MEMORY_PLUGINS, OPTIONAL_PLUGINS
 from pgbus.errors import PluginError
 
 if TYPE_CHECKING:
@@ -145,15 +145,18 @@ class PluginManager:
         self._origins[registered] = origin
         return registered
 
-    def enable(self, name: str) -> bool:
+    def enable(self, name: str, *, memory: bool = False) -> bool:
         """Register the optional built-in plugin ``name`` (``"durable"``) unless one is.
 
+        :param memory: register its in-memory variant (``MEMORY_PLUGINS``), for a
+            ``memory://`` bus.
         :returns: whether it was registered now.
         :raises PluginError: when no optional built-in has that name.
 
         .. versionadded:: 0.2.0
+        .. versionchanged:: 0.3.0 ``memory``.
         """
-        factories = dict(OPTIONAL_PLUGINS)
+        factories = dict(MEMORY_PLUGINS if memory else OPTIONAL_PLUGINS)
         if name not in factories:
             raise PluginError(f"no optional built-in plugin named {name!r}")
         if self.pm.get_plugin(name) is not None or self.pm.is_blocked(name):

@@ -1,10 +1,13 @@
 """Helpers for testing code that uses pgbus, against a real PostgreSQL or in memory.
 
 The helpers work on any bus. ``pgbus.Bus("memory://")`` runs the whole receive path
-(codec, routing, retries, dead letters, metrics, the handler context) without a server:
-prefer it for unit tests of handlers. Use a real server (the pytest plugin's fixtures)
-for what only PostgreSQL does: publishing in your transaction (``connection=``), durable
-mode, reconnects and the server's limits.
+(codec, routing, retries, dead letters, metrics, the handler context) without a server,
+and ``Bus("memory://name", durable=True)`` durable subscriptions too (replay from a
+position, consumer groups, delays, persisted retries: the journal kept in the process by
+:class:`pgbus.durable.MemoryDurablePlugin`): prefer it for unit tests of handlers. Use a
+real server (the pytest plugin's fixtures) for what only PostgreSQL does: publishing in
+your transaction (``connection=``), reconnects, the durable tables themselves and the
+server's limits.
 
 :func:`wait_for` waits (with a timeout) for an event of a given type to arrive on a bus;
 :class:`RecordingPlugin` records what a bus publishes, handles and fails on, and lets a
@@ -18,6 +21,7 @@ builds fixtures on them::
         assert shipped.event.order_id == 1
 
 .. versionadded:: 0.1.0
+.. versionchanged:: 0.3.0 durable mode on the memory bus.
 """
 
 from __future__ import annotations

@@ -164,14 +164,43 @@ def recorder() -> Recorder:
     return Recorder()
 
 
+#: The buses a ``both_buses`` test runs on.
+BUS_KINDS = ("postgresql", "memory")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test marked ``both_buses`` once per bus kind: the shared behaviour set.
+
+    Its ``make_bus`` and ``durable_bus`` then build buses on the test server, or on one
+    fresh ``memory://`` broker of the test, so the two buses cannot drift apart.
+    """
+    if metafunc.definition.get_closest_marker("both_buses") and "bus_kind" in metafunc.fixturenames:
+        metafunc.parametrize("bus_kind", BUS_KINDS)
+
+
 @pytest.fixture
-async def make_bus(pg_dsn: str) -> AsyncIterator[Callable[..., pgbus.Bus]]:
-    """Build buses on the test database (entry points off); all are stopped at teardown."""
+def bus_kind() -> str:
+    """The bus a test's ``make_bus`` builds: PostgreSQL unless marked ``both_buses``."""
+    return "postgresql"
+
+
+@pytest.fixture
+def bus_dsn(bus_kind: str, pg_dsn: str) -> str:
+    """The DSN of the buses of this test: the test server, or a memory broker of its own."""
+    return f"memory://{uuid.uuid4().hex}" if bus_kind == "memory" else pg_dsn
+
+
+@pytest.fixture
+async def make_bus(bus_dsn: str) -> AsyncIterator[Callable[..., pgbus.Bus]]:
+    """Build buses on the test database (entry points off); all are stopped at teardown.
+
+    In a ``both_buses`` test, on a ``memory://`` broker too (see :func:`bus_dsn`).
+    """
     buses: list[pgbus.Bus] = []
 
     def make(dsn: str | None = None, **options: object) -> pgbus.Bus:
         options.setdefault("load_entrypoints", False)
-        bus = pgbus.Bus(dsn or pg_dsn, **options)  # type: ignore[arg-type]
+        bus = pgbus.Bus(dsn or bus_dsn, **options)  # type: ignore[arg-type]
         buses.append(bus)
         return bus
 

@@ -11,6 +11,9 @@ from _helpers import event_on, logged
 
 import pgbus
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
 
 class Drops:
     """A plugin that hands every dropped delivery to the test."""

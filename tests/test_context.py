@@ -11,6 +11,10 @@ from _helpers import event_on
 
 import pgbus
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
+
 NO_DELAY = pgbus.Retry(attempts=3, backoff=0)
 
 

@@ -13,6 +13,9 @@ from _helpers import Letters, event_on, logged
 import pgbus
 from pgbus.default_plugins.dead_letters import DeadLetters
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
 
 async def test_poison_event_is_dead_lettered_while_later_events_flow(make_bus, channel):
     """A poison event goes to dead letters with its error; the events after it are handled."""

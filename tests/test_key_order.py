@@ -10,6 +10,9 @@ from _helpers import Letters
 
 import pgbus
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
 
 def keyed_type(channel: str) -> type[pgbus.Event]:
     """A fresh event type with a key ``k`` and a sequence number ``n``."""

@@ -12,6 +12,7 @@ import pgbus
 from pgbus.default_plugins.metrics import BUCKETS
 
 
+@pytest.mark.both_buses
 async def test_counters_per_channel_and_subscription(make_bus, channel):
     """Published, received, decoded, decode failures, handled, failed, retried, dead-lettered."""
     Sale = event_on(channel)
@@ -70,6 +71,7 @@ async def test_counters_per_channel_and_subscription(make_bus, channel):
     assert snap.reconnects == 0
 
 
+@pytest.mark.both_buses
 async def test_queue_depth_and_running_handlers_are_in_the_snapshot(make_bus, channel):
     """While a handler is held, the snapshot shows it running and the rest pending."""
     Sale = event_on(channel)
@@ -136,6 +138,7 @@ async def test_reconnects_are_counted(make_bus, channel, pg_conn):
     assert (snap.connects, snap.disconnects, snap.reconnects) == (2, 1, 1)
 
 
+@pytest.mark.both_buses
 async def test_metrics_can_be_disabled(make_bus, channel):
     """Blocking "metrics" removes bus.metrics (ConfigError); events still flow."""
     Sale = event_on(channel)

@@ -10,6 +10,9 @@ from _helpers import Letters, event_on, logged
 
 import pgbus
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
 
 async def test_nacked_delivery_does_not_hold_up_the_events_behind_it(make_bus, channel):
     """With concurrency=1, the events queued behind a nacked one are handled before its retry."""

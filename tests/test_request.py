@@ -21,6 +21,7 @@ class Total(pydantic.BaseModel):
     total: int
 
 
+@pytest.mark.both_buses
 async def test_reply_is_decoded_into_the_handlers_return_model(make_bus, channel):
     """A handler annotated `-> Total` answers with a Total the requester gets back."""
     Query = event_on(channel)
@@ -101,6 +102,7 @@ async def test_reply_from_another_process_is_decoded(
     assert reply.pid == responder.proc.pid
 
 
+@pytest.mark.both_buses
 async def test_untyped_reply_is_the_json_value(make_bus, channel):
     """A sync handler without a model annotation answers with plain JSON."""
     Query = event_on(channel)
@@ -115,6 +117,7 @@ async def test_untyped_reply_is_the_json_value(make_bus, channel):
         await bus.publish(Query(n=3))  # no reply address: the return value is ignored
 
 
+@pytest.mark.both_buses
 async def test_no_responder_raises_request_timeout(make_bus, channel):
     """Nobody answering (a handler returning None) is a RequestTimeout, a PgbusError."""
     Query = event_on(channel)
@@ -133,6 +136,7 @@ async def test_no_responder_raises_request_timeout(make_bus, channel):
     assert caught.value.timeout == 0.2
 
 
+@pytest.mark.both_buses
 async def test_failing_handler_answers_with_request_failed(make_bus, channel):
     """A handler failing for good (after its retries) answers with its error as text."""
     Query = event_on(channel)
@@ -151,6 +155,7 @@ async def test_failing_handler_answers_with_request_failed(make_bus, channel):
     assert attempts == [1, 2]
 
 
+@pytest.mark.both_buses
 async def test_first_of_several_responders_wins(make_bus, channel):
     """With two responders the requester gets one reply; the other is counted as unmatched."""
     Query = event_on(channel)
@@ -178,6 +183,7 @@ async def test_first_of_several_responders_wins(make_bus, channel):
     assert bus.plugins.get("reply").unmatched == 1
 
 
+@pytest.mark.both_buses
 async def test_concurrent_requests_get_their_own_replies(make_bus, channel):
     """100 requests in flight at once each get the reply to their own event."""
     Query = event_on(channel)
@@ -195,6 +201,7 @@ async def test_concurrent_requests_get_their_own_replies(make_bus, channel):
     assert replies == [i * 2 for i in range(100)]
 
 
+@pytest.mark.both_buses
 async def test_too_large_reply_is_a_request_failed(make_bus, channel):
     """A reply over NOTIFY's limit answers with a RequestFailed saying so."""
     Query = event_on(channel)
@@ -222,6 +229,7 @@ async def test_request_works_on_a_memory_bus(channel):
         assert await bus.request(Query(n=7), timeout=5) == Total(order=7, total=0)
 
 
+@pytest.mark.both_buses
 async def test_bad_timeout_and_disabled_plugin_are_config_errors(make_bus, channel):
     """A non-positive timeout, a bus not started, or one without the reply plugin: ConfigError."""
     Query = event_on(channel)
@@ -235,6 +243,7 @@ async def test_bad_timeout_and_disabled_plugin_are_config_errors(make_bus, chann
             await bare.request(Query(n=1), timeout=1)
 
 
+@pytest.mark.both_buses
 async def test_handler_timeout_answers_with_request_failed(make_bus, channel):
     """The reply middleware runs inside timeouts: a timed-out handler answers with its error."""
     Query = event_on(channel)
@@ -251,6 +260,7 @@ async def test_handler_timeout_answers_with_request_failed(make_bus, channel):
             await bus.request(Query(n=1), timeout=5)
 
 
+@pytest.mark.both_buses
 async def test_stop_fails_waiting_requests_with_bus_closed(make_bus, channel):
     """Stopping the bus fails a request still waiting with BusClosed, not a late timeout."""
     Query = event_on(channel)
@@ -269,6 +279,7 @@ async def test_stop_fails_waiting_requests_with_bus_closed(make_bus, channel):
         await asyncio.wait_for(waiting, 5)
 
 
+@pytest.mark.both_buses
 async def test_request_is_answered_after_timeouts_is_registered_again(make_bus, channel):
     """Re-registering timeouts (innermost then) still passes the handler's value to reply."""
     from pgbus.default_plugins.timeouts import Timeouts

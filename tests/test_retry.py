@@ -10,6 +10,10 @@ from _helpers import event_on
 import pgbus
 from pgbus.default_plugins.retry import DEFAULT_RETRY, RetryPlugin
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
+
 NO_DELAY = pgbus.Retry(attempts=5, backoff=0)
 
 

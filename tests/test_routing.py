@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from _helpers import OnlyOdd, logged
 
 import pgbus
+
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
 
 
 def models(channel: str) -> tuple[type[pgbus.Event], type[pgbus.Event]]:

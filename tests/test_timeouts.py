@@ -10,6 +10,9 @@ from _helpers import event_on, logged
 import pgbus
 from pgbus.default_plugins.timeouts import DEFAULT_WARN_AFTER, Timeouts
 
+#: Shared behaviour: each test runs on the PostgreSQL bus and on a memory:// bus.
+pytestmark = pytest.mark.both_buses
+
 
 class Slow:
     """A plugin that hands every slow-handler report to the test."""

@@ -60,3 +60,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
 OPTIONAL_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
     ("durable", _instance("durable", "DurablePlugin", package="pgbus")),
 )
+
+#: What a ``memory://`` bus registers instead, under the same names: the same hooks and
+#: behaviour with the state kept in the process (``Bus("memory://x", durable=True)``).
+MEMORY_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
+    ("durable", _instance("durable", "MemoryDurablePlugin", package="pgbus")),
+)

@@ -13,6 +13,9 @@ NOTIFY stays the low-latency wake-up::
     async with bus:
         await bus.publish(OrderPlaced(order_id=1))
 
+On a ``memory://`` bus, ``durable=True`` registers :class:`MemoryDurablePlugin`: the
+same behaviour, with the journal kept in the process (for tests).
+
 See ``docs/durable.md`` for the guarantees, the ordering rules and the numbers.
 
 .. versionadded:: 0.1.0
@@ -26,6 +29,7 @@ from pgbus.durable._dead_letters import (
     list_dead_letters,
     redeliver,
 )
+from pgbus.durable._memory import MemoryDurablePlugin
 from pgbus.durable._plugin import DEFAULT_RETENTION, DurablePlugin
 from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
@@ -48,6 +52,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "DurablePlugin",
     "DurableSubscription",
+    "MemoryDurablePlugin",
     "SchemaError",
     "StoredDeadLetter",
     "check_schema",

@@ -13,6 +13,7 @@ from pgbus._coalesce import Coalescer
 from pgbus._drivers import DriverError, executor
 from pgbus._events import Message
 from pgbus._markers import hookimpl
+from pgbus._memory import is_memory
 from pgbus._util import keep_session, plural, redact_dsn
 from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
 from pgbus.durable._schema import (
@@ -292,6 +293,11 @@ class DurablePlugin:
         """Check the schema, register the durable subscriptions, start their consumers."""
         if bus is not self._bus:
             return
+        if is_memory(bus.dsn):
+            raise ConfigError(
+                "DurablePlugin needs PostgreSQL; a memory:// bus takes"
+                " Bus('memory://...', durable=True) (pgbus.durable.MemoryDurablePlugin)"
+            )
         pool = await self.pool()
         async with pool.acquire() as conn:
             await check_schema(conn, self.schema)

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 import pgbus
-from pgbus.durable import DurablePlugin, migrate
+from pgbus.durable import DurablePlugin, MemoryDurablePlugin, migrate
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -22,8 +22,11 @@ def schema_name() -> str:
 
 
 @pytest.fixture
-async def schema(pg_dsn: str, schema_name: str) -> AsyncIterator[str]:
-    """A migrated durable schema, dropped after the test."""
+async def schema(pg_dsn: str, schema_name: str, bus_kind: str) -> AsyncIterator[str]:
+    """A migrated durable schema, dropped after the test (none for a memory:// bus)."""
+    if bus_kind == "memory":
+        yield schema_name
+        return
     conn = await asyncpg.connect(pg_dsn)
     try:
         await migrate(conn, schema_name)
@@ -34,13 +37,18 @@ async def schema(pg_dsn: str, schema_name: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def durable_bus(pg_dsn: str, schema: str) -> AsyncIterator[Callable[..., pgbus.Bus]]:
+async def durable_bus(
+    bus_dsn: str, bus_kind: str, schema: str
+) -> AsyncIterator[Callable[..., pgbus.Bus]]:
     """Build durable buses on the test schema; all are stopped at teardown.
 
     ``durable_bus(dsn=None, plugin=dict(...), **bus_options)``. The safety-net poll is
-    off (60 s) unless asked for, so tests exercise NOTIFY and resync wake-ups.
+    off (60 s) unless asked for, so tests exercise NOTIFY and resync wake-ups. In a
+    ``both_buses`` test, also on one ``memory://`` broker per test, with
+    :class:`~pgbus.durable.MemoryDurablePlugin` (its journal shared by those buses).
     """
     buses: list[pgbus.Bus] = []
+    memory = bus_kind == "memory"
 
     def make(
         dsn: str | None = None, plugin: dict[str, Any] | None = None, **options: Any
@@ -49,7 +57,12 @@ async def durable_bus(pg_dsn: str, schema: str) -> AsyncIterator[Callable[..., p
         settings.update(plugin or {})
         options.setdefault("load_entrypoints", False)
         options.setdefault("stop_timeout", 5.0)
-        bus = pgbus.Bus(dsn or pg_dsn, plugins=[DurablePlugin(schema, **settings)], **options)
+        if memory:
+            del settings["prune_interval"]  # nothing to prune in memory
+            durable: DurablePlugin = MemoryDurablePlugin(**settings)
+        else:
+            durable = DurablePlugin(schema, **settings)
+        bus = pgbus.Bus(dsn or bus_dsn, plugins=[durable], **options)
         buses.append(bus)
         return bus
 

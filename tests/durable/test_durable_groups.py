@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from _helpers import ticket_type
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 MEMBER = Path(__file__).with_name("_member.py")
 
 
+@pytest.mark.both_buses
 async def test_two_members_handle_each_event_once(durable_bus, channel: str):
     """Two buses with the same durable name: every event is handled by exactly one of them."""
     ticket = ticket_type(channel)
@@ -165,6 +167,7 @@ async def test_three_members_one_killed_every_event_handled(durable_bus, pg_dsn,
     assert set(survivors[0].handled).isdisjoint(survivors[1].handled)
 
 
+@pytest.mark.both_buses
 async def test_lease_is_renewed_while_a_handler_runs(durable_bus, channel: str):
     """A handler that runs longer than the lease keeps its claim: no other member takes it."""
     ticket = ticket_type(channel)
@@ -190,6 +193,7 @@ async def test_lease_is_renewed_while_a_handler_runs(durable_bus, channel: str):
     assert len(handled) == 1
 
 
+@pytest.mark.both_buses
 async def test_key_ordered_group_never_handles_a_key_twice_at_once(durable_bus, channel: str):
     """In a key-ordered group, a key is handled by one member at a time, in publish order."""
     ticket = ticket_type(channel)

@@ -135,6 +135,7 @@ async def test_hook_pgbus_migrate(make_bus):
         await make_bus().migrate()
 
 
+@pytest.mark.both_buses
 async def test_a_plugins_router_decides_for_durable_subscriptions(durable_bus, channel: str):
     """A replaced pgbus_router routes durable deliveries too, as it does plain ones."""
     ticket = ticket_type(channel)

@@ -18,6 +18,7 @@ async def _published(durable_bus, events) -> None:
     await publisher.stop()
 
 
+@pytest.mark.both_buses
 async def test_earliest_replays_the_journal_latest_does_not(durable_bus, channel):
     """A new subscription with start="earliest" gets what was journaled before it; "latest" not."""
     ticket = ticket_type(channel)
@@ -34,6 +35,7 @@ async def test_earliest_replays_the_journal_latest_does_not(durable_bus, channel
     assert [e.n for e in late.items] == [2]
 
 
+@pytest.mark.both_buses
 async def test_a_datetime_start_takes_the_events_from_then_on(durable_bus, sql, channel):
     """start=<aware datetime> gets the events journaled from that time on."""
     ticket = ticket_type(channel)
@@ -48,6 +50,7 @@ async def test_a_datetime_start_takes_the_events_from_then_on(durable_bus, sql, 
     assert 1 in [e.n for e in got.items]
 
 
+@pytest.mark.both_buses
 async def test_an_existing_subscription_keeps_its_position_whatever_start_says(
     durable_bus, channel
 ):
@@ -68,6 +71,7 @@ async def test_an_existing_subscription_keeps_its_position_whatever_start_says(
     assert [e.n for e in again.items] == [1]
 
 
+@pytest.mark.both_buses
 async def test_seek_back_replays_and_seek_latest_skips(durable_bus, channel):
     """bus.seek(to="earliest") replays handled events; to="latest" skips the rest."""
     ticket = ticket_type(channel)
@@ -86,6 +90,7 @@ async def test_seek_back_replays_and_seek_latest_skips(durable_bus, channel):
     assert [e.n for e in got.items] == [0, 1, 0, 1, 2]
 
 
+@pytest.mark.both_buses
 async def test_list_and_drop(durable_bus, channel):
     """durable_subscriptions() lists each group; drop_subscription() deletes it once."""
     ticket = ticket_type(channel)
@@ -105,6 +110,7 @@ async def test_list_and_drop(durable_bus, channel):
     assert await bus.durable_subscriptions() == []
 
 
+@pytest.mark.both_buses
 @pytest.mark.parametrize("start", ["first", dt.datetime(2030, 1, 1), 0])  # noqa: DTZ001 - bad input
 def test_unknown_start_values_are_config_errors(durable_bus, channel, start):
     """An unknown start, a naive datetime or another type is a ConfigError at subscribe."""

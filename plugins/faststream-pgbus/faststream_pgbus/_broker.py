@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class PgbusProducer(ProducerProto[PublishCommand]):
         self.codec = DefaultCodec()
         self._parser = _parse
         self._decoder = _decode
+        self._warned: set[str] = set()
 
     def connected_bus(self) -> pgbus.Bus:
         """The broker's running Bus."""
@@ -142,6 +144,13 @@ class PgbusProducer(ProducerProto[PublishCommand]):
         if not cmd.destination:
             raise pgbus.ConfigError("publishing what is not a pgbus.Event needs a channel=")
         payload, _ = await self.codec.encode(cmd.body, self.serializer)
+        if bus.plugins.get("durable") is not None and cmd.destination not in self._warned:
+            self._warned.add(cmd.destination)
+            logger.warning(
+                "publishing a bare body on %s: it is a plain NOTIFY, which durable"
+                " subscribers do not get; publish a pgbus.Event to journal it",
+                cmd.destination,
+            )
         await bus.notify(cmd.destination, payload.decode())
         return None
 
@@ -274,26 +283,56 @@ class PgbusSubscriber(SubscriberUsecase[PgbusMessage]):
         self._channel = config.channel
         self._options = config.options
         self._subscription: pgbus.Subscription | None = None
+        #: Set once FastStream started it: a durable backlog replayed at the bus's start
+        #: waits for it (it would be acked unhandled otherwise).
+        self._started = asyncio.Event()
 
     @property
     def channel(self) -> str:
         """The channel it LISTENs on, with the routers' prefixes."""
         return f"{self._outer_config.prefix}{self._channel}"
 
+    @property
+    def durable(self) -> bool:
+        """Whether it is a durable pgbus subscription (made before its bus starts)."""
+        return self._options.get("durable") is not None
+
+    def _subscription_options(self) -> tuple[str, dict[str, Any]]:
+        options = dict(self._options)
+        name = options.pop("name", None) or f"faststream:{self.channel}:{id(self)}"
+        return name, options
+
+    def join(self, bus: pgbus.Bus) -> None:
+        """Subscribe to ``bus`` before it starts: how a durable subscription is made.
+
+        pgbus registers durable subscriptions (their positions, their consumer group) when
+        the bus starts, so the broker subscribes its durable subscribers here, and
+        :meth:`start` then finds the subscription made.
+        """
+        if not self.calls:
+            return
+        name, options = self._subscription_options()
+        bus.subscribe(self.channel, name=name, **options)(self._receive)
+        self._subscription = next(s for s in bus.subscriptions if s.name == name)
+
     async def start(self) -> None:
         await super().start()
-        if self.calls:
+        if self.calls and self._subscription is None:
             bus = self._outer_config.producer.connected_bus()
-            options = dict(self._options)
-            name = options.pop("name", None) or f"faststream:{self.channel}:{id(self)}"
+            name, options = self._subscription_options()
             self._subscription = await bus.listen(self.channel, self._receive, name=name, **options)
         self._post_start()
+        self._started.set()
 
     async def _receive(self, message: pgbus.Message, context: pgbus.Context) -> None:
         # Not consume(): it swallows the handler's exception, and pgbus must see it to
         # retry and dead-letter the delivery (a pgbus.Nack or Reject works as in pgbus).
         if not self.running:
-            return
+            if not self.durable:  # stopped: a plain notification nobody handles now
+                return
+            # durable: the bus replays its backlog as it starts, before FastStream starts
+            # this subscriber (or while it restarts); acked unhandled it would be lost
+            await self._started.wait()
         try:
             await self.process_message(PgbusMessage(message, context))
         except StopConsume:
@@ -304,6 +343,7 @@ class PgbusSubscriber(SubscriberUsecase[PgbusMessage]):
         if self._subscription is not None and bus is not None:
             await bus.unlisten(self._subscription)
         self._subscription = None
+        self._started.clear()
         await super().stop()
 
     def _make_response_publisher(self, message: StreamMessage[Any]) -> Sequence[Any]:  # noqa: ARG002
@@ -542,6 +582,9 @@ class PgbusBroker(PgbusRegistrator, BrokerUsecase[PgbusMessage, pgbus.Bus, Pgbus
 
     async def _connect(self) -> pgbus.Bus:
         bus = pgbus.Bus(self.dsn, **self.bus_options)
+        for sub in self.subscribers:  # durable ones are made before the bus starts
+            if isinstance(sub, PgbusSubscriber) and sub.durable:
+                sub.join(bus)
         await bus.start()
         self._pgbus_producer.bus = bus
         self._pgbus_producer.serializer = self.config.fd_config._serializer  # noqa: SLF001 - FastStream's
