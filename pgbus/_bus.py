@@ -428,7 +428,7 @@ class Bus:
         :param batch: make it a batch handler: it gets a list of up to ``batch`` events
             (messages, for a channel subscription) at once, what is queued or arrives
             within ``batch_wait`` seconds (default 0.05); the batch is retried whole and
-            dead-lettered event by event.
+            dead-lettered event by event (durable: acknowledged and retried as one row).
         :param batch_wait: how long a batch waits to fill, in seconds.
         :raises AlreadyStarted: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.

@@ -259,7 +259,7 @@ class Subscription:
             )
         if where is not None and not callable(where):
             raise ConfigError(f"subscription {name!r}: where must be callable")
-        _check_key_and_batch(name, key, batch, batch_wait, durable)
+        _check_key_and_batch(name, key, batch, batch_wait)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"subscription {name!r}: retry must be a pgbus.Retry")
         try:
@@ -754,7 +754,6 @@ def _check_key_and_batch(
     key: object,
     batch: int | None,
     batch_wait: float | None,
-    durable: str | None,
 ) -> None:
     """Refuse ``key=`` and batch options that cannot work, saying what is wrong."""
     if key is not None and not callable(key):
@@ -776,8 +775,6 @@ def _check_key_and_batch(
         )
     if key is not None:
         raise ConfigError(f"subscription {name!r}: batch= and key= do not go together yet")
-    if durable is not None:
-        raise ConfigError(f"subscription {name!r}: batch handlers need a plain subscription yet")
 
 
 def _itself(delivery: Delivery) -> Delivery:

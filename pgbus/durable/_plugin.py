@@ -11,7 +11,7 @@ import asyncpg
 
 from pgbus._coalesce import Coalescer
 from pgbus._drivers import DriverError, executor
-from pgbus._events import Message
+from pgbus._events import Batch, Message
 from pgbus._markers import hookimpl
 from pgbus._util import keep_session, plural, redact_dsn
 from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
@@ -586,10 +586,16 @@ class DurablePlugin:
         delivery: Delivery,
         duration: float,  # noqa: ARG002 - hook signature
     ) -> None:
-        """A durable delivery succeeded: it will be acked."""
-        inflight = self.find(subscription, delivery.id)
-        if inflight is not None:
-            inflight.resolve(OK)
+        """A durable delivery (each event of a batch) succeeded: it will be acked."""
+        self._resolve(subscription, delivery, OK)
+
+    def _resolve(self, subscription: Subscription, delivery: Delivery, outcome: str) -> None:
+        if not self._inflight:
+            return
+        for one in delivery.deliveries if isinstance(delivery, Batch) else (delivery,):
+            inflight = self.find(subscription, one.id)
+            if inflight is not None:
+                inflight.resolve(outcome)
 
     @hookimpl
     def pgbus_on_dropped(
@@ -599,9 +605,7 @@ class DurablePlugin:
         policy: Overflow,  # noqa: ARG002 - hook signature
     ) -> None:
         """A durable delivery was dropped by an overflow policy: deliver it again later."""
-        inflight = self.find(subscription, delivery.id)
-        if inflight is not None:
-            inflight.resolve(AGAIN)
+        self._resolve(subscription, delivery, AGAIN)
 
     @hookimpl
     async def pgbus_on_dead_letter(self, dead_letter: DeadLetter) -> None:
