@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 from _helpers import Letters, ticket_type
@@ -237,3 +238,34 @@ async def test_a_durable_batch_stopped_midway_is_handed_back_whole(durable_bus, 
         # handed back once: split as a redelivery (its first event alone, then the rest)
         assert await asyncio.wait_for(got.get(), 10) == [0]
         assert await asyncio.wait_for(got.get(), 10) == [1, 2, 3]
+
+
+async def test_a_key_ordered_durable_batch_group_keeps_keys_in_order(durable_bus, channel):
+    """Durable batch handlers with key= in a group: no key in two running batches, keys in order."""
+    ticket = ticket_type(channel)
+    total = 300
+    running: set[int] = set()
+    overlaps: list[int] = []
+    by_key: dict[int, list[int]] = collections.defaultdict(list)
+    done = asyncio.Event()
+
+    async def handle(events: list[Any]) -> None:
+        keys = {e.n % 3 for e in events}
+        overlaps.extend(keys & running)
+        running.update(keys)
+        await asyncio.sleep(0.001)  # the other member and workers run meanwhile
+        running.difference_update(keys)
+        for e in events:
+            by_key[e.n % 3].append(e.n)
+        if sum(map(len, by_key.values())) >= total:
+            done.set()
+
+    buses = [durable_bus(plugin={"batch_size": 20, "poll_interval": 0.2}) for _ in "ab"]
+    for bus in buses:
+        bus.subscribe(ticket, durable="kb", concurrency=4, key=lambda e: e.n % 3, batch=4)(handle)
+    async with buses[0], buses[1]:
+        for start in range(0, total, 50):
+            await buses[0].publish_many([ticket(n=i) for i in range(start, start + 50)])
+        await asyncio.wait_for(done.wait(), 30)
+    assert overlaps == []
+    assert dict(by_key) == {k: list(range(k, total, 3)) for k in range(3)}
