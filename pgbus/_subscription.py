@@ -213,13 +213,17 @@ class Subscription:
     :ivar deferrer: set by a plugin that persists retries (the durable consumer):
         :meth:`defer` calls it with the delivery and the delay, and when it returns
         ``True`` the plugin brings the delivery back itself (nothing waits in memory).
+    :ivar deferred: how many retries that plugin holds (it updates this count).
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`;
-       ``deferrer``.
+       ``deferrer`` and ``deferred``.
     """
 
     deferrer: Callable[[Delivery, float], bool] | None = None
+    #: Retries waiting in the plugin that took them over (:attr:`deferrer`), as that
+    #: plugin last counted them (the durable consumer: its group's retry rows).
+    deferred: int = 0
 
     def __init__(
         self,
@@ -334,8 +338,11 @@ class Subscription:
 
     @property
     def delayed(self) -> int:
-        """Deliveries waiting out a delay before their next attempt (see :meth:`defer`)."""
-        return len(self._delayed)
+        """Deliveries waiting out a delay before their next attempt (see :meth:`defer`).
+
+        Those waiting in memory, plus the :attr:`deferred` ones a plugin persisted.
+        """
+        return len(self._delayed) + self.deferred
 
     def defer(self, delivery: Delivery, delay: float) -> None:
         """Queue ``delivery`` again after ``delay`` seconds, as its next attempt.

@@ -148,7 +148,10 @@ class Consumer:
             self._due_unknown = True
             self.wake()
 
-        handle = asyncio.get_running_loop().call_later(delay, due)
+        loop = asyncio.get_running_loop()
+        if any(t.when() <= loop.time() + delay for t in self._timers):
+            return  # a look comes before then, and finds this one next
+        handle = loop.call_later(delay, due)
         self._timers.add(handle)
 
     def wake(self) -> None:
@@ -242,7 +245,8 @@ class Consumer:
                 continue
             attempt = 0
             if not busy:
-                await self._wait(self.plugin.poll_interval)
+                if not await self._wait(self.plugin.poll_interval):  # the safety-net poll:
+                    self._due_unknown = True  # count the retries of every member again
                 self._need_pump = True  # woken, or the safety-net poll
         await self._flush_acks()
 
@@ -251,11 +255,15 @@ class Consumer:
         with contextlib.suppress(*DRIVER_ERRORS):
             await asyncio.wait_for(self._ack(), timeout=5.0)
 
-    async def _wait(self, timeout: float) -> None:  # noqa: ASYNC109 - an idle wait
+    async def _wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - an idle wait
+        """Wait to be woken, or ``timeout`` seconds; whether it was woken."""
         if self._stopping:
-            return
-        with contextlib.suppress(TimeoutError):
+            return True
+        try:
             await asyncio.wait_for(self.wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _step(self) -> bool:
         """Pump, claim and handle one batch; ``True`` when there may be more to do now."""
@@ -277,15 +285,11 @@ class Consumer:
                 self._need_pump = True
         if self._stopping:
             return False
-        if self._due_unknown:  # after a restart: wake when the first persisted retry is due
-            pool = await self.plugin.pool()
-            due = await pool.fetchval(self.plugin.sql.next_due, self.group)
-            if due is not None:
-                self._wake_in(due)
-            self._due_unknown = False
         sql = self.plugin.sql
         rows = await self._fetch(sql.claim if self.sub.key is None else sql.claim_ordered)
         self._batches_low = len(rows) < self.cut
+        if self._due_unknown:  # after a restart or an ack of retries: when is the next due
+            await self._look_at_retries()
         if rows:
             await self._handle(rows)
             return True
@@ -293,6 +297,17 @@ class Consumer:
             await self._wait(self.plugin.busy_retry)
             return True
         return self._need_pump
+
+    async def _look_at_retries(self) -> None:
+        """Wake when the first persisted retry is due; count them (the delayed gauge)."""
+        pool = await self.plugin.pool()
+        row = await pool.fetchrow(self.plugin.sql.next_due, self.group)
+        self._due_unknown = False
+        if row is None:  # pragma: no cover - an aggregate always returns a row
+            return
+        self.sub.deferred = row[1]
+        if row[0] is not None:
+            self._wake_in(row[0])
 
     async def _pump(self) -> tuple[int | None, bool]:
         """Cut newly committed journal rows into batches.
@@ -344,6 +359,7 @@ class Consumer:
             del self._retries[: len(retries)]
             if delays:
                 self._wake_in(min(delays))
+                self._due_unknown = True  # count the retries waiting again
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()

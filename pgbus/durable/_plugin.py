@@ -497,6 +497,13 @@ class DurablePlugin:
             self.released += len(rows)
         return len(rows)
 
+    def _report_scheduled(self, count: int) -> None:
+        """Give the metrics plugin (if any) the count of events not yet due."""
+        metrics = self._bus.plugins.get("metrics") if self._bus is not None else None
+        gauge = getattr(metrics, "gauge", None)
+        if callable(gauge):
+            gauge("scheduled", count)
+
     async def _schedule_loop(self) -> None:
         """Release what falls due, waking at the next due time (or a local publish)."""
         while True:
@@ -505,6 +512,7 @@ class DurablePlugin:
             try:
                 moved = await self.release_due()
                 count, due = await self.scheduled()
+                self._report_scheduled(count)
                 if moved >= self.pump_size:  # more fell due than one statement moves
                     wait = 0.0
                 elif count and due is not None:  # due already: another process has it

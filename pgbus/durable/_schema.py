@@ -558,9 +558,12 @@ class Sql:
                 count(b.id) FILTER (WHERE b.not_before > now()) AS retries
             FROM {s}.subscriptions s LEFT JOIN {s}.batches b ON b.subscription = s.name
             GROUP BY s.name ORDER BY s.name"""  # noqa: S608 - quoted identifier
-        # Seconds until the subscription's next retry is due (NULL: none waits).
+        # Seconds until the subscription's next retry is due (NULL: none waits), and how
+        # many events wait for a retry.
         self.next_due = f"""
-            SELECT extract(epoch FROM min(not_before) - now())::float8 FROM {s}.batches
+            SELECT extract(epoch FROM min(not_before) - now())::float8,
+                   coalesce(sum(cardinality(journal_ids)), 0)::bigint
+            FROM {s}.batches
             WHERE subscription = $1 AND not_before > now()"""  # noqa: S608 - quoted identifier
         self.release = f"""
             UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL
