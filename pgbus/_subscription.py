@@ -224,6 +224,8 @@ class Subscription:
     #: Retries waiting in the plugin that took them over (:attr:`deferrer`), as that
     #: plugin last counted them (the durable consumer: its group's retry rows).
     deferred: int = 0
+    _drained: asyncio.Future[None] | None
+    _fillers: list[tuple[asyncio.Future[None], int]]
 
     def __init__(
         self,
@@ -311,7 +313,8 @@ class Subscription:
         #: :meth:`stop` waiting for the queue to empty: futures, woken one at a time.
         self._idle: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
-        self._drained: asyncio.Future[None] | None = None
+        #: ... and batch collectors waiting for their batch to fill (waiter, how many).
+        self._drained, self._fillers = None, []
         #: Deliveries waiting out a delay before their next attempt (:meth:`defer`), and
         #: the ids of those whose handler chain is returning after deferring them.
         self._delayed: set[asyncio.TimerHandle] = set()
@@ -419,6 +422,8 @@ class Subscription:
             pending.append(delivery)
         if self._idle:
             _wake(self._idle)
+        if self._fillers:
+            self._filled()
 
     def _overflow(self, pending: deque[Delivery], delivery: Delivery) -> None:
         policy = self.overflow
@@ -453,6 +458,8 @@ class Subscription:
             self._pending.append(delivery)
             if self._idle:
                 _wake(self._idle)
+            if self._fillers:
+                self._filled()
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912 - the hot loop, inlined on purpose
         pending = self._pending
@@ -514,14 +521,14 @@ class Subscription:
             return first
         pending, size = self._pending, self.batch or 1
         deliveries = [first]
-        deadline = asyncio.get_running_loop().time() + self.batch_wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait
         while len(deliveries) < size:
             if not pending:
-                left = deadline - asyncio.get_running_loop().time()
+                left = deadline - loop.time()
                 if left <= 0:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_wait(self._idle), left)
+                await self._fill(size - len(deliveries), left)
                 continue
             if isinstance(pending[0], Batch):
                 break  # a nacked batch is handled as it was, not inside this one
@@ -529,6 +536,31 @@ class Subscription:
             if len(pending) >= self.max_pending or self._putters:
                 self._made_room()
         return Batch.of(deliveries)
+
+    async def _fill(self, need: int, left: float) -> None:
+        """Wait until ``need`` deliveries are queued, or ``left`` seconds passed.
+
+        One wake-up per batch, not one per dispatcher round: :meth:`offer` and
+        :meth:`put` wake the collector only once the batch can be filled (or a batch
+        queued again waits at its head), and one timer ends the wait.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        filler = (waiter, need)
+        self._fillers.append(filler)
+        timer = loop.call_later(left, _wake_future, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._fillers.remove(filler)
+
+    def _filled(self) -> None:
+        """Wake the batch collectors whose batch the queue can now fill."""
+        pending = self._pending
+        for waiter, need in self._fillers:
+            if len(pending) >= need or isinstance(pending[-1], Batch):
+                _wake_future(waiter)
 
     async def _ordered_batch(self, order: _BatchKeys) -> tuple[Batch | None, _Place | None]:
         """A key-ordered batch, once every earlier batch sharing one of its keys is done.
