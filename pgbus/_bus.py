@@ -424,11 +424,13 @@ class Bus:
         :param key: a function of the event (the message, for a channel subscription)
             returning a hashable key: events with equal keys are handled one at a time,
             in publish order, events with different keys in parallel (up to
-            ``concurrency``). An event whose key function raises is dead-lettered.
+            ``concurrency``). An event whose key function raises is dead-lettered. With
+            ``batch``: a batch runs once the earlier batches sharing one of its keys are
+            done.
         :param batch: make it a batch handler: it gets a list of up to ``batch`` events
             (messages, for a channel subscription) at once, what is queued or arrives
             within ``batch_wait`` seconds (default 0.05); the batch is retried whole and
-            dead-lettered event by event.
+            dead-lettered event by event (durable: acknowledged and retried as one row).
         :param batch_wait: how long a batch waits to fill, in seconds.
         :raises AlreadyStarted: when the bus is already running (use :meth:`listen`).
         :raises InvalidChannel: for a bad channel name.

@@ -152,7 +152,9 @@ class Batch(Delivery):
 
     It is one delivery to the handler chain: middleware, retries and timeouts see it
     whole, it is retried whole, and when it fails for good each of its events becomes a
-    dead letter. Its other fields are those of its first delivery.
+    dead letter. Its other fields are those of its first delivery (``attempt`` too: a
+    durable batch comes from one batch row, whose events share their attempt), except
+    ``redelivered``, set when any of its deliveries was.
 
     :ivar deliveries: the deliveries, in the order they were queued.
 
@@ -171,6 +173,8 @@ class Batch(Delivery):
             first.id,
             first.published_at,
             first.headers,
+            first.attempt,
+            any(d.redelivered for d in deliveries),
             deliveries=deliveries,
         )
 

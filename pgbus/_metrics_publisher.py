@@ -9,16 +9,19 @@ and every ``interval`` seconds it publishes one JSON snapshot on the channel
 and errors per channel for every bus that publishes. A snapshot (``"v": 1``) is::
 
     {"v": 1, "bus": "host:pid:id", "host": "...", "pid": 123, "ts": 1732530000.5,
-     "interval": 1.0, "connected": true, "reconnects": 0,
+     "interval": 1.0, "connected": true, "reconnects": 0, "scheduled": 0,
      "channels": {"orders": {"published": 10, "received": 10, "handled": 9, "failed": 1,
-                             "decode_failures": 0, "lag_avg": 0.0004, "lag_max": 0.001}},
-     "subscriptions": {"on_order": {"handled": 9, "failed": 1, "pending": 0}}}
+                             "decode_failures": 0, "nacked": 1, "rejected": 0,
+                             "delayed": 1, "lag_avg": 0.0004, "lag_max": 0.001}},
+     "subscriptions": {"on_order": {"handled": 9, "failed": 1, "pending": 0, ...}}}
 
 Counters are totals since the bus started (from the built-in metrics plugin, plus the
-handled and failed counts per channel); ``lag_avg`` and ``lag_max`` are the seconds from
-publish to the end of handling over the last interval (``null`` when nothing was
-handled). A snapshot that would not fit in a NOTIFY payload is sent without its
-``subscriptions``, with ``"truncated": true``.
+handled and failed counts per channel); ``nacked``, ``rejected`` and ``delayed`` (retries
+waiting) of a channel add up those of the subscriptions on it; ``scheduled`` is the
+number of events published for later and not yet due (durable mode, else ``null``);
+``lag_avg`` and ``lag_max`` are the seconds from publish to the end of handling over the
+last interval (``null`` when nothing was handled). A snapshot that would not fit in a
+NOTIFY payload is sent without its ``subscriptions``, with ``"truncated": true``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ METRICS_CHANNEL = "pgbus.metrics"
 
 #: The version of the snapshot format.
 SNAPSHOT_VERSION = 1
+
+#: Counters of the subscriptions added up per channel (retries waiting: ``delayed``).
+_OUTCOMES = ("nacked", "rejected", "delayed")
 
 
 def _numbers(stats: object) -> dict[str, Any]:
@@ -139,17 +145,24 @@ class MetricsPublisher:
         channels: dict[str, dict[str, Any]] = {}
         subscriptions: dict[str, dict[str, Any]] = {}
         connects = disconnects = 0
+        scheduled = None
         metrics = bus.plugins.get("metrics")
         if metrics is not None:
             snap = metrics.snapshot()
             connects, disconnects = snap.connects, snap.disconnects
+            scheduled = getattr(snap, "scheduled", None)
             channels = {name: _numbers(stats) for name, stats in snap.channels.items()}
             subscriptions = {name: _numbers(stats) for name, stats in snap.subscriptions.items()}
         for sub in bus.subscriptions:
             entry = subscriptions.setdefault(sub.name, {"handled": 0, "failed": 0})
             entry["pending"] = sub.pending
+            entry["delayed"] = sub.delayed
             for name in sub.channels:
-                channels.setdefault(name, {"published": 0, "received": 0, "decode_failures": 0})
+                stats = channels.setdefault(
+                    name, {"published": 0, "received": 0, "decode_failures": 0}
+                )
+                for key in _OUTCOMES:
+                    stats[key] = stats.get(key, 0) + entry.get(key, 0)
         channels.pop(self.channel, None)
         for name, entry in channels.items():
             count = self._lag_count.get(name, 0)
@@ -171,6 +184,7 @@ class MetricsPublisher:
             "reconnects": bus.reconnects,
             "connects": connects,
             "disconnects": disconnects,
+            "scheduled": scheduled,
             "channels": channels,
             "subscriptions": subscriptions,
         }

@@ -213,13 +213,19 @@ class Subscription:
     :ivar deferrer: set by a plugin that persists retries (the durable consumer):
         :meth:`defer` calls it with the delivery and the delay, and when it returns
         ``True`` the plugin brings the delivery back itself (nothing waits in memory).
+    :ivar deferred: how many retries that plugin holds (it updates this count).
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.3.0 ``key``, ``batch`` and ``batch_wait``; :meth:`defer`;
-       ``deferrer``.
+       ``deferrer`` and ``deferred``.
     """
 
     deferrer: Callable[[Delivery, float], bool] | None = None
+    #: Retries waiting in the plugin that took them over (:attr:`deferrer`), as that
+    #: plugin last counted them (the durable consumer: its group's retry rows).
+    deferred: int = 0
+    _drained: asyncio.Future[None] | None
+    _fillers: list[tuple[asyncio.Future[None], int]]
 
     def __init__(
         self,
@@ -259,7 +265,7 @@ class Subscription:
             )
         if where is not None and not callable(where):
             raise ConfigError(f"subscription {name!r}: where must be callable")
-        _check_key_and_batch(name, key, batch, batch_wait, durable)
+        _check_key_and_batch(name, key, batch, batch_wait)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"subscription {name!r}: retry must be a pgbus.Retry")
         try:
@@ -288,7 +294,8 @@ class Subscription:
         self.durable, self.start_position = durable, _start(name, start, durable)
         self.key = key
         self.batch, self.batch_wait = batch, batch_wait or DEFAULT_BATCH_WAIT
-        self._keys = None if key is None else _KeyOrder(key, _EVENT if event_types else _MESSAGE)
+        #: Key order: of single deliveries, or of a batch handler's batches.
+        self._keys, self._batch_keys = _key_orders(key, batch, _EVENT if event_types else _MESSAGE)
         #: Deliveries waiting for a worker, in order; beyond ``max_pending`` (only with
         #: ``Overflow.WAIT``) they are the backlog the bus counts against its bound.
         self._pending: deque[Delivery] = deque()
@@ -306,7 +313,8 @@ class Subscription:
         #: :meth:`stop` waiting for the queue to empty: futures, woken one at a time.
         self._idle: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
-        self._drained: asyncio.Future[None] | None = None
+        #: ... and batch collectors waiting for their batch to fill (waiter, how many).
+        self._drained, self._fillers = None, []
         #: Deliveries waiting out a delay before their next attempt (:meth:`defer`), and
         #: the ids of those whose handler chain is returning after deferring them.
         self._delayed: set[asyncio.TimerHandle] = set()
@@ -333,8 +341,11 @@ class Subscription:
 
     @property
     def delayed(self) -> int:
-        """Deliveries waiting out a delay before their next attempt (see :meth:`defer`)."""
-        return len(self._delayed)
+        """Deliveries waiting out a delay before their next attempt (see :meth:`defer`).
+
+        Those waiting in memory, plus the :attr:`deferred` ones a plugin persisted.
+        """
+        return len(self._delayed) + self.deferred
 
     def defer(self, delivery: Delivery, delay: float) -> None:
         """Queue ``delivery`` again after ``delay`` seconds, as its next attempt.
@@ -411,6 +422,8 @@ class Subscription:
             pending.append(delivery)
         if self._idle:
             _wake(self._idle)
+        if self._fillers:
+            self._filled()
 
     def _overflow(self, pending: deque[Delivery], delivery: Delivery) -> None:
         policy = self.overflow
@@ -445,6 +458,8 @@ class Subscription:
             self._pending.append(delivery)
             if self._idle:
                 _wake(self._idle)
+            if self._fillers:
+                self._filled()
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912 - the hot loop, inlined on purpose
         pending = self._pending
@@ -455,19 +470,24 @@ class Subscription:
         deferring = self._deferring
         current = self._current
         clock = time.perf_counter
-        keys = self._keys
+        keys, batch_keys = self._keys, self._batch_keys
         collect = self._collect if self.batch is not None else None
         while True:
             if not pending or (keys is not None and keys.parked >= self.max_pending):
                 await _wait(self._idle)
                 continue
-            delivery: Delivery | None = pending.popleft()
-            if len(pending) >= self.max_pending or self._putters:
-                self._made_room()
-            if keys is not None:
-                delivery = await self._claim(keys, delivery)  # type: ignore[arg-type]
-            elif collect is not None:
-                delivery = await collect(delivery)  # type: ignore[arg-type]
+            after: _Place | None = None
+            delivery: Delivery | None
+            if batch_keys is not None:  # taken in order, under the batches' lock
+                delivery, after = await self._ordered_batch(batch_keys)
+            else:
+                delivery = pending.popleft()
+                if len(pending) >= self.max_pending or self._putters:
+                    self._made_room()
+                if keys is not None:
+                    delivery = await self._claim(keys, delivery)
+                elif collect is not None:
+                    delivery = await collect(delivery)
             while delivery is not None:  # with a key: then its key's next, in order
                 self._active += 1
                 current[index] = delivery
@@ -487,6 +507,8 @@ class Subscription:
                     if deferring:
                         deferring.discard(id(delivery))
                 delivery = None if keys is None else keys.release(delivery, self._idle)
+            if after is not None:
+                batch_keys.leave(after)  # type: ignore[union-attr]  # set with after
             if self._drained is not None:
                 self._check_drained()
 
@@ -499,14 +521,14 @@ class Subscription:
             return first
         pending, size = self._pending, self.batch or 1
         deliveries = [first]
-        deadline = asyncio.get_running_loop().time() + self.batch_wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait
         while len(deliveries) < size:
             if not pending:
-                left = deadline - asyncio.get_running_loop().time()
+                left = deadline - loop.time()
                 if left <= 0:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_wait(self._idle), left)
+                await self._fill(size - len(deliveries), left)
                 continue
             if isinstance(pending[0], Batch):
                 break  # a nacked batch is handled as it was, not inside this one
@@ -515,19 +537,90 @@ class Subscription:
                 self._made_room()
         return Batch.of(deliveries)
 
+    async def _fill(self, need: int, left: float) -> None:
+        """Wait until ``need`` deliveries are queued, or ``left`` seconds passed.
+
+        One wake-up per batch, not one per dispatcher round: :meth:`offer` and
+        :meth:`put` wake the collector only once the batch can be filled (or a batch
+        queued again waits at its head), and one timer ends the wait.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        filler = (waiter, need)
+        self._fillers.append(filler)
+        timer = loop.call_later(left, _wake_future, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._fillers.remove(filler)
+
+    def _filled(self) -> None:
+        """Wake the batch collectors whose batch the queue can now fill."""
+        pending = self._pending
+        for waiter, need in self._fillers:
+            if len(pending) >= need or isinstance(pending[-1], Batch):
+                _wake_future(waiter)
+
+    async def _ordered_batch(self, order: _BatchKeys) -> tuple[Batch | None, _Place | None]:
+        """A key-ordered batch, once every earlier batch sharing one of its keys is done.
+
+        Batches are collected one at a time (so they hold events in queue order) and take
+        their place behind each of their keys at once; the wait for the batches ahead
+        happens outside, so a batch of other keys is collected and runs meanwhile. An
+        event whose key function raises is a dead letter; the rest of its batch goes on.
+
+        :returns: the batch (``None`` when nothing of it is left) and what to pass to
+            :meth:`_BatchKeys.leave` once it is handled.
+        """
+        pending = self._pending
+        async with order.collecting:
+            if not pending:  # taken by the batch collected while this worker waited
+                return None, None
+            first = pending.popleft()
+            if len(pending) >= self.max_pending or self._putters:
+                self._made_room()
+            batch = await self._collect(first)
+            keys: list[Hashable] = []
+            kept: list[Delivery] = []
+            for delivery in batch.deliveries:
+                try:
+                    key = order.key(order.argument(delivery))
+                    hash(key)
+                except Exception as exc:  # the key function raised: a dead letter, never stuck
+                    await self._key_failed(delivery, exc)
+                    continue
+                keys.append(key)
+                kept.append(delivery)
+            if not kept:
+                return None, None
+            if len(kept) < len(batch.deliveries):
+                batch = Batch.of(kept)
+            ahead, place = order.enter(keys)
+        if ahead:
+            self._active += 1  # in hand: stop() waits for it as for a running batch
+            try:
+                await asyncio.gather(*ahead)
+            finally:
+                self._active -= 1
+        return batch, place
+
+    async def _key_failed(self, delivery: Delivery, exc: Exception) -> None:
+        logger.warning(
+            "subscription %s: its key function failed on %s: %r",
+            self.name,
+            f"event {delivery.id}" if delivery.id else "a delivery",
+            exc,
+            extra={"channel": delivery.channel},
+        )
+        await self._host.failed(self, delivery, exc)  # type: ignore[union-attr]  # started
+
     async def _claim(self, keys: _KeyOrder, delivery: Delivery) -> Delivery | None:
         """``delivery`` if its key is free (now taken), else ``None``: parked, or dead."""
         try:
             return delivery if keys.claim(delivery) else None
         except Exception as exc:  # the key function raised: a dead letter, never stuck
-            logger.warning(
-                "subscription %s: its key function failed on %s: %r",
-                self.name,
-                f"event {delivery.id}" if delivery.id else "a delivery",
-                exc,
-                extra={"channel": delivery.channel},
-            )
-            await self._host.failed(self, delivery, exc)  # type: ignore[union-attr]  # started
+            await self._key_failed(delivery, exc)
             return None
 
     def _made_room(self) -> None:
@@ -615,6 +708,8 @@ class Subscription:
         self._pending.clear()
         if self._keys is not None:
             self._keys.clear()
+        if self._batch_keys is not None:
+            self._batch_keys.last.clear()
         while self._putters:
             _wake(self._putters)
 
@@ -712,6 +807,55 @@ class _KeyOrder:
         return parked
 
 
+class _BatchKeys:
+    """Key order of a batch handler: each key's last batch, which the next one waits for.
+
+    A batch may hold events of many keys; it runs once every batch before it that holds
+    one of its keys is done, so equal keys stay in queue order, and batches without a
+    key in common run in parallel. Each batch waits only for earlier ones, so the
+    earliest always runs: no batch waits for ever.
+    """
+
+    __slots__ = ("argument", "collecting", "key", "last")
+
+    def __init__(self, key: Callable[[Any], Hashable], argument: Callable[[Delivery], Any]) -> None:
+        self.key = key
+        self.argument = argument
+        #: Held while a batch is collected and takes its place (batches form in order).
+        self.collecting = asyncio.Lock()
+        #: Each key's last batch (its future is done once that batch was handled).
+        self.last: dict[Hashable, asyncio.Future[None]] = {}
+
+    def enter(self, keys: list[Hashable]) -> tuple[list[asyncio.Future[None]], _Place]:
+        """Take the place behind ``keys``: the batches to wait for, and this batch's place."""
+        place = _Place(keys, asyncio.get_running_loop().create_future())
+        ahead: dict[int, asyncio.Future[None]] = {}
+        last = self.last
+        for key in keys:
+            before = last.get(key)
+            if before is not None and before is not place.done and not before.done():
+                ahead[id(before)] = before
+            last[key] = place.done
+        return list(ahead.values()), place
+
+    def leave(self, place: _Place) -> None:
+        """The batch of ``place`` was handled: the batches behind it may run."""
+        last = self.last
+        for key in place.keys:
+            if last.get(key) is place.done:
+                del last[key]
+        if not place.done.done():
+            place.done.set_result(None)
+
+
+@dataclasses.dataclass(slots=True)
+class _Place:
+    """A key-ordered batch's keys, and the future set once it was handled."""
+
+    keys: list[Hashable]
+    done: asyncio.Future[None]
+
+
 #: What a handler is given: the event (typed subscriptions) or the raw message.
 _EVENT = operator.attrgetter("event")
 _MESSAGE = operator.attrgetter("message")
@@ -749,12 +893,24 @@ def _start(name: str, start: object, durable: str | None) -> str | dt.datetime:
     return check_position(start, f"subscription {name!r}: start")
 
 
+def _key_orders(
+    key: Callable[[Any], Hashable] | None,
+    batch: int | None,
+    argument: Callable[[Delivery], Any],
+) -> tuple[_KeyOrder | None, _BatchKeys | None]:
+    """The key order of a key-ordered subscription: per delivery, or per batch (batch=)."""
+    if key is None:
+        return None, None
+    if batch is None:
+        return _KeyOrder(key, argument), None
+    return None, _BatchKeys(key, argument)
+
+
 def _check_key_and_batch(
     name: str,
     key: object,
     batch: int | None,
     batch_wait: float | None,
-    durable: str | None,
 ) -> None:
     """Refuse ``key=`` and batch options that cannot work, saying what is wrong."""
     if key is not None and not callable(key):
@@ -774,10 +930,6 @@ def _check_key_and_batch(
             f"subscription {name!r}: batch_wait must be a finite number of seconds >= 0,"
             f" not {batch_wait!r}"
         )
-    if key is not None:
-        raise ConfigError(f"subscription {name!r}: batch= and key= do not go together yet")
-    if durable is not None:
-        raise ConfigError(f"subscription {name!r}: batch handlers need a plain subscription yet")
 
 
 def _itself(delivery: Delivery) -> Delivery:

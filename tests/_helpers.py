@@ -19,7 +19,7 @@ import pytest
 import pgbus
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 
 def in_ci() -> bool:
@@ -85,6 +85,16 @@ class Collector:
 
         await asyncio.wait_for(until(), timeout)
         return self.items
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``check()`` holds, looking every 20 ms, for at most ``timeout`` s.
+
+    For a figure a background task updates (a gauge), where there is no event to wait on.
+    """
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110 - a background figure: no event to wait on
+            await asyncio.sleep(0.02)
 
 
 class Watch:

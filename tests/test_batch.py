@@ -114,7 +114,7 @@ async def test_a_rejected_batch_dead_letters_every_event_at_once(make_bus, chann
         ({"batch": 10, "batch_wait": -1}, "batch_wait must be a finite"),
         ({"batch": 10, "batch_wait": float("nan")}, "batch_wait must be a finite"),
         ({"batch_wait": 0.1}, "batch_wait needs batch="),
-        ({"batch": 10, "key": lambda e: e}, "batch= and key="),
+        ({"batch": 10, "key": 3}, "key must be callable"),
     ],
 )
 def test_bad_batch_options_are_config_errors(make_bus, options, match):
@@ -161,3 +161,77 @@ async def test_a_nacked_batch_comes_back_whole(make_bus, channel):
         await bus.publish_many([Order(n=i) for i in range(3)])
         await asyncio.wait_for(done.wait(), 5)
     assert calls == [[0, 1, 2], [0, 1, 2]]
+
+
+async def test_key_ordered_batches_keep_each_key_in_order_and_never_overlap(make_bus, channel):
+    """batch= with key=: batches of many keys; no key in two running batches; keys in order."""
+    Order = event_on(channel)
+    running: set[int] = set()
+    overlaps: list[int] = []
+    by_key: dict[int, list[int]] = {}
+    done = asyncio.Event()
+    total = 120
+    bus = make_bus()
+
+    @bus.subscribe(Order, concurrency=4, key=lambda e: e.n % 5, batch=7, batch_wait=0.01)
+    async def handler(events: list[pgbus.Event]) -> None:
+        keys = {e.n % 5 for e in events}  # type: ignore[attr-defined]
+        overlaps.extend(keys & running)
+        running.update(keys)
+        await asyncio.sleep(0.002)  # the other workers run meanwhile
+        running.difference_update(keys)
+        for e in events:
+            by_key.setdefault(e.n % 5, []).append(e.n)  # type: ignore[attr-defined]
+        if sum(map(len, by_key.values())) == total:
+            done.set()
+
+    async with bus:
+        for start in range(0, total, 10):
+            await bus.publish_many([Order(n=i) for i in range(start, start + 10)])
+        await asyncio.wait_for(done.wait(), 20)
+    assert overlaps == []
+    assert by_key == {k: list(range(k, total, 5)) for k in range(5)}
+
+
+async def test_key_ordered_batches_without_a_common_key_run_at_once(make_bus, channel):
+    """Two batches of different keys are handled in parallel (each waits for the other here)."""
+    Order = event_on(channel)
+    seen = {0: asyncio.Event(), 1: asyncio.Event()}
+    bus = make_bus()
+    finished: asyncio.Queue[int] = asyncio.Queue()
+
+    @bus.subscribe(Order, concurrency=2, key=lambda e: e.n // 10, batch=2, batch_wait=0.5)
+    async def handler(events: list[pgbus.Event]) -> None:
+        key = events[0].n // 10  # type: ignore[attr-defined]
+        seen[key].set()
+        await asyncio.wait_for(seen[1 - key].wait(), 5)  # deadlocks if run one at a time
+        finished.put_nowait(key)
+
+    async with bus:
+        await bus.publish_many([Order(n=0), Order(n=1), Order(n=10), Order(n=11)])
+        got = {await asyncio.wait_for(finished.get(), 10) for _ in range(2)}
+    assert got == {0, 1}
+
+
+async def test_a_key_function_raising_in_a_batch_dead_letters_only_that_event(make_bus, channel):
+    """The event whose key function raises is a dead letter; the rest of its batch is handled."""
+    Order = event_on(channel)
+    letters = Letters()
+    got: asyncio.Queue[list[int]] = asyncio.Queue()
+    bus = make_bus(plugins=[letters])
+
+    def key(event: pgbus.Event) -> int:
+        if event.n == 1:  # type: ignore[attr-defined]
+            raise KeyError("no customer")
+        return 0
+
+    @bus.subscribe(Order, name="k", key=key, batch=3, batch_wait=0.5)
+    async def handler(events: list[pgbus.Event]) -> None:
+        got.put_nowait([e.n for e in events])  # type: ignore[attr-defined]
+
+    async with bus:
+        await bus.publish_many([Order(n=0), Order(n=1), Order(n=2)])
+        dead = await letters.next()
+        assert await asyncio.wait_for(got.get(), 5) == [0, 2]
+    assert (dead.subscription, type(dead.error)) == ("k", KeyError)
+    assert '"n":1' in dead.payload

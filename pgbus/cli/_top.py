@@ -78,6 +78,10 @@ class Board:
             ("recv/s", "right"),
             ("handled/s", "right"),
             ("errors", "right"),
+            ("nacks", "right"),
+            ("rejects", "right"),
+            ("delayed", "right"),
+            ("scheduled", "right"),
             ("lag avg", "right"),
             ("lag max", "right"),
         ):
@@ -86,6 +90,7 @@ class Board:
             state = "" if snap.get("connected", True) else " (reconnecting)"
             label = Text(bus + state, style="bold" if not state else "bold yellow")
             channels = snap.get("channels", {}) or {"-": {}}
+            scheduled = snap.get("scheduled")  # the bus's: shown on its first row
             for channel, stats in sorted(channels.items()):
                 rate = snap.get("rates", {}).get(channel, {})
                 errors = stats.get("failed", 0) + stats.get("decode_failures", 0)
@@ -96,10 +101,15 @@ class Board:
                     _rate(rate.get("received")),
                     _rate(rate.get("handled")),
                     Text(str(errors), style="red" if errors else ""),
+                    str(stats.get("nacked", 0)),
+                    Text(str(rejects := stats.get("rejected", 0)), style="red" if rejects else ""),
+                    str(stats.get("delayed", 0)),
+                    "-" if scheduled is None else str(scheduled),
                     _ms(stats.get("lag_avg")),
                     _ms(stats.get("lag_max")),
                 )
                 label = Text("")
+                scheduled = None
         if not self.latest:
             table.caption = (
                 f"waiting for snapshots on {METRICS_CHANNEL!r}: run your bus with"

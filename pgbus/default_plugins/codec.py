@@ -108,7 +108,12 @@ def envelope_type(event_type: type[Event] | None) -> Any:
         "headers": NotRequired[_HEADERS],
         "data": Annotated[data, _DATA],
     }
-    return TypedDict(f"{name}Envelope", fields)  # type: ignore[operator]  # a TypedDict built at run time
+    make: Any = TypedDict  # a TypedDict built at run time
+    envelope = make(f"{name}Envelope", fields)
+    # Cache the parser's strings for keys only: an envelope's values (its id above all)
+    # are new every time, and caching them costs more than it saves.
+    envelope.__pydantic_config__ = pydantic.ConfigDict(cache_strings="keys")
+    return envelope
 
 
 def wire_schema() -> dict[str, Any]:
@@ -160,7 +165,9 @@ def pgbus_decoder(channel: str, event_types: Sequence[type[Event]]) -> Decoder:
     if len(envelopes) > 1:
         union: Any = Union.__getitem__(tuple(envelopes))  # a union built at run time
         envelope = Annotated[union, pydantic.Field(discriminator="type")]
-    validate: Callable[[str], dict[str, Any]] = pydantic.TypeAdapter(envelope).validate_json
+    # the validator itself: TypeAdapter.validate_json is a Python wrapper around it
+    validator = pydantic.TypeAdapter(envelope).validator
+    validate: Callable[[str], dict[str, Any]] = validator.validate_json
     bare = event_types[0].model_validate_json if len(event_types) == 1 else None
     known = {t.pgbus_type for t in event_types}
 

@@ -8,8 +8,10 @@
   retried, dead-lettered, dropped, the queue depth and running handlers, and two
   fixed-bucket histograms (:class:`HistogramSnapshot`): handler duration per attempt and
   end-to-end lag (the listener's receive time minus the publisher's timestamp);
-* for the bus: connects, disconnects, reconnects, and the last sample of PostgreSQL's
-  ``pg_notification_queue_usage()``, taken by ``await bus.metrics.sample_queue_usage()``.
+* for the bus: connects, disconnects, reconnects, the last sample of PostgreSQL's
+  ``pg_notification_queue_usage()``, taken by ``await bus.metrics.sample_queue_usage()``,
+  and the gauges other plugins report (:meth:`Metrics.gauge`; the durable plugin's
+  ``scheduled``: events published for later and not yet due).
 
 The per-event cost is a few integer increments and two ``list.append`` calls (the
 histograms sort their buffer into buckets every 1024 values), done by a handler
@@ -144,7 +146,8 @@ class SubscriptionStats:
     :ivar rejected: deliveries whose handler raised :class:`~pgbus.Reject`.
     :ivar pending: deliveries waiting in its queue when the snapshot was taken.
     :ivar running: deliveries being handled when the snapshot was taken.
-    :ivar delayed: deliveries waiting out a nack's delay when the snapshot was taken.
+    :ivar delayed: deliveries waiting out a nack's delay when the snapshot was taken
+        (in memory, or persisted: a durable subscription's retries in the database).
     :ivar duration: handler duration per attempt.
     :ivar lag: receive time minus publish time of the deliveries it received.
 
@@ -180,8 +183,10 @@ class MetricsSnapshot:
     :ivar queue_usage: the last sample of ``pg_notification_queue_usage()`` (0 to 1),
         ``None`` before :meth:`Metrics.sample_queue_usage` ran.
     :ivar queue_usage_at: when it was sampled (``time.time()``).
+    :ivar gauges: bus-level values other plugins reported last (:meth:`Metrics.gauge`).
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.3.0 ``gauges`` and :attr:`scheduled`.
     """
 
     channels: dict[str, ChannelStats]
@@ -191,6 +196,18 @@ class MetricsSnapshot:
     reconnects: int = 0
     queue_usage: float | None = None
     queue_usage_at: float | None = None
+    gauges: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def scheduled(self) -> int | None:
+        """Events published for later and not yet due (durable mode), ``None`` elsewhere."""
+        value = self.gauges.get("scheduled")
+        return None if value is None else int(value)
+
+    @property
+    def delayed(self) -> int:
+        """Deliveries waiting for a retry, over all subscriptions (the delayed backlog)."""
+        return sum(s.delayed for s in self.subscriptions.values())
 
     @property
     def published(self) -> int:
@@ -342,6 +359,7 @@ class Metrics:
         self._disconnects = 0
         self._queue_usage: float | None = None
         self._queue_usage_at: float | None = None
+        self._gauges: dict[str, float] = {}
         self._bus: Bus | None = None
 
     def _sub(self, name: str) -> _SubCounts:
@@ -400,7 +418,25 @@ class Metrics:
             reconnects=max(0, self._connects - 1),
             queue_usage=self._queue_usage,
             queue_usage_at=self._queue_usage_at,
+            gauges=dict(self._gauges),
         )
+
+    def gauge(self, name: str, value: float | None) -> None:
+        """Report a bus-level gauge measured by another plugin, shown in every snapshot.
+
+        The durable plugin reports ``"scheduled"`` (events published for later, not yet
+        due) each time it looks at them; exporters (``/metrics``, the Prometheus plugin,
+        :class:`~pgbus.MetricsPublisher`) pass the gauges on.
+
+        :param name: the gauge's name (a Prometheus-friendly identifier).
+        :param value: its value now; ``None`` removes it.
+
+        .. versionadded:: 0.3.0
+        """
+        if value is None:
+            self._gauges.pop(name, None)
+        else:
+            self._gauges[name] = float(value)
 
     async def sample_queue_usage(self, connection: Connection | None = None) -> float:
         """Sample PostgreSQL's ``pg_notification_queue_usage()`` into the metrics.

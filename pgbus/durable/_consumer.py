@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from pgbus._events import DeadLetter, Message
+from pgbus._events import Batch, DeadLetter, Message
 
 if TYPE_CHECKING:
     from pgbus._bus import Bus
@@ -60,8 +60,9 @@ class Inflight:
     def __init__(self, journal_id: int) -> None:
         self.journal_id = journal_id
         self.future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        #: For RETRY: seconds until the next attempt, and that attempt's number.
-        self.retry: tuple[float, int] = (0.0, 1)
+        #: For RETRY: seconds until the next attempt, that attempt's number, and the
+        #: retry batch it goes into (the journal id of its handler batch's first event).
+        self.retry: tuple[float, int, int] = (0.0, 1, journal_id)
 
     def resolve(self, outcome: str) -> None:
         """Set the outcome (the first one wins)."""
@@ -79,6 +80,14 @@ class Consumer:
         self.group: str = sub.durable  # type: ignore[assignment]  # only durable subs get one
         self.member = member_id()
         self.types = sorted({t.pgbus_type for t in sub.event_types}) if sub.event_types else None
+        #: Journal ids per batch row: a batch handler's batch fits in one (so it is
+        #: claimed, acknowledged and retried as one row).
+        self.cut = max(plugin.batch_size, sub.batch or 0)
+        #: A batch handler's deliveries gathered from the batch in hand, not yet queued.
+        self._gathered: list[Delivery] = []
+        #: Whether the last pump found less than a batch: a batch handler then gives the
+        #: events that follow ``batch_wait`` to arrive before the next pump.
+        self._lull = True
         self.wakeup = asyncio.Event()
         self.handled = 0
         self.duplicates = 0
@@ -88,8 +97,9 @@ class Consumer:
         self._need_pump = True
         self._batches_low = True
         self._acks: list[int] = []
-        #: Nacked events to persist with the next ack: journal id, delay, next attempt.
-        self._retries: list[tuple[int, float, int]] = []
+        #: Nacked events to persist with the next ack: journal id, delay, next attempt,
+        #: and the retry batch (events with the same one are retried together).
+        self._retries: list[tuple[int, float, int, int]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._due_unknown = True
         self._task: asyncio.Task[None] | None = None
@@ -112,15 +122,20 @@ class Consumer:
         """Persist the retry of a nacked delivery (the subscription's ``deferrer``).
 
         It leaves its batch, at the next ack, for a batch of its own due after
-        ``delay`` seconds, so the events behind it go on and a restart keeps it.
+        ``delay`` seconds, so the events behind it go on and a restart keeps it. A batch
+        handler's batch is retried as one: its events go into one batch row together.
 
         :returns: whether the delivery was one of this consumer's (else not persisted).
         """
-        inflight = self.plugin.find(self.group, delivery.id)
-        if inflight is None or inflight.future.done():
+        parts = delivery.deliveries if isinstance(delivery, Batch) else [delivery]
+        found = [self.plugin.find(self.group, d.id) for d in parts]
+        inflights = [i for i in found if i is not None and not i.future.done()]
+        if not inflights:
             return False
-        inflight.retry = (delay, delivery.attempt + 1)
-        inflight.resolve(RETRY)
+        together = inflights[0].journal_id
+        for inflight in inflights:
+            inflight.retry = (delay, delivery.attempt + 1, together)
+            inflight.resolve(RETRY)
         return True
 
     def _wake_in(self, delay: float) -> None:
@@ -133,7 +148,10 @@ class Consumer:
             self._due_unknown = True
             self.wake()
 
-        handle = asyncio.get_running_loop().call_later(delay, due)
+        loop = asyncio.get_running_loop()
+        if any(t.when() <= loop.time() + delay for t in self._timers):
+            return  # a look comes before then, and finds this one next
+        handle = loop.call_later(delay, due)
         self._timers.add(handle)
 
     def wake(self) -> None:
@@ -227,7 +245,8 @@ class Consumer:
                 continue
             attempt = 0
             if not busy:
-                await self._wait(self.plugin.poll_interval)
+                if not await self._wait(self.plugin.poll_interval):  # the safety-net poll:
+                    self._due_unknown = True  # count the retries of every member again
                 self._need_pump = True  # woken, or the safety-net poll
         await self._flush_acks()
 
@@ -236,11 +255,15 @@ class Consumer:
         with contextlib.suppress(*DRIVER_ERRORS):
             await asyncio.wait_for(self._ack(), timeout=5.0)
 
-    async def _wait(self, timeout: float) -> None:  # noqa: ASYNC109 - an idle wait
+    async def _wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - an idle wait
+        """Wait to be woken, or ``timeout`` seconds; whether it was woken."""
         if self._stopping:
-            return
-        with contextlib.suppress(TimeoutError):
+            return True
+        try:
             await asyncio.wait_for(self.wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _step(self) -> bool:
         """Pump, claim and handle one batch; ``True`` when there may be more to do now."""
@@ -252,6 +275,8 @@ class Consumer:
         # claimed batches run low: few wait, so claiming stays cheap.
         if self._need_pump and self._batches_low:
             self._need_pump = False
+            if self.sub.batch is not None and self._lull and self.sub.batch_wait > 0:
+                await asyncio.sleep(self.sub.batch_wait)  # let a batch's worth arrive
             pumped, resumed = await self._pump()
             # Pump until a pump finds nothing in a snapshot of its own: one that went on
             # with a batch begun earlier used that batch's snapshot, and what committed
@@ -260,15 +285,11 @@ class Consumer:
                 self._need_pump = True
         if self._stopping:
             return False
-        if self._due_unknown:  # after a restart: wake when the first persisted retry is due
-            pool = await self.plugin.pool()
-            due = await pool.fetchval(self.plugin.sql.next_due, self.group)
-            if due is not None:
-                self._wake_in(due)
-            self._due_unknown = False
         sql = self.plugin.sql
         rows = await self._fetch(sql.claim if self.sub.key is None else sql.claim_ordered)
-        self._batches_low = len(rows) < self.plugin.batch_size
+        self._batches_low = len(rows) < self.cut
+        if self._due_unknown:  # after a restart or an ack of retries: when is the next due
+            await self._look_at_retries()
         if rows:
             await self._handle(rows)
             return True
@@ -276,6 +297,17 @@ class Consumer:
             await self._wait(self.plugin.busy_retry)
             return True
         return self._need_pump
+
+    async def _look_at_retries(self) -> None:
+        """Wake when the first persisted retry is due; count them (the delayed gauge)."""
+        pool = await self.plugin.pool()
+        row = await pool.fetchrow(self.plugin.sql.next_due, self.group)
+        self._due_unknown = False
+        if row is None:  # pragma: no cover - an aggregate always returns a row
+            return
+        self.sub.deferred = row[1]
+        if row[0] is not None:
+            self._wake_in(row[0])
 
     async def _pump(self) -> tuple[int | None, bool]:
         """Cut newly committed journal rows into batches.
@@ -290,12 +322,14 @@ class Consumer:
                 self.group,
                 list(self.sub.channels),
                 self.types,
-                self.plugin.pump_size,
-                self.plugin.batch_size,
+                max(self.plugin.pump_size, self.cut),
+                self.cut,
             )
         if row is None:  # another member is pumping
             return None, False
-        return row[0] or 0, bool(row[1])
+        pumped = row[0] or 0
+        self._lull = pumped < self.cut
+        return pumped, bool(row[1])
 
     async def _fetch(self, query: str) -> list[Any]:
         """Ack the events handled since the last claim, then claim the next batch."""
@@ -308,16 +342,24 @@ class Consumer:
     async def _ack(self) -> None:
         acks, retries = list(self._acks), list(self._retries)
         if acks or retries:
-            ids, delays, attempts = (
-                (list(c) for c in zip(*retries, strict=True)) if retries else ([], [], [])
+            ids, delays, attempts, together = (
+                (list(c) for c in zip(*retries, strict=True)) if retries else ([], [], [], [])
             )
             await self._execute(
-                self.plugin.sql.ack, self.group, acks + ids, ids, delays, attempts, self.member
+                self.plugin.sql.ack,
+                self.group,
+                acks + ids,
+                ids,
+                delays,
+                attempts,
+                self.member,
+                together,
             )
             del self._acks[: len(acks)]
             del self._retries[: len(retries)]
             if delays:
                 self._wake_in(min(delays))
+                self._due_unknown = True  # count the retries waiting again
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()
@@ -342,6 +384,7 @@ class Consumer:
                 self._batch_acks.append(journal_id)
             else:
                 self._waiting.append((journal_id, row["event_id"], inflight))
+        await self._queue_gathered()  # after a failure too: what waits must be handled
         await self._wait_outcomes([w[2] for w in self._waiting])
         offered = {w[0] for w in self._waiting}  # the rows after a failure stay claimed
         again = [j for j in self._settle() if j in offered]
@@ -366,8 +409,7 @@ class Consumer:
                 continue
             decided.add(journal_id)
             if outcome == RETRY:
-                delay, attempt = inflight.retry
-                self._retries.append((journal_id, delay, attempt))
+                self._retries.append((journal_id, *inflight.retry))
             elif outcome == OK:
                 self.handled += 1
                 self._remember(event_id)
@@ -423,8 +465,19 @@ class Consumer:
         delivery.attempt = row["attempt"]
         delivery.redelivered = row["deliveries"] > 1 or delivery.attempt > 1
         inflight = self.plugin.track(self.group, delivery.id, journal_id)
-        await self.sub.put(delivery)
+        if self.sub.batch is None:
+            await self.sub.put(delivery)
+            return inflight
+        self._gathered.append(delivery)
+        if len(self._gathered) >= self.sub.batch:
+            await self._queue_gathered()
         return inflight
+
+    async def _queue_gathered(self) -> None:
+        """Queue a batch handler's gathered deliveries as one batch (its events' attempt)."""
+        gathered, self._gathered = self._gathered, []
+        if gathered:
+            await self.sub.put(Batch.of(gathered))
 
     async def _give_up(
         self, message: Message, event_id: str, journal_id: int, error: BaseException

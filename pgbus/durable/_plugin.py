@@ -11,7 +11,7 @@ import asyncpg
 
 from pgbus._coalesce import Coalescer
 from pgbus._drivers import DriverError, executor
-from pgbus._events import Message
+from pgbus._events import Batch, Message
 from pgbus._markers import hookimpl
 from pgbus._memory import is_memory
 from pgbus._util import keep_session, plural, redact_dsn
@@ -503,6 +503,13 @@ class DurablePlugin:
             self.released += len(rows)
         return len(rows)
 
+    def _report_scheduled(self, count: int) -> None:
+        """Give the metrics plugin (if any) the count of events not yet due."""
+        metrics = self._bus.plugins.get("metrics") if self._bus is not None else None
+        gauge = getattr(metrics, "gauge", None)
+        if callable(gauge):
+            gauge("scheduled", count)
+
     async def _schedule_loop(self) -> None:
         """Release what falls due, waking at the next due time (or a local publish)."""
         while True:
@@ -511,6 +518,7 @@ class DurablePlugin:
             try:
                 moved = await self.release_due()
                 count, due = await self.scheduled()
+                self._report_scheduled(count)
                 if moved >= self.pump_size:  # more fell due than one statement moves
                     wait = 0.0
                 elif count and due is not None:  # due already: another process has it
@@ -592,10 +600,16 @@ class DurablePlugin:
         delivery: Delivery,
         duration: float,  # noqa: ARG002 - hook signature
     ) -> None:
-        """A durable delivery succeeded: it will be acked."""
-        inflight = self.find(subscription, delivery.id)
-        if inflight is not None:
-            inflight.resolve(OK)
+        """A durable delivery (each event of a batch) succeeded: it will be acked."""
+        self._resolve(subscription, delivery, OK)
+
+    def _resolve(self, subscription: Subscription, delivery: Delivery, outcome: str) -> None:
+        if not self._inflight:
+            return
+        for one in delivery.deliveries if isinstance(delivery, Batch) else (delivery,):
+            inflight = self.find(subscription, one.id)
+            if inflight is not None:
+                inflight.resolve(outcome)
 
     @hookimpl
     def pgbus_on_dropped(
@@ -605,9 +619,7 @@ class DurablePlugin:
         policy: Overflow,  # noqa: ARG002 - hook signature
     ) -> None:
         """A durable delivery was dropped by an overflow policy: deliver it again later."""
-        inflight = self.find(subscription, delivery.id)
-        if inflight is not None:
-            inflight.resolve(AGAIN)
+        self._resolve(subscription, delivery, AGAIN)
 
     @hookimpl
     async def pgbus_on_dead_letter(self, dead_letter: DeadLetter) -> None:

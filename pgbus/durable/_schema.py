@@ -520,18 +520,20 @@ class Sql:
         # Handled (or dead-lettered) events leave the batches this member ($6) claimed;
         # an empty batch goes. Only its own claims: a batch of the same events made since
         # (a dead letter redelivered meanwhile) is new work, not this ack's. Those to
-        # retry ($2 also holds them) each go into a batch of their own, due ``$4``
-        # seconds from now, on handler attempt ``$5`` (in the same statement).
+        # retry ($2 also holds them) go into batches of their own, one per value of
+        # ``$7`` (a batch handler's batch stays one), due ``$4`` seconds from now, on
+        # handler attempt ``$5`` (in the same statement).
         self.ack = f"""
             WITH gone AS (
                 DELETE FROM {s}.batches
                 WHERE subscription = $1 AND claimed_by = $6 AND journal_ids <@ $2::bigint[]
             ), retried AS (
                 INSERT INTO {s}.batches (subscription, journal_ids, not_before, attempt)
-                SELECT $1, ARRAY[r.journal_id], now() + make_interval(secs => r.delay), r.attempt
-                FROM unnest($3::bigint[], $4::float8[], $5::integer[])
-                    WITH ORDINALITY AS r(journal_id, delay, attempt, ord)
-                ORDER BY r.ord
+                SELECT $1, array_agg(r.journal_id ORDER BY r.ord),
+                       now() + make_interval(secs => min(r.delay)), min(r.attempt)
+                FROM unnest($3::bigint[], $4::float8[], $5::integer[], $7::bigint[])
+                    WITH ORDINALITY AS r(journal_id, delay, attempt, together, ord)
+                GROUP BY r.together ORDER BY min(r.ord)
             )
             UPDATE {s}.batches SET journal_ids = array(
                 SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
@@ -556,9 +558,12 @@ class Sql:
                 count(b.id) FILTER (WHERE b.not_before > now()) AS retries
             FROM {s}.subscriptions s LEFT JOIN {s}.batches b ON b.subscription = s.name
             GROUP BY s.name ORDER BY s.name"""  # noqa: S608 - quoted identifier
-        # Seconds until the subscription's next retry is due (NULL: none waits).
+        # Seconds until the subscription's next retry is due (NULL: none waits), and how
+        # many events wait for a retry.
         self.next_due = f"""
-            SELECT extract(epoch FROM min(not_before) - now())::float8 FROM {s}.batches
+            SELECT extract(epoch FROM min(not_before) - now())::float8,
+                   coalesce(sum(cardinality(journal_ids)), 0)::bigint
+            FROM {s}.batches
             WHERE subscription = $1 AND not_before > now()"""  # noqa: S608 - quoted identifier
         self.release = f"""
             UPDATE {s}.batches SET claimed_by = NULL, claimed_until = NULL

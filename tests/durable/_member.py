@@ -1,7 +1,8 @@
 """A consumer-group member process for the durable tests (killed with SIGKILL by some).
 
-Usage: python _member.py DSN SCHEMA CHANNEL GROUP. Prints "ready" once listening, then
-"<n>" for each event its handler finished, flushed at once.
+Usage: python _member.py DSN SCHEMA CHANNEL GROUP [BATCH]. Prints "ready" once listening,
+then "<n>" for each event its handler finished, flushed at once. With BATCH, the handler
+is a batch handler (``batch=BATCH``) that prints its events once the whole batch is done.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pgbus
 from pgbus.durable import DurablePlugin
 
 
-async def main(dsn: str, schema: str, channel: str, group: str) -> None:
+async def main(dsn: str, schema: str, channel: str, group: str, batch: str = "") -> None:
     class Ticket(pgbus.Event, channel=channel):
         n: int
         blob: str = ""
@@ -21,11 +22,21 @@ async def main(dsn: str, schema: str, channel: str, group: str) -> None:
     plugin = DurablePlugin(schema, lease=1.0, poll_interval=0.3, batch_size=20, prune_interval=None)
     bus = pgbus.Bus(dsn, load_entrypoints=False, plugins=[plugin])
 
-    @bus.subscribe(Ticket, durable=group)
-    async def handle(event: Ticket) -> None:
-        await asyncio.sleep(0.001)
-        sys.stdout.write(f"{event.n}\n")
-        sys.stdout.flush()
+    if batch:
+
+        @bus.subscribe(Ticket, durable=group, batch=int(batch), batch_wait=0.01)
+        async def handle_batch(events: list[Ticket]) -> None:
+            await asyncio.sleep(0.005)
+            sys.stdout.write("".join(f"{e.n}\n" for e in events))
+            sys.stdout.flush()
+
+    else:
+
+        @bus.subscribe(Ticket, durable=group)
+        async def handle(event: Ticket) -> None:
+            await asyncio.sleep(0.001)
+            sys.stdout.write(f"{event.n}\n")
+            sys.stdout.flush()
 
     async with bus:
         sys.stdout.write("ready\n")
@@ -34,4 +45,4 @@ async def main(dsn: str, schema: str, channel: str, group: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

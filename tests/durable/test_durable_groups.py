@@ -94,12 +94,16 @@ class Member:
         await self.reader
 
 
-async def test_killed_member_work_goes_to_the_other(durable_bus, pg_dsn, schema, channel):
-    """SIGKILL one of two member processes midway: the other handles the rest after the lease."""
+@pytest.mark.parametrize("batch", [(), ("10",)], ids=["one-by-one", "batch-handler"])
+async def test_killed_member_work_goes_to_the_other(
+    durable_bus, pg_dsn, schema, channel, batch: tuple[str, ...]
+):
+    """SIGKILL one of two member processes midway: the other handles the rest after the lease
+    (batch handlers too: a dead member's batches are handled again whole by the other)."""
     ticket = ticket_type(channel)
     total = 2000
-    a = await Member.spawn(pg_dsn, schema, channel, "group")
-    b = await Member.spawn(pg_dsn, schema, channel, "group")
+    a = await Member.spawn(pg_dsn, schema, channel, "group", *batch)
+    b = await Member.spawn(pg_dsn, schema, channel, "group", *batch)
     try:
         publisher: pgbus.Bus = durable_bus()
         for start in range(0, total, 100):

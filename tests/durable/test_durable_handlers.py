@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from _helpers import Letters, ticket_type
 
 import pgbus
@@ -52,13 +51,3 @@ async def test_durable_reject_is_a_dead_letter_row_after_one_attempt(
     row = await sql.fetchrow(f'SELECT attempts, error FROM "{schema}".dead_letters')
     assert row["attempts"] == 1
     assert "unknown customer" in row["error"]
-
-
-def test_durable_batch_handlers_are_refused_for_now(durable_bus, channel):
-    """batch= on a durable subscription is a ConfigError (not built yet), not a surprise."""
-    bus: pgbus.Bus = durable_bus()
-
-    async def handler(events: list[Any]) -> None: ...
-
-    with pytest.raises(pgbus.ConfigError, match="plain subscription"):
-        bus.subscribe(ticket_type(channel), durable="b", batch=10)(handler)

@@ -18,15 +18,24 @@ metric                                 type       labels
 ``retries_total``                      counter    ``subscription``
 ``subscription_dead_letters_total``    counter    ``subscription``
 ``dropped_total``                      counter    ``subscription``
+``nacked_total``                       counter    ``subscription`` (``pgbus.Nack``)
+``rejected_total``                     counter    ``subscription`` (``pgbus.Reject``)
 ``subscription_pending``               gauge      ``subscription``
 ``subscription_running``               gauge      ``subscription``
+``subscription_delayed``               gauge      ``subscription`` (retries waiting)
 ``handler_duration_seconds``           histogram  ``subscription`` (per attempt)
 ``lag_seconds``                        histogram  ``subscription`` (publish to receive)
 ``connects_total``                     counter
 ``disconnects_total``                  counter
 ``reconnects_total``                   counter
 ``notification_queue_usage``           gauge      (when sampled)
+``scheduled``                          gauge      (durable: published for later,
+                                                  not yet due)
 =====================================  =========  ================================
+
+``scheduled`` is one of the gauges plugins report to the metrics plugin
+(``bus.metrics.gauge(name, value)``); each becomes ``pgbus_<name>``, the largest value
+of the buses (they count the same database tables).
 
 Label values are bounded: past ``max_label_values`` distinct channels (or
 subscriptions) per collector, new ones are added up under the value ``__other__``, so a
@@ -110,6 +119,10 @@ _SUBSCRIPTION_HISTOGRAMS: Final = (
     ("duration", "handler_duration_seconds", "Handler duration per attempt."),
     ("lag", "lag_seconds", "Receive time minus publish time."),
 )
+#: The help text of the gauges plugins report that pgbus knows of.
+_GAUGE_HELP: Final = {
+    "scheduled": "Events published for later (durable delayed delivery), not yet due.",
+}
 _BUS_COUNTERS: Final = (
     ("connects", "connects", "LISTEN connections established."),
     ("disconnects", "disconnects", "LISTEN connections lost."),
@@ -280,7 +293,10 @@ class PgbusCollector(Collector):
         hists: dict[str, dict[str, _Hist]] = {f: {} for f, _, _ in _SUBSCRIPTION_HISTOGRAMS}
         totals: dict[str, float] = {f: 0 for f, _, _ in _BUS_COUNTERS}
         usage: float | None = None
+        gauges: dict[str, float] = {}
         for snap in snapshots:
+            for name, value in (getattr(snap, "gauges", None) or {}).items():
+                gauges[name] = max(value, gauges.get(name, value))
             _add_up(getattr(snap, "channels", {}), self._channels, per_channel)
             subs = getattr(snap, "subscriptions", {})
             _add_up(subs, self._subscriptions, per_sub)
@@ -300,6 +316,10 @@ class PgbusCollector(Collector):
             if sampled is not None:
                 usage = sampled if usage is None else max(usage, sampled)
         yield from self._families(per_channel, per_sub, hists, totals, usage)
+        for name, value in sorted(gauges.items()):
+            yield GaugeMetricFamily(
+                self._name(name), _GAUGE_HELP.get(name, "A pgbus gauge."), value=value
+            )
 
     def _families(
         self,

@@ -132,6 +132,54 @@ async def test_the_collector_joins_an_existing_registry_and_adds_buses_up(pg_dsn
     assert collector_for(registry).buses == []
 
 
+class Outcomes:
+    """Sets ``nacked`` at a retry and ``dead`` at a dead letter."""
+
+    def __init__(self) -> None:
+        self.nacked = asyncio.Event()
+        self.dead = asyncio.Event()
+
+    @pgbus.hookimpl
+    def pgbus_on_retry(self) -> None:
+        self.nacked.set()
+
+    @pgbus.hookimpl
+    def pgbus_on_dead_letter(self) -> None:
+        self.dead.set()
+
+
+async def test_nacks_rejects_retries_waiting_and_plugin_gauges_are_exported(pg_dsn, channel):
+    """Nacks and rejects are counters, retries waiting a gauge, and a plugin's gauge (the
+    durable plugin's `scheduled`) becomes `pgbus_<name>`, the largest of the buses."""
+    tick = model(channel)
+    outcomes = Outcomes()
+    registry = CollectorRegistry()
+    buses = [
+        pgbus.Bus(pg_dsn, load_entrypoints=False, plugins=[PrometheusPlugin(registry=registry)])
+        for _ in range(2)
+    ]
+    buses[0].plugins.register(outcomes)
+
+    @buses[0].subscribe(tick, name="outcomes")
+    async def decide(event: pgbus.Event) -> None:
+        if event.n == 1:  # type: ignore[attr-defined]
+            raise pgbus.Nack(delay=60)
+        raise pgbus.Reject("never")
+
+    async with buses[0], buses[1]:
+        await buses[0].publish_many([tick(n=1), tick(n=2)])
+        await asyncio.wait_for(outcomes.nacked.wait(), TIMEOUT)
+        await asyncio.wait_for(outcomes.dead.wait(), TIMEOUT)
+        buses[0].metrics.gauge("scheduled", 2)
+        buses[1].metrics.gauge("scheduled", 3)
+        got = samples(generate_latest(registry).decode())
+    sub = (("subscription", "outcomes"),)
+    assert got["pgbus_nacked_total", sub] == 1
+    assert got["pgbus_rejected_total", sub] == 1
+    assert got["pgbus_subscription_delayed", sub] == 1
+    assert got["pgbus_scheduled", ()] == 3
+
+
 async def test_label_values_are_bounded(pg_dsn):
     """Past max_label_values channels, the rest are added up under __other__."""
     registry = CollectorRegistry()
