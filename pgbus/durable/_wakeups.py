@@ -97,7 +97,7 @@ class Pending:
             return False
         try:
             return not probe()
-        except Exception:  # noqa: BLE001 - e.g. released to its pool: ask the server
+        except Exception:  # e.g. released to its pool: ask the server
             return True
 
 
