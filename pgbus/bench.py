@@ -166,6 +166,7 @@ SCENARIOS: Final = (
     "durable_writers",
     "durable_rows",
     "durable_latency_1k",
+    "durable_latency_tx",
     "publish_64",
     "durable_publish_64",
     "relay_nats",
@@ -1910,6 +1911,101 @@ async def bench_durable_latency(cfg: Config) -> Result:
     return result
 
 
+#: Seconds the transactions of the ``durable_latency_tx`` scenario stay open after
+#: their publish (the issue's case: the caller commits 2 s later), and their rate.
+TX_HOLD: Final = 2.0
+TX_RATE: Final = 10
+
+
+async def bench_durable_latency_tx(cfg: Config) -> Result:
+    """Commit to handler entry of ``publish(connection=)`` whose caller commits later."""
+    hold = 0.2 if cfg.quick else TX_HOLD
+    count = 10 if cfg.quick else int(TX_RATE * 2 * TX_HOLD)
+    result = Result(
+        "durable_latency_tx",
+        f"latency commit -> handler entry (p99) of publish(connection=) in transactions"
+        f" committed {hold:g} s after it, {TX_RATE}/s: durable subscription (pgbus) vs"
+        " plain subscription, NOTIFY in the transaction (baseline)",
+        "µs",
+        higher_is_better=False,
+        target="p99 <= plain p99 + 5 ms",
+        check=lambda p, b: p <= b + 5_000,
+    )
+    if not durable_available():
+        result.skipped = "not available: pgbus.durable is not installed"
+        return result
+    durable: Any = importlib.import_module("pgbus.durable")
+    clock = time.perf_counter
+    writers = int(TX_RATE * hold) + 4
+    async with _durable_schema(cfg.dsn) as schema:
+        sides = []
+        for durable_mode in (True, False):
+            cls = event_class(new_channel("dtx" if durable_mode else "ptx"))
+            samples: list[float] = []
+            committing: dict[int, float] = {}
+            counter = Counter()
+            plugins = [durable.DurablePlugin(schema=schema)] if durable_mode else []
+            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
+
+            async def handle(
+                event: BenchEvent,
+                samples: list[float] = samples,
+                committing: dict[int, float] = committing,
+                counter: Counter = counter,
+            ) -> None:
+                samples.append(clock() - committing[event.seq])
+                counter.hit()
+
+            bus.subscribe(cls, durable="latency_tx" if durable_mode else None)(handle)
+            sides.append((bus, cls, samples, committing, counter))
+        await sides[0][0].migrate()
+        pool = await asyncpg.create_pool(cfg.dsn, min_size=writers, max_size=writers)
+        pending: set[asyncio.Task[Any]] = set()
+
+        def runner(
+            bus: Bus,
+            cls: type[BenchEvent],
+            samples: list[float],
+            committing: dict[int, float],
+            counter: Counter,
+        ) -> Callable[[], Awaitable[Measure]]:
+            async def transaction(i: int) -> None:
+                async with pool.acquire() as conn:
+                    tx = conn.transaction()
+                    await tx.start()
+                    await bus.publish(make_event(cls, i), connection=conn)
+                    await asyncio.sleep(hold)
+                    committing[i] = clock()
+                    await tx.commit()
+
+            async def send(i: int) -> None:  # not awaited in line: each holds its transaction
+                task = asyncio.create_task(transaction(i))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+            async def run() -> Measure:
+                committing.clear()
+                return await _latency_run(TX_RATE, count, send, samples, counter)
+
+            return run
+
+        try:
+            async with sides[0][0], sides[1][0]:
+                await interleave(
+                    result,
+                    cfg.reps,
+                    [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
+                    cfg.progress,
+                )
+        finally:
+            await pool.close()
+    result.notes.append(
+        f"{count} transactions per repetition, {writers} connections; latency from the"
+        " COMMIT sent to the handler"
+    )
+    return result
+
+
 async def _tuples_inserted(conn: asyncpg.Connection, schema: str) -> int:
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     found = await conn.fetchval(
@@ -2267,6 +2363,7 @@ BENCHES: Final[dict[str, Callable[[Config], Awaitable[Result]]]] = {
     "durable_writers": bench_durable_writers,
     "durable_rows": bench_durable_rows,
     "durable_latency_1k": bench_durable_latency,
+    "durable_latency_tx": bench_durable_latency_tx,
     "publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=False),
     "durable_publish_64": lambda cfg: bench_publish_concurrent(cfg, durable_mode=True),
     "relay_nats": lambda cfg: bench_relay(cfg, "nats"),

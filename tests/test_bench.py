@@ -17,6 +17,7 @@ from pgbus.cli.bench import bench as bench_command
 
 RECEIVING = {
     "durable_latency_1k",
+    "durable_latency_tx",
     "durable_rows",
     "receive",
     "receive_metrics",

@@ -3,15 +3,19 @@
 Its loop, woken by NOTIFY on the subscription's channels (and after every reconnect,
 and every ``poll_interval`` as a safety net):
 
-1. **pump**: cut what committed in the journal since the subscription's snapshot into
+1. **ack** the batch handled before: take the handled and the dead-lettered events out
+   of it (an empty batch is deleted);
+2. **pump**: cut what committed in the journal since the subscription's snapshot into
    batches of journal ids (one row per ``batch_size`` events; one member at a time:
    ``FOR UPDATE SKIP LOCKED`` on the subscription row), and move the snapshot on;
-2. **claim**: take the next batch, in order, with a lease (``FOR UPDATE SKIP LOCKED``,
+3. **claim**: take the next batch, in order, with a lease (``FOR UPDATE SKIP LOCKED``,
    so the members of a group never take the same batch), with its events;
-3. hand the deliveries to the subscription's queue (its middleware, retries, timeouts
-   and ``concurrency`` apply) and wait for each outcome;
-4. **ack**: take the handled and the dead-lettered events out of the batch (an empty
-   batch is deleted), in one statement per batch.
+4. hand the deliveries to the subscription's queue (its middleware, retries, timeouts
+   and ``concurrency`` apply) and wait for each outcome.
+
+The first three are one statement, one round trip (the function ``step``); a key-ordered
+subscription acks in a statement of its own first (its claim waits for the member
+holding the first batch, which must not wait for this member's ack in turn).
 
 A member that dies leaves its claimed batch; after the lease it goes to the others.
 """
@@ -270,23 +274,17 @@ class Consumer:
         if self.sub not in self.bus.subscriptions:  # unsubscribed: this member leaves
             self._stopping = True
             return False
-        pumped: int | None = 0
         # Cut new batches only when woken (or a pump left more behind) and when the
         # claimed batches run low: few wait, so claiming stays cheap.
-        if self._need_pump and self._batches_low:
+        pump = self._need_pump and self._batches_low
+        if pump:
             self._need_pump = False
             if self.sub.batch is not None and self._lull and self.sub.batch_wait > 0:
                 await asyncio.sleep(self.sub.batch_wait)  # let a batch's worth arrive
-            pumped, resumed = await self._pump()
-            # Pump until a pump finds nothing in a snapshot of its own: one that went on
-            # with a batch begun earlier used that batch's snapshot, and what committed
-            # since (whose NOTIFYs woke an earlier pump) is still to come.
-            if pumped is None or pumped > 0 or resumed:
-                self._need_pump = True
         if self._stopping:
             return False
-        sql = self.plugin.sql
-        rows = await self._fetch(sql.claim if self.sub.key is None else sql.claim_ordered)
+        head, rows = await self._fetch(pump=pump)
+        pumped = self._pumped(head) if pump else 0
         self._batches_low = len(rows) < self.cut
         if self._due_unknown:  # after a restart or an ack of retries: when is the next due
             await self._look_at_retries()
@@ -297,6 +295,18 @@ class Consumer:
             await self._wait(self.plugin.busy_retry)
             return True
         return self._need_pump
+
+    def _pumped(self, head: Any) -> int | None:
+        """What the pump cut into batches (``None``: another member is pumping)."""
+        pumped: int | None = head["pumped"]
+        if pumped is not None:
+            self._lull = pumped < self.cut
+        # Pump until a pump finds nothing in a snapshot of its own: one that went on with
+        # a batch begun earlier used that batch's snapshot, and what committed since
+        # (whose NOTIFYs woke an earlier pump) is still to come.
+        if pumped is None or pumped > 0 or head["resumed"]:
+            self._need_pump = True
+        return pumped
 
     async def _look_at_retries(self) -> None:
         """Wake when the first persisted retry is due; count them (the delayed gauge)."""
@@ -309,42 +319,64 @@ class Consumer:
         if row[0] is not None:
             self._wake_in(row[0])
 
-    async def _pump(self) -> tuple[int | None, bool]:
-        """Cut newly committed journal rows into batches.
+    async def _fetch(self, *, pump: bool) -> tuple[Any, list[Any]]:
+        """Ack the events handled since the last claim, pump if ``pump``, claim a batch.
 
-        :returns: how many (``None`` when another member is pumping), and whether this
-            pump went on with a batch begun earlier (in that batch's snapshot).
+        :returns: the first row (its ``pumped``: how many were cut into batches, NULL
+            when another member is pumping; ``resumed``: whether the pump went on with a
+            batch begun earlier, in that batch's snapshot) and the claimed rows.
         """
+        ordered = self.sub.key is not None
+        if ordered:
+            await self._ack()
+        acks, retries = ([], []) if ordered else (list(self._acks), list(self._retries))
+        ids, delays, attempts, together = self._retry_columns(retries)
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
-            row = await conn.fetchrow(
-                self.plugin.sql.pump,
+            rows: list[Any] = await conn.fetch(
+                self.plugin.sql.step,
                 self.group,
+                self.member,
+                self.plugin.lease,
+                ordered,
+                pump,
                 list(self.sub.channels),
                 self.types,
                 max(self.plugin.pump_size, self.cut),
                 self.cut,
+                acks + ids,
+                ids,
+                delays,
+                attempts,
+                together,
             )
-        if row is None:  # another member is pumping
-            return None, False
-        pumped = row[0] or 0
-        self._lull = pumped < self.cut
-        return pumped, bool(row[1])
+        self._acked(acks, retries, delays)
+        return rows[0], [row for row in rows if row["journal_id"] is not None]
 
-    async def _fetch(self, query: str) -> list[Any]:
-        """Ack the events handled since the last claim, then claim the next batch."""
-        await self._ack()
-        pool = await self.plugin.pool()
-        async with pool.acquire() as conn:
-            rows: list[Any] = await conn.fetch(query, self.group, self.member, self.plugin.lease)
-        return rows
+    @staticmethod
+    def _retry_columns(
+        retries: list[tuple[int, float, int, int]],
+    ) -> tuple[list[int], list[float], list[int], list[int]]:
+        """The retries to persist as columns: journal ids, delays, attempts, batches."""
+        if not retries:
+            return [], [], [], []
+        ids, delays, attempts, together = zip(*retries, strict=True)
+        return list(ids), list(delays), list(attempts), list(together)
+
+    def _acked(
+        self, acks: list[int], retries: list[tuple[int, float, int, int]], delays: list[float]
+    ) -> None:
+        """Forget what an ack persisted; wake when its first retry falls due."""
+        del self._acks[: len(acks)]
+        del self._retries[: len(retries)]
+        if delays:
+            self._wake_in(min(delays))
+            self._due_unknown = True  # count the retries waiting again
 
     async def _ack(self) -> None:
         acks, retries = list(self._acks), list(self._retries)
         if acks or retries:
-            ids, delays, attempts, together = (
-                (list(c) for c in zip(*retries, strict=True)) if retries else ([], [], [], [])
-            )
+            ids, delays, attempts, together = self._retry_columns(retries)
             await self._execute(
                 self.plugin.sql.ack,
                 self.group,
@@ -355,11 +387,7 @@ class Consumer:
                 self.member,
                 together,
             )
-            del self._acks[: len(acks)]
-            del self._retries[: len(retries)]
-            if delays:
-                self._wake_in(min(delays))
-                self._due_unknown = True  # count the retries waiting again
+            self._acked(acks, retries, delays)
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()

@@ -32,7 +32,7 @@ from pgbus.durable._subscriptions import (
     position_args,
     seek,
 )
-from pgbus.durable._wakeups import Wakeups
+from pgbus.durable._wakeups import Wakeups, transaction_probe
 from pgbus.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
@@ -148,6 +148,8 @@ class DurablePlugin:
         self._pool_lock = asyncio.Lock()
         self._inflight: dict[tuple[str, str], Inflight] = {}
         self._by_channel: dict[str, list[Consumer]] = {}
+        #: The backends of the consumers' pool that sent wake-ups (see :meth:`wake_local`).
+        self._own_pids: set[int] = set()
         self._pruner: asyncio.Task[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
         #: Set when this process published for later: the scheduler looks again.
@@ -365,11 +367,31 @@ class DurablePlugin:
 
     @hookimpl
     def pgbus_on_received(self, messages: Sequence[Message]) -> None:
-        """Wake the consumers of the channels that got a NOTIFY."""
+        """Wake the consumers of the channels that got a NOTIFY (not this process's own)."""
+        if self._by_channel:
+            own = self._own_pids
+            self._wake({m.channel for m in messages if m.pid not in own})
+
+    def wake_local(
+        self, channels: Sequence[str], conn: asyncpg.pool.PoolConnectionProxy[Any]
+    ) -> None:
+        """Wake this process's consumers of ``channels`` (committed events on them).
+
+        Called just before the wake-ups go out on ``conn`` (of the consumers' pool):
+        their NOTIFYs coming back to this process then wake nobody again. Its backend's
+        pid is forgotten when it closes (a pid another backend may get later).
+        """
+        pid = conn.get_server_pid()
+        own = self._own_pids
+        if pid not in own:
+            own.add(pid)
+            conn.add_termination_listener(lambda _conn: own.discard(pid))
+        if self._by_channel:
+            self._wake(set(channels))
+
+    def _wake(self, channels: set[str]) -> None:
         by_channel = self._by_channel
-        if not by_channel:
-            return
-        for channel in {m.channel for m in messages}:
+        for channel in channels:
             for consumer in by_channel.get(channel, ()):
                 consumer.wake()
 
@@ -428,16 +450,19 @@ class DurablePlugin:
             else:  # the caller's transaction, whatever its driver
                 rows = await executor(connection).fetch(self.sql.publish, *args)
                 row = rows[0] if rows else None
-                # an asyncpg connection outside a transaction has committed already;
-                # any other's commit is watched for (pg_xact_status)
-                in_transaction = getattr(connection, "is_in_transaction", None)
+                # a connection outside a transaction has committed already; another's
+                # commit is watched for (its driver's status, then pg_xact_status)
+                in_transaction = transaction_probe(connection)
                 committed = in_transaction is not None and not in_transaction()
         except (DriverError, *DRIVER_ERRORS) as exc:
             raise publish_error(exc, self.schema) from exc
         if row is None or not row[0]:  # every event was journaled already
             return
         channels, payloads = wakeup_notifications(outgoing, row[0], row[1])
-        self.wakeups.add(None if committed else row[2], channels, payloads)
+        if committed:
+            self.wakeups.add(None, channels, payloads)
+        else:
+            self.wakeups.add(row[2], channels, payloads, in_transaction)
 
     @hookimpl
     def pgbus_schedule(

@@ -35,6 +35,77 @@ UNDEFINED_TABLE, INVALID_SCHEMA_NAME, INVALID_TEXT_REPRESENTATION = "42P01", "3F
 #: NOTIFY refuses payloads of this many bytes or more; bigger events travel by reference.
 NOTIFY_LIMIT = 8000
 
+
+def _claim_sql(s: str, *, ordered: bool) -> str:
+    """The claim of a subscription's next batch, in SQL.
+
+    The body of the functions ``claim`` and ``claim_ordered`` of migration 4: never
+    change it, write a new migration. ``$1`` the subscription, ``$2`` the member,
+    ``$3`` the lease in seconds.
+    """
+    free = "(b.claimed_until IS NULL OR b.claimed_until < now() OR b.claimed_by = $2)"
+    # unordered: the first free batch, skipping those other members hold or lock now;
+    # ordered: the first batch, waiting for a member claiming it now, taken if free
+    pick, take = ("", f"AND {free}") if ordered else (f"AND {free}", "")
+    lock = "FOR UPDATE" if ordered else "FOR UPDATE SKIP LOCKED"
+    return f"""
+            WITH c AS (
+                SELECT id, journal_ids FROM {s}.batches b
+                WHERE subscription = $1
+                  {pick}
+                  AND (not_before IS NULL OR not_before <= now())
+                ORDER BY seq, journal_ids[1] LIMIT 1
+                {lock}
+            ), u AS (
+                UPDATE {s}.batches b
+                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
+                    deliveries = b.deliveries + 1,
+                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
+                                  ELSE b.journal_ids END
+                FROM c WHERE b.id = c.id {take}
+                RETURNING b.seq, b.journal_ids, b.deliveries, b.attempt,
+                          c.journal_ids AS whole
+            ), rest AS (
+                INSERT INTO {s}.batches (subscription, seq, journal_ids)
+                SELECT $1, seq, whole[2:] FROM u
+                WHERE cardinality(u.journal_ids) < cardinality(whole)
+            )
+            SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
+                   extract(epoch FROM j.created_at)::float8 AS stored_at
+            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
+            LEFT JOIN {s}.journal j ON j.id = x.journal_id
+            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
+
+
+#: Handled (or dead-lettered) events leave the batches this member ($6) claimed; an
+#: empty batch goes. Only its own claims: a batch of the same events made since (a dead
+#: letter redelivered meanwhile) is new work, not this ack's. Those to retry ($2 also
+#: holds them) go into batches of their own, one per value of ``$7`` (a batch
+#: handler's batch stays one), due ``$4`` seconds from now, on handler attempt ``$5``.
+#: The body of the function ``ack`` of migration 4 (never change it).
+ACK_SQL = """
+            WITH gone AS (
+                DELETE FROM {s}.batches
+                WHERE subscription = $1 AND claimed_by = $6 AND journal_ids <@ $2::bigint[]
+            ), retried AS (
+                INSERT INTO {s}.batches (subscription, journal_ids, not_before, attempt)
+                SELECT $1, array_agg(r.journal_id ORDER BY r.ord),
+                       now() + make_interval(secs => min(r.delay)), min(r.attempt)
+                FROM unnest($3::bigint[], $4::float8[], $5::integer[], $7::bigint[])
+                    WITH ORDINALITY AS r(journal_id, delay, attempt, together, ord)
+                GROUP BY r.together ORDER BY min(r.ord)
+            )
+            UPDATE {s}.batches SET journal_ids = array(
+                SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
+                WHERE x <> ALL($2::bigint[]) ORDER BY o)
+            WHERE subscription = $1 AND claimed_by = $6 AND journal_ids && $2::bigint[]
+              AND NOT journal_ids <@ $2::bigint[]"""
+
+#: The columns of a claimed event (``claim``, ``claim_ordered`` and ``step``).
+CLAIMED = """journal_id bigint, deliveries integer, attempt integer, channel text,
+                event_id text, payload text, pid integer, stored_at float8"""
+
+
 # Each migration is (version, statements); ``{s}`` is the quoted schema name. Never edit
 # a released migration: append a new one.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -198,6 +269,66 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 created_at timestamptz NOT NULL DEFAULT now()
             )""",
             "CREATE INDEX scheduled_due ON {s}.scheduled (due_at, id)",
+        ),
+    ),
+    (
+        4,
+        (
+            # One round trip from a wake-up to a claimed batch: ``step`` acks what the
+            # member handled, pumps (when asked; no row from pump: another member is),
+            # and claims the next batch, in one statement. Every row carries the pump's
+            # result; no batch claimed: one row with a NULL journal_id.
+            f"""CREATE FUNCTION {{s}}.claim(p_name text, p_member text, p_lease float8)
+            RETURNS TABLE ({CLAIMED}) LANGUAGE sql AS $claim$
+            {_claim_sql("{s}", ordered=False)}
+            $claim$""",
+            f"""CREATE FUNCTION {{s}}.claim_ordered(p_name text, p_member text, p_lease float8)
+            RETURNS TABLE ({CLAIMED}) LANGUAGE sql AS $claim$
+            {_claim_sql("{s}", ordered=True)}
+            $claim$""",
+            f"""CREATE FUNCTION {{s}}.ack(
+                p_name text, p_ids bigint[], p_retry_ids bigint[], p_delays float8[],
+                p_attempts integer[], p_member text, p_together bigint[])
+            RETURNS void LANGUAGE sql AS $ack$
+            {ACK_SQL}
+            $ack$""",
+            f"""CREATE FUNCTION {{s}}.step(
+                p_name text, p_member text, p_lease float8, p_ordered boolean,
+                p_pump boolean, p_channels text[], p_types text[], p_limit integer,
+                p_batch integer, p_acks bigint[], p_retry_ids bigint[], p_delays float8[],
+                p_attempts integer[], p_together bigint[])
+            RETURNS TABLE (pumped bigint, resumed boolean, {CLAIMED})
+            LANGUAGE plpgsql AS $step$
+            #variable_conflict use_column
+            DECLARE
+                v_n bigint := 0;
+                v_resumed boolean := false;
+            BEGIN
+                IF cardinality(p_acks) > 0 THEN
+                    PERFORM {{s}}.ack(p_name, p_acks, p_retry_ids, p_delays, p_attempts,
+                                     p_member, p_together);
+                END IF;
+                IF p_pump THEN
+                    SELECT p.n, p.resumed INTO v_n, v_resumed
+                    FROM {{s}}.pump(p_name, p_channels, p_types, p_limit, p_batch) AS p;
+                    IF NOT FOUND THEN
+                        v_n := NULL;
+                    END IF;
+                END IF;
+                IF p_ordered THEN
+                    RETURN QUERY SELECT v_n, v_resumed, c.*
+                    FROM {{s}}.claim_ordered(p_name, p_member, p_lease) AS c;
+                ELSE
+                    RETURN QUERY SELECT v_n, v_resumed, c.*
+                    FROM {{s}}.claim(p_name, p_member, p_lease) AS c;
+                END IF;
+                IF NOT FOUND THEN
+                    RETURN QUERY SELECT v_n, v_resumed, NULL::bigint, NULL::integer,
+                        NULL::integer, NULL::text, NULL::text, NULL::text, NULL::integer,
+                        NULL::float8;
+                END IF;
+            END
+            $step$""",  # noqa: S608 - quoted identifier
         ),
     ),
 )
@@ -393,42 +524,6 @@ def position_sql(s: str, mode: str, at: str) -> str:
         ) AS q) END"""  # noqa: S608 - quoted identifier
 
 
-def _claim_sql(s: str, *, ordered: bool) -> str:
-    """The claim of a subscription's next batch (see :attr:`Sql.claim`)."""
-    free = "(b.claimed_until IS NULL OR b.claimed_until < now() OR b.claimed_by = $2)"
-    # unordered: the first free batch, skipping those other members hold or lock now;
-    # ordered: the first batch, waiting for a member claiming it now, taken if free
-    pick, take = ("", f"AND {free}") if ordered else (f"AND {free}", "")
-    lock = "FOR UPDATE" if ordered else "FOR UPDATE SKIP LOCKED"
-    return f"""
-            WITH c AS (
-                SELECT id, journal_ids FROM {s}.batches b
-                WHERE subscription = $1
-                  {pick}
-                  AND (not_before IS NULL OR not_before <= now())
-                ORDER BY seq, journal_ids[1] LIMIT 1
-                {lock}
-            ), u AS (
-                UPDATE {s}.batches b
-                SET claimed_by = $2, claimed_until = now() + make_interval(secs => $3),
-                    deliveries = b.deliveries + 1,
-                    journal_ids = CASE WHEN b.deliveries > 0 THEN b.journal_ids[1:1]
-                                  ELSE b.journal_ids END
-                FROM c WHERE b.id = c.id {take}
-                RETURNING b.seq, b.journal_ids, b.deliveries, b.attempt,
-                          c.journal_ids AS whole
-            ), rest AS (
-                INSERT INTO {s}.batches (subscription, seq, journal_ids)
-                SELECT $1, seq, whole[2:] FROM u
-                WHERE cardinality(u.journal_ids) < cardinality(whole)
-            )
-            SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
-                   extract(epoch FROM j.created_at)::float8 AS stored_at
-            FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
-            LEFT JOIN {s}.journal j ON j.id = x.journal_id
-            ORDER BY x.ord"""  # noqa: S608 - quoted identifier
-
-
 class Sql:
     """Every statement of the durable machinery, for one schema."""
 
@@ -502,44 +597,28 @@ class Sql:
             VALUES ($1, $2::text[], $3::text[], {position_sql(s, "$4", "$5")})
             ON CONFLICT (name) DO UPDATE SET channels = excluded.channels, types = excluded.types
         """  # noqa: S608 - quoted identifier
-        # Cuts what the subscription's snapshot newly sees into batches: no row when
-        # another member is pumping (the function ``pump`` of migration 2).
-        self.pump = f"SELECT n, resumed FROM {s}.pump($1, $2::text[], $3::text[], $4, $5)"  # noqa: S608 - quoted identifier
-        # The subscription's next batch not claimed by another member (or whose lease
-        # ran out), with its events. A batch delivered before (its member died, or
-        # handed it back) is split: its first event alone, the rest as a batch after it.
-        self.claim = _claim_sql(s, ordered=False)
-        # For a key-ordered subscription: only its first batch, and only when no other
-        # member holds it, so batches are handled one after another across the group.
-        self.claim_ordered = _claim_sql(s, ordered=True)
+        # Acks what the member ($2) handled ($10..$14: see ``ack``), cuts what the
+        # subscription's snapshot newly sees into batches when ``$5`` (pumped NULL:
+        # another member is pumping), and claims the next batch not claimed by another
+        # member (or whose lease ran out), with its events; a batch delivered before
+        # (its member died, or handed it back) is split: its first event alone, the
+        # rest as a batch after it. For a key-ordered subscription (``$4``): only its
+        # first batch, and only when no other member holds it, so batches are handled
+        # one after another across the group (the function ``step`` of migration 4).
+        self.step = f"""
+            SELECT * FROM {s}.step($1, $2, $3, $4, $5, $6::text[], $7::text[], $8, $9,
+                $10::bigint[], $11::bigint[], $12::float8[], $13::integer[], $14::bigint[])
+        """  # noqa: S608 - quoted identifier
         # The event a reference notification points to (for plain subscriptions).
         self.stored_event = f"""
             SELECT channel, event_id, payload, pid,
                    extract(epoch FROM created_at)::float8 AS stored_at
             FROM {s}.journal WHERE id = $1"""  # noqa: S608 - quoted identifier
-        # Handled (or dead-lettered) events leave the batches this member ($6) claimed;
-        # an empty batch goes. Only its own claims: a batch of the same events made since
-        # (a dead letter redelivered meanwhile) is new work, not this ack's. Those to
-        # retry ($2 also holds them) go into batches of their own, one per value of
-        # ``$7`` (a batch handler's batch stays one), due ``$4`` seconds from now, on
-        # handler attempt ``$5`` (in the same statement).
+        # Handled (or dead-lettered) events leave the batches this member claimed, those
+        # to retry go into batches of their own (the function ``ack``: see ACK_SQL).
         self.ack = f"""
-            WITH gone AS (
-                DELETE FROM {s}.batches
-                WHERE subscription = $1 AND claimed_by = $6 AND journal_ids <@ $2::bigint[]
-            ), retried AS (
-                INSERT INTO {s}.batches (subscription, journal_ids, not_before, attempt)
-                SELECT $1, array_agg(r.journal_id ORDER BY r.ord),
-                       now() + make_interval(secs => min(r.delay)), min(r.attempt)
-                FROM unnest($3::bigint[], $4::float8[], $5::integer[], $7::bigint[])
-                    WITH ORDINALITY AS r(journal_id, delay, attempt, together, ord)
-                GROUP BY r.together ORDER BY min(r.ord)
-            )
-            UPDATE {s}.batches SET journal_ids = array(
-                SELECT x FROM unnest(journal_ids) WITH ORDINALITY AS t(x, o)
-                WHERE x <> ALL($2::bigint[]) ORDER BY o)
-            WHERE subscription = $1 AND claimed_by = $6 AND journal_ids && $2::bigint[]
-              AND NOT journal_ids <@ $2::bigint[]"""  # noqa: S608 - quoted identifier
+            SELECT {s}.ack($1, $2::bigint[], $3::bigint[], $4::float8[], $5::integer[],
+                $6, $7::bigint[])"""
         # Move a subscription to a position: what it had taken in and not handled (its
         # batches, retries too) is dropped, and it takes in again from there.
         self.seek = f"""

@@ -8,10 +8,17 @@ consumers' pool (``synchronous_commit=off``: the journal is what is durable, a l
 wake-up costs only latency, so the notifying commit does not wait for a flush):
 
 * a pool publish committed when its statement returned: its notifications go at once;
-* a ``connection=`` publish commits when the caller commits, which this process cannot
-  observe: its transaction id is polled with ``pg_xact_status`` (every few ms, backing
-  off to :attr:`Wakeups.max_delay`) and its notifications go once it is visible to new
-  snapshots, are dropped if it aborted, and given up after :attr:`Wakeups.window`.
+* a ``connection=`` publish commits when the caller commits, which the server does not
+  tell this process: the caller's connection is looked at in the process itself (no
+  round trip) every :attr:`Wakeups.tick` seconds, and once it has left its transaction
+  (committed or rolled back) the transaction id is looked up with ``pg_xact_status``;
+  without a connection that tells (or once it is in a transaction again) the id is
+  polled (every few ms, backing off to :attr:`Wakeups.max_delay`). Its notifications go
+  once it is visible to new snapshots, are dropped if it aborted, and given up after
+  :attr:`Wakeups.window`.
+
+The consumers of this process are woken directly, without waiting for their own
+NOTIFY to come back from the server (see :meth:`DurablePlugin.wake_local`).
 
 Each round sends whatever is ready in one statement, in publish order. A wake-up that is
 lost (the process died, the listener was down) is made up by the consumers' catch-up on
@@ -24,12 +31,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgbus._publish import NOTIFY_MANY_CHANNELS
 from pgbus.durable._consumer import DRIVER_ERRORS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pgbus._publish import Connection
     from pgbus.durable._plugin import DurablePlugin
 
@@ -43,18 +52,53 @@ XACT_STATUS = """
       AND (pg_xact_status(x) = 'aborted' OR pg_visible_in_snapshot(x, pg_current_snapshot()))"""
 
 
+def transaction_probe(connection: Any) -> Callable[[], bool] | None:
+    """Whether the caller's ``connection`` is in a transaction, told by its driver.
+
+    No round trip: the drivers keep the server's last transaction status. ``None`` for
+    a connection that does not tell (a pool: each statement commits).
+    """
+    in_transaction = getattr(connection, "is_in_transaction", None)  # asyncpg
+    if callable(in_transaction):
+        return in_transaction  # type: ignore[no-any-return]
+    info = getattr(connection, "info", None)  # psycopg
+    status = getattr(info, "transaction_status", None)
+    if status is not None:
+        idle = type(status).IDLE
+        return lambda: info.transaction_status != idle  # type: ignore[union-attr]
+    in_transaction = getattr(connection, "in_transaction", None)  # SQLAlchemy
+    return in_transaction if callable(in_transaction) else None
+
+
 class Pending:
     """The notifications of one publish statement, waiting for their transaction."""
 
-    __slots__ = ("channels", "deadline", "payloads", "xid")
+    __slots__ = ("channels", "deadline", "in_transaction", "payloads", "xid")
 
     def __init__(
-        self, xid: int | None, channels: list[str], payloads: list[str], deadline: float
+        self,
+        xid: int | None,
+        channels: list[str],
+        payloads: list[str],
+        deadline: float,
+        in_transaction: Callable[[], bool] | None,
     ) -> None:
         self.xid = xid  # None: committed already
         self.channels = channels
         self.payloads = payloads
         self.deadline = deadline
+        #: The caller's connection's probe while it may still tell of the commit.
+        self.in_transaction = in_transaction
+
+    def left(self) -> bool:
+        """Whether the caller's connection has left the transaction (look it up now)."""
+        probe = self.in_transaction
+        if probe is None:
+            return False
+        try:
+            return not probe()
+        except Exception:  # e.g. released to its pool: ask the server
+            return True
 
 
 class Wakeups:
@@ -66,21 +110,38 @@ class Wakeups:
         self.min_delay = 0.002
         #: The longest wait between looks at a pending transaction.
         self.max_delay = 0.05
+        #: Seconds between looks at the callers' connections (in this process), and
+        #: between look-ups on the server while all of them are in their transaction.
+        self.tick = 0.001
+        self.probe_wait = 1.0
         #: Seconds a transaction is waited for; after that its wake-up is left to the poll.
         self.window = 600.0
         #: Notifications sent, and those dropped (aborted, or given up on).
         self.sent = 0
         self.dropped = 0
+        #: Look-ups of pending transactions' status on the server.
+        self.lookups = 0
         self._queue: list[Pending] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
-    def add(self, xid: int | None, channels: list[str], payloads: list[str]) -> None:
-        """Queue notifications: ``xid`` ``None`` when their journal rows committed."""
+    def add(
+        self,
+        xid: int | None,
+        channels: list[str],
+        payloads: list[str],
+        in_transaction: Callable[[], bool] | None = None,
+    ) -> None:
+        """Queue notifications: ``xid`` ``None`` when their journal rows committed.
+
+        ``in_transaction`` tells whether the caller's connection is still in the
+        transaction that journaled them (see :func:`transaction_probe`).
+        """
         if not channels:
             return
-        self._queue.append(Pending(xid, channels, payloads, time.monotonic() + self.window))
+        deadline = time.monotonic() + self.window
+        self._queue.append(Pending(xid, channels, payloads, deadline, in_transaction))
         if xid is None:  # ready now; a transaction just begun is looked at on schedule
             self._arrived.set()
         if not self._closing and (self._task is None or self._task.done()):
@@ -108,9 +169,7 @@ class Wakeups:
     async def _run(self) -> None:
         delay = self.min_delay
         while self._queue:
-            if all(p.xid is not None for p in self._queue):  # nothing ready: look later
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), delay)
+            await self._until_ready(delay)
             self._arrived.clear()
             try:
                 progressed = await self._round()
@@ -125,6 +184,32 @@ class Wakeups:
                 return
             delay = self.min_delay if progressed else min(delay * 2, self.max_delay)
 
+    async def _until_ready(self, delay: float) -> None:
+        """Wait up to ``delay`` s for something to send, looking at the connections.
+
+        While every pending transaction has a connection that tells, the server is
+        asked only once one has left its transaction, or after :attr:`probe_wait` (a
+        connection already in its next transaction when looked at).
+        """
+        loop = asyncio.get_running_loop()
+        probing = all(p.in_transaction is not None for p in self._queue if p.xid is not None)
+        deadline = loop.time() + (max(delay, self.probe_wait) if probing else delay)
+        while not self._arrived.is_set():
+            if any(p.xid is None or p.left() for p in self._queue):
+                return
+            wait = deadline - loop.time()
+            if wait <= 0:
+                return
+            timer = loop.call_later(min(wait, self.tick), self._arrived.set)
+            try:
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
+            if loop.time() >= deadline:
+                return
+            if not self._closing and not any(p.xid is None for p in self._queue):
+                self._arrived.clear()  # only the tick: keep looking
+
     async def _round(self) -> bool:
         """Send what is ready; ``True`` when something was sent or dropped."""
         queue = self._queue
@@ -138,6 +223,7 @@ class Wakeups:
             channels = [c for p in ready for c in p.channels]
             payloads = [x for p in ready for x in p.payloads]
             if channels:
+                self.plugin.wake_local(channels, conn)
                 await conn.execute(NOTIFY_MANY_CHANNELS, channels, payloads)
         self.sent += len(channels)
         done = {id(p) for p in ready}
@@ -150,10 +236,13 @@ class Wakeups:
         status: dict[int, bool] = {}
         if waiting:
             rows = await conn.fetch(XACT_STATUS, [str(x) for x in waiting])
+            self.lookups += 1
             status = {row["xid"]: row["aborted"] for row in rows}
         now = time.monotonic()
         ready = []
         for p in queue:
+            if p.left() and p.xid not in status:  # its connection is in another one:
+                p.in_transaction = None  # poll the id (with backoff) from now on
             if p.xid is None or p.xid in status or p.deadline < now:
                 if p.xid is not None and (status.get(p.xid, True)):
                     self.dropped += len(p.channels)  # aborted, or waited for too long

@@ -63,6 +63,27 @@ async def test_a_commit_two_seconds_later_is_handled_within_a_second(
         assert time.monotonic() - committed < 1.0
 
 
+async def test_the_callers_commit_is_seen_on_its_connection(durable_bus, sql, channel: str):
+    """The commit of the caller's connection is seen in this process: one look-up.
+
+    The server is asked once, after the connection left its transaction, not polled
+    while the caller's transaction stays open.
+    """
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus()
+    bus.subscribe(ticket, durable="seen")(got)
+    plugin = bus.plugins.get("durable")
+    assert isinstance(plugin, DurablePlugin)
+    async with bus:
+        async with sql.transaction():
+            await bus.publish(ticket(n=1), connection=sql)
+            await asyncio.sleep(0.5)  # the caller's own work before it commits
+        await got.wait_for(1, timeout=10)
+    assert plugin.wakeups.sent == 1
+    assert plugin.wakeups.lookups == 1
+
+
 async def test_an_aborted_publish_is_never_notified(durable_bus, sql, channel: str):
     """A rolled-back transactional publish sends no wake-up; the next publish does."""
     ticket = ticket_type(channel)
