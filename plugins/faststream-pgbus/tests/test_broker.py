@@ -423,7 +423,7 @@ def test_faststream_docs_gen_output_is_valid_asyncapi(tmp_path: Path) -> None:
         """)
     )
     out = tmp_path / "asyncapi.json"
-    done = subprocess.run(  # noqa: S603 - our own interpreter
+    done = subprocess.run(
         [sys.executable, "-m", "faststream", "docs", "gen", "app:app", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
