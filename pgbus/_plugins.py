@@ -63,6 +63,13 @@ class _Manager(pluggy.PluginManager):
         super().__init__("pgbus")
         self._changed = changed
 
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        # Only pgbus_ names can be hooks: pluggy would otherwise read every attribute of
+        # a plugin, properties included (one that raises before configure breaks register).
+        if not name.startswith("pgbus_"):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
     def register(self, plugin: object, name: str | None = None) -> str | None:
         try:
             return super().register(plugin, name)
