@@ -1849,13 +1849,11 @@ async def bench_durable_writers(cfg: Config) -> Result:
     return result
 
 
-async def bench_durable_latency(cfg: Config) -> Result:
-    """Publish to handler entry at 1,000 events/s: a durable subscription against plain."""
-    rate = 1_000
+def _durable_latency_result(name: str, description: str) -> Result:
+    """The result of a durable-vs-plain latency scenario (skipped without pgbus.durable)."""
     result = Result(
-        "durable_latency_1k",
-        f"latency publish -> handler entry at {rate:,} events/s (p99): durable subscription"
-        " (pgbus) vs plain subscription (baseline)",
+        name,
+        description,
         "µs",
         higher_is_better=False,
         target="p99 <= plain p99 + 5 ms",
@@ -1863,18 +1861,41 @@ async def bench_durable_latency(cfg: Config) -> Result:
     )
     if not durable_available():
         result.skipped = "not available: pgbus.durable is not installed"
-        return result
+    return result
+
+
+def _latency_side(
+    cfg: Config,
+    schema: str,
+    durable_name: str | None,
+    handle: Callable[[BenchEvent], Awaitable[None]],
+) -> tuple[Bus, type[BenchEvent]]:
+    """A bus with ``handle`` on a new channel: durable as ``durable_name``, else plain."""
     durable: Any = importlib.import_module("pgbus.durable")
+    cls = event_class(new_channel("dlat" if durable_name else "plat"))
+    plugins = [durable.DurablePlugin(schema=schema)] if durable_name else []
+    bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
+    bus.subscribe(cls, durable=durable_name)(handle)
+    return bus, cls
+
+
+async def bench_durable_latency(cfg: Config) -> Result:
+    """Publish to handler entry at 1,000 events/s: a durable subscription against plain."""
+    rate = 1_000
+    result = _durable_latency_result(
+        "durable_latency_1k",
+        f"latency publish -> handler entry at {rate:,} events/s (p99): durable subscription"
+        " (pgbus) vs plain subscription (baseline)",
+    )
+    if result.skipped:
+        return result
     count = max(50, int(rate * cfg.latency_seconds))
     clock = time.perf_counter
     async with _durable_schema(cfg.dsn) as schema:
         sides = []
-        for durable_mode in (True, False):
-            cls = event_class(new_channel("dlat" if durable_mode else "plat"))
+        for durable_name in ("latency", None):
             samples: list[float] = []
             counter = Counter()
-            plugins = [durable.DurablePlugin(schema=schema)] if durable_mode else []
-            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
 
             async def handle(
                 event: BenchEvent, samples: list[float] = samples, counter: Counter = counter
@@ -1882,7 +1903,7 @@ async def bench_durable_latency(cfg: Config) -> Result:
                 samples.append(clock() - event.sent)
                 counter.hit()
 
-            bus.subscribe(cls, durable="latency" if durable_mode else None)(handle)
+            bus, cls = _latency_side(cfg, schema, durable_name, handle)
             sides.append((bus, cls, samples, counter))
         await sides[0][0].migrate()
         pending: set[asyncio.Task[Any]] = set()
@@ -1921,31 +1942,22 @@ async def bench_durable_latency_tx(cfg: Config) -> Result:
     """Commit to handler entry of ``publish(connection=)`` whose caller commits later."""
     hold = 0.2 if cfg.quick else TX_HOLD
     count = 10 if cfg.quick else int(TX_RATE * 2 * TX_HOLD)
-    result = Result(
+    result = _durable_latency_result(
         "durable_latency_tx",
         f"latency commit -> handler entry (p99) of publish(connection=) in transactions"
         f" committed {hold:g} s after it, {TX_RATE}/s: durable subscription (pgbus) vs"
         " plain subscription, NOTIFY in the transaction (baseline)",
-        "µs",
-        higher_is_better=False,
-        target="p99 <= plain p99 + 5 ms",
-        check=lambda p, b: p <= b + 5_000,
     )
-    if not durable_available():
-        result.skipped = "not available: pgbus.durable is not installed"
+    if result.skipped:
         return result
-    durable: Any = importlib.import_module("pgbus.durable")
     clock = time.perf_counter
     writers = int(TX_RATE * hold) + 4
     async with _durable_schema(cfg.dsn) as schema:
         sides = []
-        for durable_mode in (True, False):
-            cls = event_class(new_channel("dtx" if durable_mode else "ptx"))
+        for durable_name in ("latency_tx", None):
             samples: list[float] = []
             committing: dict[int, float] = {}
             counter = Counter()
-            plugins = [durable.DurablePlugin(schema=schema)] if durable_mode else []
-            bus = Bus(cfg.dsn, load_entrypoints=False, plugins=plugins)
 
             async def handle(
                 event: BenchEvent,
@@ -1956,7 +1968,7 @@ async def bench_durable_latency_tx(cfg: Config) -> Result:
                 samples.append(clock() - committing[event.seq])
                 counter.hit()
 
-            bus.subscribe(cls, durable="latency_tx" if durable_mode else None)(handle)
+            bus, cls = _latency_side(cfg, schema, durable_name, handle)
             sides.append((bus, cls, samples, committing, counter))
         await sides[0][0].migrate()
         pool = await asyncpg.create_pool(cfg.dsn, min_size=writers, max_size=writers)
