@@ -12,7 +12,7 @@ from pgbus._metrics_publisher import METRICS_CHANNEL
 from pgbus.cli._app import _channels
 from pgbus.cli._common import CliError, State, stderr
 from pgbus.cli._main import CONTEXT_SETTINGS
-from pgbus.durable import DEFAULT_SCHEMA
+from pgbus.cli.durable import SCHEMA_OPTION
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -62,13 +62,7 @@ def _extra() -> tuple[ModuleType, ModuleType]:
     help="The token that allows changes (needed to bind another host than loopback).",
 )
 @click.option("--read-only", is_flag=True, help="Refuse every change, whatever the token.")
-@click.option(
-    "--schema",
-    default=DEFAULT_SCHEMA,
-    show_default=True,
-    envvar="PGBUS_SCHEMA",
-    help="The PostgreSQL schema of pgbus's durable tables.",
-)
+@SCHEMA_OPTION
 @click.option(
     "--channel",
     default=METRICS_CHANNEL,

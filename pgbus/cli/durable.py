@@ -38,7 +38,8 @@ from pgbus.durable import (
 
 __all__ = ["dead_letters", "durable", "migrate_command"]
 
-_SCHEMA = click.option(
+#: The ``--schema`` option of every command on the durable tables (``pgbus dashboard`` too).
+SCHEMA_OPTION = click.option(
     "--schema",
     default=DEFAULT_SCHEMA,
     show_default=True,
@@ -53,7 +54,7 @@ def _state(ctx: click.Context) -> State:
 
 
 @click.command("migrate")
-@_SCHEMA
+@SCHEMA_OPTION
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 unless up to date.")
 @click.pass_context
 def migrate_command(ctx: click.Context, schema: str, check: bool) -> None:
@@ -77,7 +78,7 @@ def migrate_command(ctx: click.Context, schema: str, check: bool) -> None:
 
 
 @click.group("dead-letters", invoke_without_command=True)
-@_SCHEMA
+@SCHEMA_OPTION
 @click.pass_context
 def dead_letters(ctx: click.Context, schema: str) -> None:
     """List stored dead letters (the default) and deliver chosen ones again."""
@@ -154,7 +155,7 @@ def redeliver_command(ctx: click.Context, ids: tuple[int, ...]) -> None:
 
 
 @click.group("durable", invoke_without_command=True)
-@_SCHEMA
+@SCHEMA_OPTION
 @click.pass_context
 def durable(ctx: click.Context, schema: str) -> None:
     """List durable subscriptions, move their position (replay) or drop them."""

@@ -11,25 +11,37 @@ from _helpers import Letters, ticket_type
 import pgbus
 
 
+class Batches:
+    """A batch handler that records the ``n`` of each batch's events, batch by batch."""
+
+    def __init__(self, total: int) -> None:
+        self.batches: list[list[int]] = []
+        self.total = total
+        self.done = asyncio.Event()
+
+    async def __call__(self, events: list[Any]) -> None:
+        self.batches.append([e.n for e in events])
+        if sum(map(len, self.batches)) == self.total:
+            self.done.set()
+
+    async def wait(self, timeout: float = 20) -> list[list[int]]:
+        """The batches, once they hold ``total`` events in all."""
+        await asyncio.wait_for(self.done.wait(), timeout)
+        return self.batches
+
+
 async def test_durable_batch_handler_gets_the_journal_in_order_and_acks_it(
     durable_bus, sql, schema, channel
 ):
     """A durable batch handler gets lists of up to `batch` events, in journal order; all acked."""
     ticket = ticket_type(channel)
-    batches: list[list[int]] = []
-    done = asyncio.Event()
-
-    async def handler(events: list[Any]) -> None:
-        batches.append([e.n for e in events])
-        if sum(map(len, batches)) == 250:
-            done.set()
-
+    handler = Batches(250)
     publisher = durable_bus()
     bus = durable_bus(plugin={"batch_size": 100})
     bus.subscribe(ticket, durable="bulk", name="bulk", batch=40, batch_wait=0.01)(handler)
     async with bus:
         await publisher.publish_many([ticket(n=i) for i in range(250)])
-        await asyncio.wait_for(done.wait(), 20)
+        batches = await handler.wait()
         stats = bus.metrics.snapshot().subscriptions["bulk"]
     assert [n for b in batches for n in b] == list(range(250))
     assert max(map(len, batches)) == 40
@@ -40,20 +52,13 @@ async def test_durable_batch_handler_gets_the_journal_in_order_and_acks_it(
 async def test_a_batch_larger_than_batch_size_stays_whole(durable_bus, channel):
     """batch= above the plugin's batch_size: the consumer cuts batch rows that hold a batch."""
     ticket = ticket_type(channel)
-    batches: list[list[int]] = []
-    done = asyncio.Event()
-
-    async def handler(events: list[Any]) -> None:
-        batches.append([e.n for e in events])
-        if sum(map(len, batches)) == 300:
-            done.set()
-
+    handler = Batches(300)
     publisher = durable_bus()
     bus = durable_bus(plugin={"batch_size": 10})
     bus.subscribe(ticket, durable="big", batch=300, batch_wait=0.01)(handler)
     async with bus:
         await publisher.publish_many([ticket(n=i) for i in range(300)])
-        await asyncio.wait_for(done.wait(), 20)
+        batches = await handler.wait()
     assert batches == [list(range(300))]
 
 

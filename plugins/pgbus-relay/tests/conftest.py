@@ -15,6 +15,7 @@ import asyncpg
 import nats
 import pytest
 from nats_server import NatsServer, StreamReader, running_nats
+from pgbus_relay import Relay
 
 import pgbus
 from pgbus.durable import DurablePlugin, migrate
@@ -103,6 +104,20 @@ async def nats_client(jetstream: str, stream: str) -> AsyncIterator[Client]:
 def to_jetstream(jetstream: str, stream: str) -> str:
     """The relay's URL for ``stream`` on the shared server."""
     return f"{jetstream}?stream={stream}"
+
+
+@pytest.fixture
+def relay_to_stream(
+    durable_bus: Callable[..., pgbus.Bus], to_jetstream: str, pgbus_channel: str
+) -> Callable[..., Relay]:
+    """Build a Relay of the test channel to ``stream`` on the shared server, each on a new
+    durable bus (``relay.bus``); Relay's other options pass through, ``channels`` too."""
+
+    def make(**options: Any) -> Relay:
+        options.setdefault("channels", [pgbus_channel])
+        return Relay(durable_bus(), to=to_jetstream, **options)
+
+    return make
 
 
 @pytest.fixture

@@ -22,15 +22,12 @@ if TYPE_CHECKING:
 
 
 async def test_events_reach_jetstream_with_their_id_type_and_headers(
-    durable_bus: Callable[..., pgbus.Bus],
-    to_jetstream: str,
-    reader: StreamReader,
-    pgbus_channel: str,
+    relay_to_stream: Callable[..., Relay], reader: StreamReader, pgbus_channel: str
 ) -> None:
     """Each event is one stream message: the data as body, id as Nats-Msg-Id, type in headers."""
     order = order_type(pgbus_channel)
-    bus = durable_bus()
-    relay = Relay(bus, to=to_jetstream, channels=[pgbus_channel])
+    relay = relay_to_stream()
+    bus = relay.bus
     async with bus:
         events = [order(order_id=n) for n in range(3)]
         ids = [await bus.publish(e, headers={"tenant": "acme"}) for e in events]
@@ -50,21 +47,11 @@ async def test_events_reach_jetstream_with_their_id_type_and_headers(
 
 
 async def test_events_with_the_same_key_keep_their_order(
-    durable_bus: Callable[..., pgbus.Bus],
-    to_jetstream: str,
-    reader: StreamReader,
-    pgbus_channel: str,
+    relay_to_stream: Callable[..., Relay], reader: StreamReader, pgbus_channel: str
 ) -> None:
     """With key=, each key's events are stored in publish order, while keys run in parallel."""
     order = order_type(pgbus_channel)
-    bus = durable_bus()
-    Relay(
-        bus,
-        to=to_jetstream,
-        channels=pgbus_channel,
-        key="order_id",
-        concurrency=16,
-    )
+    bus = relay_to_stream(channels=pgbus_channel, key="order_id", concurrency=16).bus
     events = [order(order_id=n % 5, seq=n) for n in range(200)]
     async with bus:
         await bus.publish_many(events)
@@ -79,10 +66,9 @@ async def test_events_with_the_same_key_keep_their_order(
 
 
 async def test_a_poison_event_is_dead_lettered_with_the_brokers_error_and_the_rest_go_on(
-    durable_bus: Callable[..., pgbus.Bus],
+    relay_to_stream: Callable[..., Relay],
     pgbus_dsn: str,
     schema: str,
-    to_jetstream: str,
     reader: StreamReader,
     pgbus_channel: str,
 ) -> None:
@@ -90,8 +76,8 @@ async def test_a_poison_event_is_dead_lettered_with_the_brokers_error_and_the_re
     config = StreamConfig(name=reader.stream, subjects=[pgbus_channel], max_msg_size=4096)
     await reader.js.add_stream(config)
     order = order_type(pgbus_channel)
-    bus = durable_bus()
-    relay = Relay(bus, to=to_jetstream, channels=[pgbus_channel], key="order_id")
+    relay = relay_to_stream(key="order_id")
+    bus = relay.bus
     async with bus:
         await bus.publish(order(order_id=1, seq=1))
         poison = await bus.publish(order(order_id=1, seq=2, note="x" * 20_000))
@@ -146,15 +132,12 @@ async def test_a_broker_down_at_start_and_in_the_middle_loses_nothing_and_duplic
 
 
 async def test_relays_with_one_name_share_the_work(
-    durable_bus: Callable[..., pgbus.Bus],
-    to_jetstream: str,
-    reader: StreamReader,
-    pgbus_channel: str,
+    relay_to_stream: Callable[..., Relay], reader: StreamReader, pgbus_channel: str
 ) -> None:
     """Two relay processes (buses) with one name are one consumer group: each event once."""
     order = order_type(pgbus_channel)
-    buses = [durable_bus(), durable_bus()]
-    relays = [Relay(bus, to=to_jetstream, channels=[pgbus_channel]) for bus in buses]
+    relays = [relay_to_stream(), relay_to_stream()]
+    buses = [relay.bus for relay in relays]
     async with buses[0], buses[1]:
         publisher = buses[0]
         for start in range(0, 600, 100):
