@@ -1849,6 +1849,22 @@ async def bench_durable_writers(cfg: Config) -> Result:
     return result
 
 
+async def _run_sides(
+    result: Result,
+    cfg: Config,
+    sides: Sequence[tuple[Any, ...]],
+    runner: Callable[..., Callable[[], Awaitable[Measure]]],
+) -> None:
+    """Start the buses of the two sides (each side's first item) and interleave their runs."""
+    async with sides[0][0], sides[1][0]:
+        await interleave(
+            result,
+            cfg.reps,
+            [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
+            cfg.progress,
+        )
+
+
 def _durable_latency_result(name: str, description: str) -> Result:
     """The result of a durable-vs-plain latency scenario (skipped without pgbus.durable)."""
     result = Result(
@@ -1921,13 +1937,7 @@ async def bench_durable_latency(cfg: Config) -> Result:
 
             return run
 
-        async with sides[0][0], sides[1][0]:
-            await interleave(
-                result,
-                cfg.reps,
-                [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
-                cfg.progress,
-            )
+        await _run_sides(result, cfg, sides, runner)
     result.notes.append(f"{count} events per repetition, one process, publish() through the pool")
     return result
 
@@ -2002,13 +2012,7 @@ async def bench_durable_latency_tx(cfg: Config) -> Result:
             return run
 
         try:
-            async with sides[0][0], sides[1][0]:
-                await interleave(
-                    result,
-                    cfg.reps,
-                    [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
-                    cfg.progress,
-                )
+            await _run_sides(result, cfg, sides, runner)
         finally:
             await pool.close()
     result.notes.append(
@@ -2339,13 +2343,7 @@ async def _relay_sides(
 
             return run
 
-        async with sides[0][0], sides[1][0]:
-            await interleave(
-                result,
-                cfg.reps,
-                [("pgbus", runner(*sides[0])), ("baseline", runner(*sides[1]))],
-                cfg.progress,
-            )
+        await _run_sides(result, cfg, sides, runner)
     result.notes.append(
         f"{url.partition('?')[0]}; relay: {relay_module.Relay.__name__} with its defaults"
         " (64 in flight); baseline: a durable subscription in the same process"
