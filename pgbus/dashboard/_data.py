@@ -14,14 +14,13 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt  # noqa: TC003 - dataclass fields are resolved at run time
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from pgbus._bus import Bus
 from pgbus._identifiers import check_identifier, quote_ident
-from pgbus.cli._top import Board
+from pgbus.cli._top import Board, parse_snapshot
 from pgbus.durable import DurableSubscription, list_subscriptions, schema_version
 
 if TYPE_CHECKING:
@@ -124,10 +123,8 @@ class Collector:
             await self._bus.stop()
 
     async def _on_snapshot(self, message: Message) -> None:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            snapshot = json.loads(message.payload)
-            if not isinstance(snapshot, dict) or not isinstance(snapshot.get("ts"), float | int):
-                return
+        snapshot = parse_snapshot(message.payload)
+        if snapshot is not None:
             self.add(snapshot)
 
     def add(self, snapshot: dict[str, Any]) -> None:
@@ -231,14 +228,10 @@ async def durable_view(conn: Connection, schema: str, limit: int = 50) -> Durabl
     extra = {
         row["name"]: row
         for row in await conn.fetch(
-            f"""SELECT s.name, s.snap::text AS position,
-                    (SELECT extract(epoch FROM now() - min(j.created_at))::float8
-                     FROM {s}.batches b JOIN {s}.journal j ON j.id = b.journal_ids[1]
-                     WHERE b.subscription = s.name
-                       AND (b.not_before IS NULL OR b.not_before <= now())) AS backlog_seconds
-                FROM {s}.subscriptions s"""  # noqa: S608 - quoted identifier
+            f"SELECT s.name, s.snap::text AS position FROM {s}.subscriptions s"  # noqa: S608 - quoted identifier
         )
     }
+    now: dt.datetime = await conn.fetchval("SELECT now()")
     scheduled = await conn.fetch(
         f"""SELECT id, due_at, channel, type, event_id, count(*) OVER () AS total
             FROM {s}.scheduled ORDER BY due_at, id LIMIT $1""",  # noqa: S608 - quoted identifier
@@ -250,7 +243,9 @@ async def durable_view(conn: Connection, schema: str, limit: int = 50) -> Durabl
             SubscriptionView(
                 subscription=sub,
                 position=extra[sub.name]["position"] if sub.name in extra else "",
-                backlog_seconds=extra[sub.name]["backlog_seconds"] if sub.name in extra else None,
+                backlog_seconds=None
+                if sub.oldest is None
+                else max(0.0, (now - sub.oldest).total_seconds()),
                 leases=tuple(leases.get(sub.name, ())),
             )
             for sub in subscriptions

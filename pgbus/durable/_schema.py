@@ -629,14 +629,36 @@ class Sql:
         self.drop_subscription = f"""
             WITH gone AS (DELETE FROM {s}.batches WHERE subscription = $1)
             DELETE FROM {s}.subscriptions WHERE name = $1"""  # noqa: S608 - quoted identifier
+        # The backlog: the due events of the subscription's batches, and the journal rows
+        # on its channels committed after its snapshot that no pump took in yet (but for
+        # those a pump cut short took already: up to ``batch_cursor`` of ``batch_snap``),
+        # so events published while no consumer runs count too.
         self.list_subscriptions = f"""
             SELECT s.name, s.channels, s.types, s.created_at, s.pumped_at,
-                coalesce(sum(cardinality(b.journal_ids))
-                    FILTER (WHERE b.not_before IS NULL OR b.not_before <= now()), 0)::bigint
-                    AS backlog,
-                count(b.id) FILTER (WHERE b.not_before > now()) AS retries
-            FROM {s}.subscriptions s LEFT JOIN {s}.batches b ON b.subscription = s.name
-            GROUP BY s.name ORDER BY s.name"""  # noqa: S608 - quoted identifier
+                coalesce(b.backlog, 0) + u.backlog AS backlog, coalesce(b.retries, 0) AS retries,
+                least(b.oldest, u.oldest) AS oldest
+            FROM {s}.subscriptions s
+            LEFT JOIN LATERAL (
+                SELECT sum(cardinality(b.journal_ids))
+                        FILTER (WHERE b.not_before IS NULL OR b.not_before <= now())::bigint
+                        AS backlog,
+                    count(*) FILTER (WHERE b.not_before > now()) AS retries,
+                    min(j.created_at) FILTER (WHERE b.not_before IS NULL OR b.not_before <= now())
+                        AS oldest
+                FROM {s}.batches b LEFT JOIN {s}.journal j ON j.id = b.journal_ids[1]
+                WHERE b.subscription = s.name
+            ) b ON true
+            CROSS JOIN LATERAL (
+                SELECT count(*)::bigint AS backlog, min(j.created_at) AS oldest
+                FROM {s}.journal j
+                WHERE j.xid >= pg_snapshot_xmin(s.snap)
+                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
+                  AND j.channel = ANY(s.channels)
+                  AND (s.types IS NULL OR j.type = ANY(s.types))
+                  AND NOT (s.batch_snap IS NOT NULL AND j.id <= s.batch_cursor
+                           AND pg_visible_in_snapshot(j.xid, s.batch_snap))
+            ) u
+            ORDER BY s.name"""  # noqa: S608 - quoted identifier
         # Seconds until the subscription's next retry is due (NULL: none waits), and how
         # many events wait for a retry.
         self.next_due = f"""

@@ -22,8 +22,10 @@ class DurableSubscription:
     :ivar types: the event types it takes (``None``: every type on them).
     :ivar created_at: when it was first registered.
     :ivar pumped_at: when it last took events in, if ever.
-    :ivar backlog: events taken in and not yet handled (retries not yet due aside).
+    :ivar backlog: events committed on its channels and not yet handled, whether taken in
+        or not (retries not yet due aside).
     :ivar retries: nacked events waiting for their retry.
+    :ivar oldest: when the oldest event of the backlog was journaled (``None``: none).
 
     .. versionadded:: 0.3.0
     """
@@ -35,6 +37,7 @@ class DurableSubscription:
     pumped_at: dt.datetime | None
     backlog: int
     retries: int
+    oldest: dt.datetime | None = None
 
 
 def position_args(to: object) -> tuple[str, dt.datetime | None]:
@@ -69,6 +72,7 @@ async def list_subscriptions(
             pumped_at=row["pumped_at"],
             backlog=row["backlog"],
             retries=row["retries"],
+            oldest=row["oldest"],
         )
         for row in rows
     ]

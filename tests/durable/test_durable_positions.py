@@ -110,6 +110,22 @@ async def test_list_and_drop(durable_bus, channel):
     assert await bus.durable_subscriptions() == []
 
 
+async def test_the_backlog_counts_events_published_while_no_consumer_runs(durable_bus, channel):
+    """Events journaled while every member is down count in the backlog, with their age
+    (`pgbus durable list`, the dashboard): nobody has taken them in yet."""
+    ticket = ticket_type(channel)
+    consumer = durable_bus()
+    consumer.subscribe(ticket, durable="down")(Collector())
+    async with consumer:
+        pass  # registers the subscription, then its only member stops
+    async with durable_bus() as publisher:
+        await publisher.publish_many([ticket(n=n) for n in range(3)])
+        [listed] = await publisher.durable_subscriptions()
+    assert (listed.name, listed.backlog, listed.retries) == ("down", 3, 0)
+    assert listed.oldest is not None
+    assert dt.timedelta(0) <= dt.datetime.now(dt.UTC) - listed.oldest < dt.timedelta(minutes=1)
+
+
 @pytest.mark.both_buses
 @pytest.mark.parametrize("start", ["first", dt.datetime(2030, 1, 1), 0])  # noqa: DTZ001 - bad input
 def test_unknown_start_values_are_config_errors(durable_bus, channel, start):
