@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -30,6 +32,49 @@ if TYPE_CHECKING:
 STALE_INTERVALS = 5
 
 _COUNTERS = ("published", "received", "handled", "failed", "decode_failures")
+#: Seconds a snapshot's ``ts`` may lie ahead of this clock (another machine's).
+MAX_SKEW = 60.0
+#: The figures of a snapshot that are ``null`` when nothing was measured.
+_NULLABLE = frozenset({"lag_avg", "lag_max"})
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_snapshot(payload: str, now: float | None = None) -> dict[str, Any] | None:
+    """The metrics snapshot in ``payload``, or ``None`` when it is not a sane one.
+
+    Any role that can NOTIFY can write to the metrics channel: a snapshot is taken only
+    with a string ``bus``, a boolean ``connected``, a finite ``ts`` no more than
+    :data:`MAX_SKEW` seconds ahead of ``now``, a finite ``reconnects``, a positive
+    ``interval`` (if any), and ``channels`` and ``subscriptions`` that map names to finite
+    numbers (``null`` only for the lags), so no payload can stall or break a reader.
+    """
+    try:
+        snapshot = json.loads(payload)
+    except ValueError:
+        return None
+    if not (
+        isinstance(snapshot, dict)
+        and isinstance(snapshot.get("bus"), str)
+        and isinstance(snapshot.get("connected"), bool)
+        and _number(snapshot.get("ts"))
+        and _number(snapshot.get("reconnects"))
+        and _number(snapshot.get("interval", 1.0))
+        and snapshot.get("interval", 1.0) > 0
+        and snapshot["ts"] <= (time.time() if now is None else now) + MAX_SKEW
+    ):
+        return None
+    for part in ("channels", "subscriptions"):
+        entries = snapshot.get(part)
+        if not isinstance(entries, dict) or not all(
+            isinstance(stats, dict)
+            and all(_number(v) or (v is None and k in _NULLABLE) for k, v in stats.items())
+            for stats in entries.values()
+        ):
+            return None
+    return snapshot
 
 
 class Board:
@@ -132,10 +177,9 @@ async def _top(  # noqa: C901 - one loop: read, add, prune, redraw, stop
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def on_snapshot(message: Message) -> None:
-        with contextlib.suppress(ValueError):
-            snapshot = json.loads(message.payload)
-            if isinstance(snapshot, dict) and isinstance(snapshot.get("ts"), float | int):
-                queue.put_nowait(snapshot)
+        snapshot = parse_snapshot(message.payload)
+        if snapshot is not None:
+            queue.put_nowait(snapshot)
 
     bus = _bus(state)
     bus.subscribe(channel, name="pgbus-top")(on_snapshot)

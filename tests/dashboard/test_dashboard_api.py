@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import re
 import sys
 
@@ -47,6 +49,43 @@ async def test_overview_shows_the_live_bus_and_the_queue(world, dashboard):
         fragment = await client.get("/fragments/overview")
         assert "<html" not in fragment.text
         assert world.channel in fragment.text
+
+
+HOSTILE = {  # what each does to a real snapshot
+    "never stale": lambda snap: snap.update(ts=1e12),
+    "infinite lag": lambda snap: snap["channels"]["c"].update(lag_max=math.inf),
+    "text counter": lambda snap: snap["channels"]["c"].update(failed="x"),
+    "null counter": lambda snap: snap["channels"]["c"].update(failed=None),
+    "zero interval": lambda snap: snap.update(interval=0),
+    "channels a list": lambda snap: snap.update(channels=[1]),
+    "no subscriptions": lambda snap: snap.pop("subscriptions"),
+    "no connected": lambda snap: snap.pop("connected"),
+}
+
+
+@pytest.mark.parametrize("spoil", HOSTILE.values(), ids=HOSTILE.keys())
+async def test_a_hostile_snapshot_breaks_no_page(world, dashboard, pg_conn, spoil):
+    """Any role may NOTIFY the metrics channel: what is not a sane snapshot is ignored."""
+    channel = f"{world.channel}_metrics"
+    async with dashboard() as url, httpx.AsyncClient(base_url=url) as client:
+        real = dict((await _live_bus(client, world.channel, world.published))["snapshot"])
+        real.pop("rates", None)  # the board's own
+        real["channels"] = {"c": {"received": 1, "failed": 0, "lag_max": 0.1}}
+        hostile, sentinel = json.loads(json.dumps(real)), dict(real, bus="sentinel")
+        hostile["bus"] = "evil"
+        spoil(hostile)
+        await pg_conn.execute(
+            "SELECT pg_notify($1, $2), pg_notify($1, $3)",
+            channel,
+            json.dumps(hostile),  # inf becomes Infinity, which json.loads reads
+            json.dumps(sentinel),  # in order after the hostile one: once shown, it was read
+        )
+        async with asyncio.timeout(15):
+            while "sentinel" not in (await client.get("/api/overview")).json()["buses"]:  # noqa: ASYNC110 - polling the page, as a browser does
+                await asyncio.sleep(0.1)
+        for path in ("/", "/api/overview", "/fragments/overview"):
+            assert (await client.get(path)).status_code == 200, path
+        assert "evil" not in (await client.get("/api/overview")).json()["buses"]
 
 
 async def test_every_response_forbids_inline_script_and_framing(world, dashboard):
