@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode
@@ -35,6 +37,7 @@ from pgbus.durable import (
     redeliver,
     seek,
 )
+from pgbus.errors import PgbusError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -63,6 +66,10 @@ SECURITY_HEADERS = (
 
 #: Seconds a health report is reused (it opens connections and waits for a NOTIFY).
 HEALTH_CACHE_SECONDS = 5.0
+#: How many notices of actions are kept for the pages after them.
+NOTICES_KEPT = 64
+#: The largest id PostgreSQL's ``bigint`` holds.
+BIGINT_MAX = 2**63 - 1
 
 
 class _SecurityHeaders:
@@ -150,6 +157,9 @@ class Dashboard:
         )
         self._pool: asyncpg.Pool | None = None
         self._health: tuple[float, list[Check]] | None = None
+        #: What the last actions did, by an unguessable key the redirect after each carries
+        #: (a text in the URL would let any link show a notice of its own on the page).
+        self._notices: collections.OrderedDict[str, str] = collections.OrderedDict()
         env = jinja2.Environment(
             loader=jinja2.PackageLoader("pgbus.dashboard", "templates"),
             autoescape=True,  # every value is escaped, payloads and errors included
@@ -225,11 +235,19 @@ class Dashboard:
 
     # -- rendering -------------------------------------------------------------------------
 
+    def notice(self, text: str) -> str:
+        """Keep ``text`` (what an action did) for the page after it; return its key."""
+        key = secrets.token_urlsafe(12)
+        self._notices[key] = text
+        while len(self._notices) > NOTICES_KEPT:
+            self._notices.popitem(last=False)
+        return key
+
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
         """Render template ``name`` with what every page needs besides ``context``."""
         csrf = self.guard.csrf(request)
-        context.setdefault("message", request.query_params.get("done"))
-        context.setdefault("error", request.query_params.get("failed"))
+        context.setdefault("message", self._notices.get(request.query_params.get("done", "")))
+        context.setdefault("error", None)
         return self.templates.TemplateResponse(
             request,
             name,
@@ -274,6 +292,8 @@ def _ids(params: dict[str, Any]) -> list[int]:
         raise Refused(400, "ids must be whole numbers") from None
     if not ids:
         raise Refused(400, "choose at least one dead letter")
+    if ids[0] < 1 or ids[-1] > BIGINT_MAX:
+        raise Refused(400, "no such dead letter (ids are whole numbers from 1)")
     return ids
 
 
@@ -324,7 +344,7 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
             "channel": query.get("channel") or None,
             "error": query.get("error") or None,
             "include_redelivered": query.get("all") in {"1", "true", "on"},
-            "limit": min(max(int(limit), 1), 1000) if limit.isdigit() else 100,
+            "limit": min(max(int(limit), 1), 1000) if limit.isascii() and limit.isdigit() else 100,
         }
 
     async def letters(request: Request) -> tuple[dict[str, Any], list[Any] | None, str | None]:
@@ -495,7 +515,13 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
                         fields=fields,
                         cancel=back.partition("?")[0],
                     )
-            text, result = await work(params)
+            try:
+                text, result = await work(params)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, PgbusError) as exc:
+                logger.error(  # noqa: TRY400 - the error is the reason, its trace no news
+                    "dashboard %s (from %s) failed: %s", name, _client(request), exc
+                )
+                raise Refused(503, f"{name} failed: {exc}") from None
         except Refused as exc:
             logger.warning("dashboard %s refused from %s: %s", name, _client(request), exc.reason)
             if as_json:
@@ -506,7 +532,7 @@ def _routes(board: Dashboard) -> list[Route | Mount]:  # noqa: C901, PLR0915 - o
         logger.info("dashboard %s (%s, from %s): %s", name, how, _client(request), text)
         if as_json:
             return JSONResponse({"ok": True, "message": text, **result})
-        return RedirectResponse(_with_query(back, done=text), status_code=303)
+        return RedirectResponse(_with_query(back, done=board.notice(text)), status_code=303)
 
     return [
         Route("/", overview_page),

@@ -88,6 +88,18 @@ async def test_a_hostile_snapshot_breaks_no_page(world, dashboard, pg_conn, spoi
         assert "evil" not in (await client.get("/api/overview")).json()["buses"]
 
 
+async def test_odd_numbers_are_refused_not_failures(world, dashboard):
+    """A non-ASCII digit as the limit, or an id beyond bigint, is a 200 or a 400, never 500."""
+    async with dashboard(token=TOKEN) as url, httpx.AsyncClient(base_url=url) as client:
+        page = await client.get("/dead-letters", params={"limit": "\u00b2"})
+        assert page.status_code == 200
+        huge = await client.post(
+            "/api/dead-letters/redeliver", json={"ids": [2**64]}, headers=BEARER
+        )
+        assert huge.status_code == 400
+        assert "no such dead letter" in huge.json()["error"]
+
+
 async def test_every_response_forbids_inline_script_and_framing(world, dashboard):
     """Pages carry a Content-Security-Policy without inline script, and refuse framing."""
     async with dashboard() as url, httpx.AsyncClient(base_url=url) as client:
@@ -224,7 +236,11 @@ async def test_login_session_needs_same_origin_and_csrf(world, dashboard, pg_con
         assert len(await list_dead_letters(pg_conn, world.schema)) == 3
         done = await client.post(action, data=form, headers={"Origin": url})
         assert done.status_code == 303
-        assert "redelivered" in done.headers["location"]
+        assert "redelivered" not in done.headers["location"]  # a key, never the text
+        shown = await client.get(done.headers["location"])
+        assert f"redelivered dead letters [{dead_id}]" in shown.text
+        forged = await client.get("/dead-letters?done=Session+expired:+visit+evil.example")
+        assert "flash" not in forged.text  # no notice: the key is unknown
         await client.post("/logout", headers={"Origin": url})
         after = await client.post(action, data=form, headers={"Origin": url})
         assert after.status_code == 401
