@@ -27,6 +27,7 @@ import typing as _typing
 if _typing.TYPE_CHECKING:
     from pgbus_relay._backends import (
         Backend,
+        BrokerMisconfigured,
         BrokerRejected,
         BrokerUnavailable,
         Record,
@@ -38,6 +39,7 @@ if _typing.TYPE_CHECKING:
 
 _LAZY = {
     "Backend": "pgbus_relay._backends",
+    "BrokerMisconfigured": "pgbus_relay._backends",
     "BrokerRejected": "pgbus_relay._backends",
     "BrokerUnavailable": "pgbus_relay._backends",
     "Record": "pgbus_relay._backends",
@@ -50,6 +52,7 @@ _LAZY = {
 
 __all__ = [
     "Backend",
+    "BrokerMisconfigured",
     "BrokerRejected",
     "BrokerUnavailable",
     "Record",

@@ -44,6 +44,16 @@ class BrokerRejected(PgbusError):  # noqa: N818 - reads as the condition it is
     """
 
 
+class BrokerMisconfigured(BrokerUnavailable):
+    """The broker refuses the relay's setup (a stream's subjects, say): fix the configuration.
+
+    The relay waits as for :class:`BrokerUnavailable` (the events stay in the journal and
+    go out once the broker or the relay is fixed), but logs it once as an error.
+
+    .. versionadded:: 0.1.0
+    """
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Record:
     """One event as the broker gets it.
@@ -80,6 +90,7 @@ class Backend(Protocol):
             a template field other than ``{channel}``): a backend may create what is
             missing (JetStream: the stream's subjects).
         :raises BrokerUnavailable: when the broker cannot be reached.
+        :raises BrokerMisconfigured: when it refuses the relay's setup.
         """
 
     async def send(self, record: Record) -> None:

@@ -2,9 +2,11 @@
 
 ``nats://host:port?stream=NAME``: the stream must capture the relay's subjects; if it
 does not exist, the relay creates it (file storage, limits retention, the server's
-default duplicate window of two minutes), and adds missing subjects to one that does.
-The event id is the ``Nats-Msg-Id``, so a record sent again after a crash within the
-stream's duplicate window is stored once: exactly once in the stream.
+default duplicate window of two minutes), and adds the subjects none of its own covers
+(NATS matching: ``*`` one token, ``>`` the rest) to one that does. A server that
+refuses that is a configuration error (:class:`BrokerMisconfigured`). The event id is
+the ``Nats-Msg-Id``, so a record sent again after a crash within the stream's duplicate
+window is stored once: exactly once in the stream.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import nats
 from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 from nats.js.api import StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from pgbus import ConfigError
-from pgbus_relay._backends import BrokerRejected, BrokerUnavailable, hosts
+from pgbus_relay._backends import (
+    BrokerMisconfigured,
+    BrokerRejected,
+    BrokerUnavailable,
+    hosts,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -38,6 +45,24 @@ logger = logging.getLogger(__name__)
 TOO_LARGE = frozenset({10054})
 #: Seconds one publish waits for the stream's ack before it counts as unavailable.
 ACK_TIMEOUT = 5.0
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether every subject ``subject`` matches is matched by ``pattern`` (NATS rules).
+
+    Token by token (``.``-separated): ``*`` is any one token, ``>`` (last) one or more;
+    ``subject`` may hold wildcards itself (``orders.>`` covers ``orders.*`` and
+    ``orders.eu``, ``orders.*`` does not cover ``orders.>``).
+    """
+    want, have = subject.split("."), pattern.split(".")
+    for index, part in enumerate(have):
+        if part == ">":
+            return len(want) > index
+        if index >= len(want) or want[index] == ">":
+            return False
+        if part not in ("*", want[index]):
+            return False
+    return len(want) == len(have)
 
 
 class JetStreamBackend:
@@ -98,6 +123,9 @@ class JetStreamBackend:
             js = nc.jetstream(timeout=self.timeout)
             try:
                 await self._ensure_stream(js)
+            except BrokerMisconfigured:
+                await nc.close()
+                raise
             except (NatsError, OSError, TimeoutError) as exc:
                 await nc.close()
                 raise BrokerUnavailable(f"JetStream stream {self.stream}: {exc!r}") from exc
@@ -108,15 +136,32 @@ class JetStreamBackend:
             info = await js.stream_info(self.stream)
         except NotFoundError:
             subjects = self._subjects
-            await js.add_stream(StreamConfig(name=self.stream, subjects=subjects))
+            try:
+                await js.add_stream(StreamConfig(name=self.stream, subjects=subjects))
+            except APIError as exc:
+                raise self._refused("cannot create", subjects, exc) from exc
             logger.info("created JetStream stream %s for %s", self.stream, ", ".join(subjects))
             return
         have = list(info.config.subjects or ())
-        missing = [s for s in self._subjects if s not in have]
+        missing = [s for s in self._subjects if not any(subject_covers(h, s) for h in have)]
         if missing:
             info.config.subjects = [*have, *missing]
-            await js.update_stream(info.config)
+            try:
+                await js.update_stream(info.config)
+            except APIError as exc:
+                raise self._refused(f"cannot add {', '.join(missing)} to", have, exc) from exc
             logger.info("JetStream stream %s now also takes %s", self.stream, ", ".join(missing))
+
+    def _refused(self, what: str, subjects: Sequence[str], exc: APIError) -> BrokerUnavailable:
+        """The error for a refused add_stream or update_stream: the server's, or ours."""
+        if isinstance(exc, ServiceUnavailableError) or exc.code == 503:  # noqa: PLR2004
+            return BrokerUnavailable(f"JetStream stream {self.stream}: {exc!r}")
+        return BrokerMisconfigured(
+            f"JetStream: {what} stream {self.stream} (subjects {', '.join(subjects)}) for the"
+            f" relay's subjects {', '.join(self._subjects)}: the server refuses it:"
+            f" {exc.description} (err_code {exc.err_code}); fix the stream or the relay's"
+            " --topic"
+        )
 
     async def send(self, record: Record) -> None:
         """Publish ``record`` to the stream and wait for its ack."""

@@ -14,7 +14,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pgbus
 from pgbus import ConfigError, Reject, hookimpl
-from pgbus_relay._backends import BrokerRejected, BrokerUnavailable, Record, backend_for
+from pgbus_relay._backends import (
+    BrokerMisconfigured,
+    BrokerRejected,
+    BrokerUnavailable,
+    Record,
+    backend_for,
+)
 from pgbus_relay._status import RelayStatus, mark, register, relay_status
 
 if TYPE_CHECKING:
@@ -139,6 +145,7 @@ class Relay:
         self._connected = False
         self._connecting = asyncio.Lock()
         self._failing: dict[str, str] = {}
+        self._misconfigured: str | None = None
         for channel in self.channels:
             bus.subscribe(
                 channel,
@@ -226,10 +233,24 @@ class Relay:
                 topics = [self.topic.format(channel=c, type="*") for c in self.channels]
                 await self.backend.connect(topics)
                 self._connected = True
+                self._misconfigured = None
                 logger.info("relay %s: connected to %s", self.name, self.url)
 
     async def _failed(self, channel: str, error: BaseException, *, rejected: bool) -> None:
         text = str(error)
+        if isinstance(error, BrokerMisconfigured):
+            if self._misconfigured != text:  # once, not once per channel or attempt
+                self._misconfigured = text
+                logger.error(
+                    "relay %s: %s; the events wait in the journal until it is fixed",
+                    self.name,
+                    text,
+                )
+            if self._failing.get(channel) == text:
+                return
+            self._failing[channel] = text
+            await self._mark(channel, text, failing=True)
+            return
         if rejected:
             logger.error(
                 "relay %s: %s refused an event of %s: %s", self.name, self.url, channel, text

@@ -1,0 +1,133 @@
+"""The relay's NATS setup: stream subjects, dotted event types, credentials, stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+from nats_server import StreamReader
+from pgbus_relay import Relay
+from pgbus_relay._nats import subject_covers
+from relay_helpers import TIMEOUT, dead_letters, order_type, wait_for_status
+
+import pgbus
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from nats.aio.client import Client
+
+
+class FastBackoff:
+    """Retry the broker every 0.2 s (the default waits up to 10 s)."""
+
+    @pgbus.hookimpl(tryfirst=True)
+    def pgbus_reconnect_backoff(self, attempt: int, error: BaseException | None) -> float:  # noqa: ARG002 - hook signature
+        return 0.2
+
+
+@pytest.fixture
+async def js_client(jetstream: str) -> AsyncIterator[Client]:
+    """A client of the shared server, for making and reading streams."""
+    nc = await nats.connect(jetstream)
+    yield nc
+    await nc.close()
+
+
+@pytest.fixture
+async def prefix(js_client: Client) -> AsyncIterator[str]:
+    """A subject prefix no other test uses; every stream named after it is dropped."""
+    name = f"rv{uuid.uuid4().hex[:8]}"
+    yield name
+    js = js_client.jetstream()
+    for stream in (name.upper(), f"{name.upper()}_OTHER"):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(stream)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "covered"),
+    [
+        ("orders.>", "orders.eu", True),
+        ("orders.>", "orders.*", True),
+        ("orders.>", "orders.>", True),
+        ("orders.>", "orders", False),
+        ("orders.*", "orders.eu", True),
+        ("orders.*", "orders.>", False),
+        ("orders.*", "orders.eu.x", False),
+        ("*.eu", "orders.eu", True),
+        (">", "orders.eu.x", True),
+        ("orders", "orders", True),
+        ("orders", "orders.eu", False),
+        ("orders.eu", "orders.*", False),
+    ],
+)
+def test_subjects_are_matched_token_by_token(pattern: str, subject: str, covered: bool) -> None:
+    """``*`` is one token, ``>`` the rest: what a stream's subject captures."""
+    assert subject_covers(pattern, subject) is covered
+
+
+async def test_a_stream_whose_wildcard_covers_the_channel_is_used_as_it_is(
+    durable_bus: Callable[..., pgbus.Bus], jetstream: str, js_client: Client, prefix: str
+) -> None:
+    """A stream with ``prefix.>`` captures channel ``prefix.orders``: nothing to update."""
+    js = js_client.jetstream()
+    stream = prefix.upper()
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+    channel = f"{prefix}.orders"
+    order = order_type(channel)
+    bus = durable_bus()
+    relay = Relay(bus, to=f"{jetstream}?stream={stream}&timeout=1", channels=[channel])
+    reader = StreamReader(js_client, stream, channel)
+    async with bus:
+        ids = [await bus.publish(order(order_id=n)) for n in range(3)]
+        messages = await reader.take(3, TIMEOUT)
+    assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(ids)
+    assert relay.relayed == 3
+    info = await js.stream_info(stream)
+    assert info.config.subjects == [f"{prefix}.>"]
+
+
+async def test_a_stream_the_server_refuses_is_a_configuration_error_logged_once(
+    durable_bus: Callable[..., pgbus.Bus],
+    pgbus_dsn: str,
+    schema: str,
+    jetstream: str,
+    js_client: Client,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another stream holds the subjects: the relay says so once, waits, and loses nothing."""
+    js = js_client.jetstream()
+    other, stream = f"{prefix.upper()}_OTHER", prefix.upper()
+    await js.add_stream(StreamConfig(name=other, subjects=[f"{prefix}.>"]))
+    channel = f"{prefix}.orders"
+    order = order_type(channel)
+    bus = durable_bus()
+    bus.plugins.register(FastBackoff())
+    relay = Relay(bus, to=f"{jetstream}?stream={stream}&timeout=1", channels=[channel])
+    caplog.set_level(logging.INFO, logger="pgbus_relay")
+    async with bus:
+        ids = [await bus.publish(order(order_id=n)) for n in range(3)]
+        row = await wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
+        await asyncio.sleep(1.5)  # several attempts
+        assert relay.relayed == 0
+        error = row.last_error or ""
+        assert f"stream {stream}" in error
+        assert f"{prefix}.orders" in error
+        assert "refuses" in error
+        refusals = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(refusals) == 1, [r.getMessage() for r in refusals]
+        assert stream in refusals[0].getMessage()
+        assert not [r for r in caplog.records if "waiting for the broker" in r.getMessage()]
+        await js.delete_stream(other)  # fixed: the relay makes its stream and goes on
+        reader = StreamReader(js_client, stream, channel)
+        messages = await reader.take(3, TIMEOUT)
+    assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(ids)
+    assert await dead_letters(pgbus_dsn, schema) == []
