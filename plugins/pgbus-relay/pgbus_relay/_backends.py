@@ -86,9 +86,11 @@ class Backend(Protocol):
     async def connect(self, topics: Sequence[str]) -> None:
         """Connect; called before the first send, until it succeeds.
 
-        :param topics: the topics the relay sends to, as far as known (``*`` stands for
-            a template field other than ``{channel}``): a backend may create what is
-            missing (JetStream: the stream's subjects).
+        :param topics: the topics the relay sends to, as far as known, as NATS subject
+            patterns: a template field other than ``{channel}`` is ``*`` (one token),
+            or ``>`` when it is the whole last token (a dotted event type fills
+            several): a backend may create what is missing (JetStream: the stream's
+            subjects).
         :raises BrokerUnavailable: when the broker cannot be reached.
         :raises BrokerMisconfigured: when it refuses the relay's setup.
         """

@@ -20,7 +20,7 @@ import nats
 from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 from nats.js.api import StreamConfig
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from pgbus import ConfigError
 from pgbus_relay._backends import (
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 TOO_LARGE = frozenset({10054})
 #: Seconds one publish waits for the stream's ack before it counts as unavailable.
 ACK_TIMEOUT = 5.0
+#: JetStream's error code for a subject that another stream than ``?stream=`` captures.
+WRONG_STREAM = frozenset({10060})
 
 
 def subject_covers(pattern: str, subject: str) -> bool:
@@ -63,6 +65,26 @@ def subject_covers(pattern: str, subject: str) -> bool:
         if part not in ("*", want[index]):
             return False
     return len(want) == len(have)
+
+
+def check_subjects(subjects: Sequence[str]) -> None:
+    """Refuse subject patterns no stream can capture: ``*`` or ``>`` inside a token.
+
+    :raises ConfigError: naming the subject.
+    """
+    for subject in subjects:
+        tokens = subject.split(".")
+        for index, part in enumerate(tokens):
+            if (("*" in part or ">" in part) and part not in ("*", ">")) or (
+                part == ">" and index != len(tokens) - 1
+            ):
+                raise ConfigError(
+                    f"relay: the NATS subject {subject!r} puts a template field inside a"
+                    " token: no stream can capture it; make {type} a whole token"
+                    " ('{channel}.{type}')"
+                )
+            if not part:
+                raise ConfigError(f"relay: the NATS subject {subject!r} has an empty token")
 
 
 class JetStreamBackend:
@@ -91,6 +113,10 @@ class JetStreamBackend:
 
     def __repr__(self) -> str:
         return f"<JetStreamBackend {','.join(self.servers)} stream={self.stream!r}>"
+
+    def check_topics(self, topics: Sequence[str]) -> None:
+        """Refuse, when the relay is made, subjects no stream could capture."""
+        check_subjects(topics)
 
     async def connect(self, topics: Sequence[str]) -> None:
         """Connect, and make sure the stream exists and captures ``topics``."""
@@ -179,18 +205,47 @@ class JetStreamBackend:
                 stream=self.stream,
                 headers=headers,
             )
+        except NoStreamResponseError as exc:
+            raise await self._no_stream(record) from exc
         except MaxPayloadError as exc:
             raise BrokerRejected(f"NATS: {exc} ({len(record.value)} bytes)") from exc
         except (BadSubjectError, BadHeaderError) as exc:  # this record's subject or headers
             raise BrokerRejected(f"NATS: {exc!r}") from exc
         except APIError as exc:
-            if exc.err_code in TOO_LARGE:
+            if exc.err_code in TOO_LARGE or exc.err_code in WRONG_STREAM:
                 raise BrokerRejected(
-                    f"JetStream: {exc.description} (err_code {exc.err_code})"
+                    f"JetStream: {exc.description} (err_code {exc.err_code}, subject"
+                    f" {record.topic!r}, stream {self.stream})"
                 ) from exc
             raise BrokerUnavailable(f"JetStream: {exc!r}") from exc
         except (NatsError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"JetStream: {exc!r}") from exc
+
+    async def _no_stream(self, record: Record) -> BrokerUnavailable | BrokerRejected:
+        """No stream answered for ``record``'s subject: refused, unless it may pass later.
+
+        When the stream exists and none of its subjects covers the record's, sending it
+        again would fail again: refused (dead-lettered). Without the stream (deleted
+        meanwhile) the next send connects again and makes it; else JetStream was busy.
+        """
+        js = self._js
+        if js is None:
+            return BrokerUnavailable("JetStream: the relay is closing")
+        try:
+            info = await js.stream_info(self.stream)
+        except NotFoundError:
+            await self.close()  # the next send makes the stream again
+            return BrokerUnavailable(f"JetStream: stream {self.stream} is gone")
+        except (NatsError, OSError, TimeoutError) as exc:
+            return BrokerUnavailable(f"JetStream: no stream answered: {exc!r}")
+        subjects = list(info.config.subjects or ())
+        if any(subject_covers(s, record.topic) for s in subjects):
+            return BrokerUnavailable(f"JetStream: stream {self.stream} did not answer")
+        return BrokerRejected(
+            f"JetStream: no subject of stream {self.stream} ({', '.join(subjects)}) captures"
+            f" the subject {record.topic!r}; put {{type}} last in the relay's --topic (a"
+            " dotted type spans several tokens) or add a subject that captures it"
+        )
 
     async def close(self) -> None:
         """Drain and close the connection."""

@@ -59,6 +59,22 @@ def _template(topic: str) -> str:
     return topic
 
 
+#: What stands for ``{type}`` while a template becomes a subject pattern.
+_FIELD = "\x00"
+
+
+def _wildcards(template: str, channel: str) -> str:
+    """The subject pattern of ``template`` on ``channel`` (what a stream must capture).
+
+    ``{type}`` is ``*``, or ``>`` when it is the whole last token: a dotted event type
+    (``order.placed``) fills several tokens.
+    """
+    tokens = template.format(channel=channel, type=_FIELD).split(".")
+    if tokens[-1] == _FIELD:
+        tokens[-1] = ">"
+    return ".".join(token.replace(_FIELD, "*") for token in tokens)
+
+
 def _envelope(payload: str) -> dict[str, Any] | None:
     try:
         envelope = json.loads(payload)
@@ -132,6 +148,10 @@ class Relay:
         self.bus, self.name, self.key = bus, name, key
         self.url = _public_url(to)
         self.topic = _template(topic)
+        self._topics = [_wildcards(self.topic, c) for c in self.channels]
+        check = getattr(self.backend, "check_topics", None)
+        if callable(check):
+            check(self._topics)
         self.__name__ = f"relay {name}"  # the name pluggy registers it under
         #: Events the broker acknowledged, and events dead-lettered, by this process.
         self.relayed = self.dead_lettered = 0
@@ -230,8 +250,7 @@ class Relay:
             return
         async with self._connecting:
             if not self._connected:
-                topics = [self.topic.format(channel=c, type="*") for c in self.channels]
-                await self.backend.connect(topics)
+                await self.backend.connect(self._topics)
                 self._connected = True
                 self._misconfigured = None
                 logger.info("relay %s: connected to %s", self.name, self.url)

@@ -131,3 +131,77 @@ async def test_a_stream_the_server_refuses_is_a_configuration_error_logged_once(
         messages = await reader.take(3, TIMEOUT)
     assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(ids)
     assert await dead_letters(pgbus_dsn, schema) == []
+
+
+async def test_a_dotted_event_type_as_the_last_token_is_captured(
+    durable_bus: Callable[..., pgbus.Bus], jetstream: str, js_client: Client, prefix: str
+) -> None:
+    """``{channel}.{type}`` with type ``order.placed``: the relay's stream takes ``ch.>``."""
+    stream, channel = prefix.upper(), prefix
+
+    class Placed(pgbus.Event, channel=channel, event_type="order.placed"):
+        order_id: int
+
+    bus = durable_bus()
+    relay = Relay(
+        bus,
+        to=f"{jetstream}?stream={stream}&timeout=1",
+        channels=[channel],
+        topic="{channel}.{type}",
+    )
+    reader = StreamReader(js_client, stream, f"{channel}.>")
+    async with bus:
+        event_id = await bus.publish(Placed(order_id=1))
+        messages = await reader.take(1, TIMEOUT)
+    assert messages[0].subject == f"{channel}.order.placed"
+    assert messages[0].headers["Nats-Msg-Id"] == event_id
+    assert relay.relayed == 1
+    info = await js_client.jetstream().stream_info(stream)
+    assert info.config.subjects == [f"{channel}.>"]
+
+
+async def test_a_subject_no_stream_captures_is_dead_lettered_not_retried_forever(
+    durable_bus: Callable[..., pgbus.Bus],
+    pgbus_dsn: str,
+    schema: str,
+    jetstream: str,
+    js_client: Client,
+    prefix: str,
+) -> None:
+    """``{type}.{channel}`` (stream ``*.ch``) and a dotted type: refused with a clear error."""
+    stream, channel = prefix.upper(), prefix
+
+    class Placed(pgbus.Event, channel=channel, event_type="order.placed"):
+        order_id: int
+
+    class Paid(pgbus.Event, channel=channel, event_type="paid"):
+        order_id: int
+
+    bus = durable_bus()
+    relay = Relay(
+        bus,
+        to=f"{jetstream}?stream={stream}&timeout=1",
+        channels=[channel],
+        topic="{type}.{channel}",
+        key="order_id",
+    )
+    reader = StreamReader(js_client, stream, f"*.{channel}")
+    async with bus:
+        dotted = await bus.publish(Placed(order_id=1))
+        paid = await bus.publish(Paid(order_id=1))  # same key: waits behind the dotted one
+        messages = await reader.take(1, TIMEOUT)
+    assert [m.headers["Nats-Msg-Id"] for m in messages] == [paid]
+    assert relay.dead_lettered == 1
+    rows = await dead_letters(pgbus_dsn, schema)
+    assert [r["event_id"] for r in rows] == [dotted]
+    assert f"order.placed.{channel}" in rows[0]["error"]
+    assert "{type} last" in rows[0]["error"]
+
+
+@pytest.mark.parametrize("topic", ["{channel}.t_{type}", "{channel}{type}", "{channel}..x"])
+def test_a_template_no_stream_can_capture_is_refused_at_once(
+    durable_bus: Callable[..., pgbus.Bus], jetstream: str, topic: str
+) -> None:
+    """{type} inside a token (or an empty token) is a ConfigError when the relay is made."""
+    with pytest.raises(pgbus.ConfigError, match="token"):
+        Relay(durable_bus(), to=f"{jetstream}?stream=X", channels=["a"], topic=topic)
