@@ -31,6 +31,7 @@ if _typing.TYPE_CHECKING:
         BrokerRejected,
         BrokerUnavailable,
         Record,
+        public_url,
         register_backend,
     )
     from pgbus_relay._prometheus import RelayCollector
@@ -46,6 +47,7 @@ _LAZY = {
     "Relay": "pgbus_relay._relay",
     "RelayCollector": "pgbus_relay._prometheus",
     "RelayStatus": "pgbus_relay._status",
+    "public_url": "pgbus_relay._backends",
     "register_backend": "pgbus_relay._backends",
     "relay_status": "pgbus_relay._status",
 }
@@ -59,6 +61,7 @@ __all__ = [
     "Relay",
     "RelayCollector",
     "RelayStatus",
+    "public_url",
     "register_backend",
     "relay_status",
 ]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pgbus import ConfigError, PgbusError
 
@@ -132,13 +133,19 @@ def backend_for(url: str) -> Backend:
 
     :raises ConfigError: for an unknown scheme, a URL without a host, or a missing client.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # a bad IPv6 address; its text may hold the URL
+        raise ConfigError(f"relay: cannot parse {public_url(url)!r}") from None
     path = BACKENDS.get(parts.scheme)
     if path is None:
         known = ", ".join(f"{scheme}://" for scheme in sorted(BACKENDS))
-        raise ConfigError(f"relay: cannot relay to {url!r}: the supported brokers are {known}")
-    if not parts.hostname:
-        raise ConfigError(f"relay: {url!r} names no host")
+        raise ConfigError(
+            f"relay: cannot relay to {public_url(url)!r}: the supported brokers are {known}"
+        )
+    if not hostname:
+        raise ConfigError(f"relay: {public_url(url)!r} names no host")
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -149,6 +156,49 @@ def backend_for(url: str) -> Backend:
         ) from exc
     factory: Callable[[SplitResult], Backend] = getattr(module, attr)
     return factory(parts)
+
+
+#: A query parameter that may hold a secret (its value is hidden by :func:`public_url`).
+_SECRET_PARAM = re.compile(
+    r"(?P<head>(?:^|[?&;])(?:[^=&#;]*(?:password|passwd|pass|token|secret|key)[^=&#;]*)=)[^&#;]*",
+    re.IGNORECASE,
+)
+
+
+def public_url(url: str) -> str:
+    """``url`` without its secrets, wherever it is shown: errors, logs, reprs, the status.
+
+    ``user:password@`` keeps the user (``user:***@``); a lone userinfo is a token
+    (``nats://TOKEN@host``) and becomes ``***@``; the values of query parameters whose
+    names hold ``password``, ``pass``, ``token``, ``secret`` or ``key`` become ``***``.
+    Everything before the last ``@`` counts as userinfo, so a password with an unquoted
+    ``/``, ``?`` or ``#`` is hidden too.
+
+    .. versionadded:: 0.1.0
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    userinfo, at, after = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{user}:***" if colon and not set(user) & set("/?#") else "***"
+        rest = f"{shown}@{after}"
+    base, question, query = rest.partition("?")
+    return head + sep + base + question + _SECRET_PARAM.sub(r"\g<head>***", query)
+
+
+def credentials(parts: SplitResult) -> tuple[str | None, str | None]:
+    """The percent-decoded user and password of a URL's userinfo (``None`` when absent).
+
+    ``user:password@`` gives both; a lone ``user@`` gives ``(user, None)`` (for NATS, a
+    token).
+    """
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if not at:
+        return None, None
+    user, colon, password = userinfo.partition(":")
+    return unquote(user), unquote(password) if colon else None
 
 
 def hosts(parts: SplitResult, default_port: int) -> list[str]:

@@ -1,22 +1,23 @@
 """NATS JetStream: publish with ``Nats-Msg-Id``, return on the stream's ack (nats-py).
 
-``nats://host:port?stream=NAME``: the stream must capture the relay's subjects; if it
-does not exist, the relay creates it (file storage, limits retention, the server's
-default duplicate window of two minutes), and adds the subjects none of its own covers
-(NATS matching: ``*`` one token, ``>`` the rest) to one that does. A server that
-refuses that is a configuration error (:class:`BrokerMisconfigured`). The event id is
-the ``Nats-Msg-Id``, so a record sent again after a crash within the stream's duplicate
-window is stored once: exactly once in the stream.
+``nats://[user:password@ | token@]host:port?stream=NAME``: the stream must capture the
+relay's subjects; if it does not exist, the relay creates it (file storage, limits
+retention, the server's default duplicate window of two minutes), and adds the subjects
+none of its own covers (NATS matching: ``*`` one token, ``>`` the rest) to one that does.
+A server that refuses that is a configuration error (:class:`BrokerMisconfigured`). The
+event id is the ``Nats-Msg-Id``, so a record sent again after a crash within the
+stream's duplicate window is stored once: exactly once in the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-import nats
+from nats.aio.client import Client
 from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 from nats.js.api import StreamConfig
@@ -27,6 +28,7 @@ from pgbus_relay._backends import (
     BrokerMisconfigured,
     BrokerRejected,
     BrokerUnavailable,
+    credentials,
     hosts,
 )
 
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from urllib.parse import SplitResult
 
-    from nats.aio.client import Client
     from nats.js import JetStreamContext
 
     from pgbus_relay._backends import Record
@@ -106,6 +107,11 @@ class JetStreamBackend:
             raise ConfigError("relay: a nats:// URL names its JetStream stream: ?stream=NAME")
         self.timeout = float(query.get("timeout", ACK_TIMEOUT))
         self.servers = [f"nats://{host}" for host in hosts(parts, 4222)]
+        user, password = credentials(parts)
+        #: The credentials for nats.connect (never shown): user and password, or a token.
+        self._user = user if password is not None else None
+        self._password = password
+        self._token = user if password is None and user else None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._subjects: list[str] = []
@@ -134,17 +140,22 @@ class JetStreamBackend:
         async with self._lock:
             if self._nc is not None and not self._nc.is_closed:
                 return
+            nc = Client()
             try:
-                nc = await nats.connect(
+                await nc.connect(
                     self.servers,
-                    connect_timeout=self.timeout,
+                    connect_timeout=self.timeout,  # type: ignore[arg-type]  # seconds, a float
                     allow_reconnect=False,
                     max_reconnect_attempts=1,
-                    reconnect_time_wait=0.1,
+                    reconnect_time_wait=0.1,  # type: ignore[arg-type]  # seconds, a float
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
+                    user=self._user,
+                    password=self._password,
+                    token=self._token,
                 )
             except (NatsError, OSError, TimeoutError) as exc:
+                await self._discard(nc)  # a refused connect (credentials) keeps its socket
                 raise BrokerUnavailable(f"NATS {','.join(self.servers)}: {exc!r}") from exc
             js = nc.jetstream(timeout=self.timeout)
             try:
@@ -255,6 +266,15 @@ class JetStreamBackend:
                 await nc.close()
             except (NatsError, OSError, TimeoutError) as exc:
                 logger.debug("closing the NATS connection: %r", exc)
+
+    @staticmethod
+    async def _discard(nc: Client) -> None:
+        """Close what a failed connect left open (nats-py keeps the transport)."""
+        with contextlib.suppress(NatsError, OSError, TimeoutError):
+            await nc.close()
+        transport = getattr(nc, "_transport", None)
+        if transport is not None:
+            transport.close()
 
     async def _on_error(self, error: Exception) -> None:
         logger.debug("NATS: %r", error)

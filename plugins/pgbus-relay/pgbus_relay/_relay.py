@@ -10,7 +10,6 @@ import logging
 import string
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pgbus
 from pgbus import ConfigError, Reject, hookimpl
@@ -20,6 +19,7 @@ from pgbus_relay._backends import (
     BrokerUnavailable,
     Record,
     backend_for,
+    public_url,
 )
 from pgbus_relay._status import RelayStatus, mark, register, relay_status
 
@@ -36,16 +36,6 @@ logger = logging.getLogger(__name__)
 TEMPLATE_FIELDS = frozenset({"channel", "type"})
 #: Latencies (publish to broker ack) a relay keeps for :attr:`Relay.latencies`.
 LATENCY_WINDOW = 10_000
-
-
-def _public_url(url: str) -> str:
-    """``url`` without a password (it is stored in the status table and logged)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 def _template(topic: str) -> str:
@@ -146,7 +136,7 @@ class Relay:
             raise ConfigError(f"relay: status_interval must be positive, not {status_interval!r}")
         self.backend: Backend = backend_for(to)
         self.bus, self.name, self.key = bus, name, key
-        self.url = _public_url(to)
+        self.url = public_url(to)
         self.topic = _template(topic)
         self._topics = [_wildcards(self.topic, c) for c in self.channels]
         check = getattr(self.backend, "check_topics", None)
