@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pgbus
 from pgbus import ConfigError, Reject, hookimpl
+from pgbus.durable._consumer import AGAIN
 from pgbus_relay._backends import (
     BrokerMisconfigured,
     BrokerRejected,
@@ -156,6 +157,7 @@ class Relay:
         self._connecting = asyncio.Lock()
         self._failing: dict[str, str] = {}
         self._misconfigured: str | None = None
+        self._stopping = asyncio.Event()
         for channel in self.channels:
             bus.subscribe(
                 channel,
@@ -226,7 +228,9 @@ class Relay:
                 await self._failed(message.channel, exc, rejected=False)
                 if delay is None:  # the backoff gave up: a failure, for the retry policy
                     raise
-                await asyncio.sleep(delay)
+                if await self._stop_during(delay):
+                    self._hand_back(message)
+                    return
                 continue
             break
         self.relayed += 1
@@ -234,6 +238,34 @@ class Relay:
             self.latencies.append(time.time() - float(published))
         if message.channel in self._failing:
             await self._recovered(message.channel)
+
+    async def _stop_during(self, delay: float) -> bool:
+        """Wait ``delay`` seconds, or less if the bus stops meanwhile: whether it stops."""
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        return self._stopping.is_set()
+
+    def _hand_back(self, message: pgbus.Message) -> None:
+        """The bus stops while the broker is down: leave ``message`` in the journal.
+
+        Its journal row is released, neither acked nor a failure (no attempt counts): the
+        next relay of the group (this one restarted, or another) sends it.
+        """
+        durable = self._durable
+        inflight = (
+            None
+            if durable is None
+            else durable.find(self.subscription(message.channel), message.stored_id)
+        )
+        if inflight is not None:
+            inflight.resolve(AGAIN)  # the first outcome wins: not acked when this returns
+        logger.info(
+            "relay %s: stopping while %s is unreachable; an event of %s stays in the journal",
+            self.name,
+            self.url,
+            message.channel,
+        )
 
     async def _connect(self) -> None:
         if self._connected:
@@ -297,6 +329,7 @@ class Relay:
             return
         durable: DurablePlugin = bus.plugins.get("durable")
         self._durable = durable
+        self._stopping.clear()
         pool = await durable.pool()
         async with pool.acquire() as conn:
             for channel in self.channels:
@@ -328,7 +361,9 @@ class Relay:
 
     @hookimpl
     async def pgbus_on_stop(self, bus: pgbus.Bus) -> None:
-        """Stop refreshing the status."""
+        """Stop refreshing the status, and waiting for a broker that is down."""
+        if bus is self.bus:
+            self._stopping.set()
         watcher, self._watcher = self._watcher, None
         if bus is self.bus and watcher is not None:
             watcher.cancel()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -325,3 +326,38 @@ async def test_a_wrong_password_shows_no_secret_in_the_status(
     finally:
         server.kill()
         gc.collect()  # a socket a refused connect leaked fails this test, not a later one
+
+
+async def test_stop_returns_promptly_while_the_broker_is_down_and_loses_nothing(
+    durable_bus: Callable[..., pgbus.Bus],
+    pgbus_dsn: str,
+    schema: str,
+    own_nats: NatsServer,
+    stream: str,
+    pgbus_channel: str,
+) -> None:
+    """The waiting events go back to the journal at stop(); a later relay sends them."""
+    order = order_type(pgbus_channel)
+    url = f"{own_nats.url}?stream={stream}&timeout=0.5"
+    bus = durable_bus(stop_timeout=20.0)
+    first = Relay(bus, to=url, channels=[pgbus_channel], key="order_id")
+    await bus.start()
+    ids = [await bus.publish(order(order_id=n % 2, seq=n)) for n in range(6)]
+    await wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
+    started = time.monotonic()
+    await bus.stop()
+    assert time.monotonic() - started < 5.0
+    assert first.relayed == 0
+    assert await dead_letters(pgbus_dsn, schema) == []
+    own_nats.start()
+    again = durable_bus()
+    second = Relay(again, to=url, channels=[pgbus_channel], key="order_id")
+    nc = await nats.connect(own_nats.url)
+    try:
+        async with again:
+            messages = await StreamReader(nc, stream, pgbus_channel).take(6, TIMEOUT)
+    finally:
+        await nc.close()
+    assert sorted(m.headers["Nats-Msg-Id"] for m in messages) == sorted(ids)
+    assert second.relayed == 6
+    assert await dead_letters(pgbus_dsn, schema) == []
