@@ -9,6 +9,12 @@ of failure apart, because the relay treats them differently:
   journal position does not move meanwhile.
 * :class:`BrokerRejected`: the broker refused this record (too large, say). Sending it
   again would fail again: the relay dead-letters it with the broker's error and goes on.
+* :class:`BrokerMisconfigured` (a :class:`BrokerUnavailable`): the broker refuses the
+  relay's setup (a stream's subjects). The relay waits as for an outage, but logs it
+  once as a configuration error.
+
+A backend shows its URL only through :func:`public_url` (no password or token), and
+may refuse, when the relay is made, topics it could never take (``check_topics``).
 
 Adding a broker (RabbitMQ with publisher confirms, Redis Streams' ``XADD``) is one class
 with these three methods and one :func:`register_backend` call for its URL scheme.
