@@ -27,9 +27,11 @@ import typing as _typing
 if _typing.TYPE_CHECKING:
     from pgbus_relay._backends import (
         Backend,
+        BrokerMisconfigured,
         BrokerRejected,
         BrokerUnavailable,
         Record,
+        public_url,
         register_backend,
     )
     from pgbus_relay._prometheus import RelayCollector
@@ -38,24 +40,28 @@ if _typing.TYPE_CHECKING:
 
 _LAZY = {
     "Backend": "pgbus_relay._backends",
+    "BrokerMisconfigured": "pgbus_relay._backends",
     "BrokerRejected": "pgbus_relay._backends",
     "BrokerUnavailable": "pgbus_relay._backends",
     "Record": "pgbus_relay._backends",
     "Relay": "pgbus_relay._relay",
     "RelayCollector": "pgbus_relay._prometheus",
     "RelayStatus": "pgbus_relay._status",
+    "public_url": "pgbus_relay._backends",
     "register_backend": "pgbus_relay._backends",
     "relay_status": "pgbus_relay._status",
 }
 
 __all__ = [
     "Backend",
+    "BrokerMisconfigured",
     "BrokerRejected",
     "BrokerUnavailable",
     "Record",
     "Relay",
     "RelayCollector",
     "RelayStatus",
+    "public_url",
     "register_backend",
     "relay_status",
 ]

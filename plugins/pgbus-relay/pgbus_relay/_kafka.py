@@ -4,7 +4,8 @@
 names, keyed by the ``key`` field; the broker creates missing topics if it is allowed
 to (``auto.create.topics.enable``), else create them first. A record sent again after
 a crash or a timeout is stored again: at least once, with the ``pgbus-id`` header to
-de-duplicate on.
+de-duplicate on. Credentials in the URL (``kafka://user:password@host``) are refused:
+SASL and TLS are not supported yet.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from pgbus import ConfigError
 from pgbus_relay._backends import BrokerRejected, BrokerUnavailable, hosts
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ class KafkaBackend:
     """An idempotent Kafka producer (``kafka://host:port``).
 
     :param parts: the split URL; ``timeout`` (query) is the seconds a send may take.
+    :raises ConfigError: for credentials in the URL (no SASL yet).
 
     .. versionadded:: 0.1.0
     """
@@ -51,6 +54,11 @@ class KafkaBackend:
     delivery = "at least once, de-duplicate on the pgbus-id header (idempotent producer)"
 
     def __init__(self, parts: SplitResult) -> None:
+        if "@" in parts.netloc:
+            raise ConfigError(
+                "relay: kafka:// takes no credentials (user:password@ or token@): SASL is"
+                " not supported yet; use a listener without authentication"
+            )
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
         timeout = query.get("timeout")
         self.request_timeout_ms = int(float(timeout) * 1000) if timeout else REQUEST_TIMEOUT_MS

@@ -10,11 +10,18 @@ import logging
 import string
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pgbus
 from pgbus import ConfigError, Reject, hookimpl
-from pgbus_relay._backends import BrokerRejected, BrokerUnavailable, Record, backend_for
+from pgbus.durable._consumer import AGAIN
+from pgbus_relay._backends import (
+    BrokerMisconfigured,
+    BrokerRejected,
+    BrokerUnavailable,
+    Record,
+    backend_for,
+    public_url,
+)
 from pgbus_relay._status import RelayStatus, mark, register, relay_status
 
 if TYPE_CHECKING:
@@ -32,16 +39,6 @@ TEMPLATE_FIELDS = frozenset({"channel", "type"})
 LATENCY_WINDOW = 10_000
 
 
-def _public_url(url: str) -> str:
-    """``url`` without a password (it is stored in the status table and logged)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
-
-
 def _template(topic: str) -> str:
     fields = {field for _, field, _, _ in string.Formatter().parse(topic) if field is not None}
     unknown = fields - TEMPLATE_FIELDS
@@ -51,6 +48,22 @@ def _template(topic: str) -> str:
             f" {', '.join(sorted(unknown)) or 'nothing'}"
         )
     return topic
+
+
+#: What stands for ``{type}`` while a template becomes a subject pattern.
+_FIELD = "\x00"
+
+
+def _wildcards(template: str, channel: str) -> str:
+    """The subject pattern of ``template`` on ``channel`` (what a stream must capture).
+
+    ``{type}`` is ``*``, or ``>`` when it is the whole last token: a dotted event type
+    (``order.placed``) fills several tokens.
+    """
+    tokens = template.format(channel=channel, type=_FIELD).split(".")
+    if tokens[-1] == _FIELD:
+        tokens[-1] = ">"
+    return ".".join(token.replace(_FIELD, "*") for token in tokens)
 
 
 def _envelope(payload: str) -> dict[str, Any] | None:
@@ -124,8 +137,12 @@ class Relay:
             raise ConfigError(f"relay: status_interval must be positive, not {status_interval!r}")
         self.backend: Backend = backend_for(to)
         self.bus, self.name, self.key = bus, name, key
-        self.url = _public_url(to)
+        self.url = public_url(to)
         self.topic = _template(topic)
+        self._topics = [_wildcards(self.topic, c) for c in self.channels]
+        check = getattr(self.backend, "check_topics", None)
+        if callable(check):
+            check(self._topics)
         self.__name__ = f"relay {name}"  # the name pluggy registers it under
         #: Events the broker acknowledged, and events dead-lettered, by this process.
         self.relayed = self.dead_lettered = 0
@@ -139,6 +156,8 @@ class Relay:
         self._connected = False
         self._connecting = asyncio.Lock()
         self._failing: dict[str, str] = {}
+        self._misconfigured: str | None = None
+        self._stopping = asyncio.Event()
         for channel in self.channels:
             bus.subscribe(
                 channel,
@@ -209,7 +228,9 @@ class Relay:
                 await self._failed(message.channel, exc, rejected=False)
                 if delay is None:  # the backoff gave up: a failure, for the retry policy
                     raise
-                await asyncio.sleep(delay)
+                if await self._stop_during(delay):
+                    self._hand_back(message)
+                    return
                 continue
             break
         self.relayed += 1
@@ -218,18 +239,59 @@ class Relay:
         if message.channel in self._failing:
             await self._recovered(message.channel)
 
+    async def _stop_during(self, delay: float) -> bool:
+        """Wait ``delay`` seconds, or less if the bus stops meanwhile: whether it stops."""
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        return self._stopping.is_set()
+
+    def _hand_back(self, message: pgbus.Message) -> None:
+        """The bus stops while the broker is down: leave ``message`` in the journal.
+
+        Its journal row is released, neither acked nor a failure (no attempt counts): the
+        next relay of the group (this one restarted, or another) sends it.
+        """
+        durable = self._durable
+        inflight = (
+            None
+            if durable is None
+            else durable.find(self.subscription(message.channel), message.stored_id)
+        )
+        if inflight is not None:
+            inflight.resolve(AGAIN)  # the first outcome wins: not acked when this returns
+        logger.info(
+            "relay %s: stopping while %s is unreachable; an event of %s stays in the journal",
+            self.name,
+            self.url,
+            message.channel,
+        )
+
     async def _connect(self) -> None:
         if self._connected:
             return
         async with self._connecting:
             if not self._connected:
-                topics = [self.topic.format(channel=c, type="*") for c in self.channels]
-                await self.backend.connect(topics)
+                await self.backend.connect(self._topics)
                 self._connected = True
+                self._misconfigured = None
                 logger.info("relay %s: connected to %s", self.name, self.url)
 
     async def _failed(self, channel: str, error: BaseException, *, rejected: bool) -> None:
         text = str(error)
+        if isinstance(error, BrokerMisconfigured):
+            if self._misconfigured != text:  # once, not once per channel or attempt
+                self._misconfigured = text
+                logger.error(
+                    "relay %s: %s; the events wait in the journal until it is fixed",
+                    self.name,
+                    text,
+                )
+            if self._failing.get(channel) == text:
+                return
+            self._failing[channel] = text
+            await self._mark(channel, text, failing=True)
+            return
         if rejected:
             logger.error(
                 "relay %s: %s refused an event of %s: %s", self.name, self.url, channel, text
@@ -267,6 +329,7 @@ class Relay:
             return
         durable: DurablePlugin = bus.plugins.get("durable")
         self._durable = durable
+        self._stopping.clear()
         pool = await durable.pool()
         async with pool.acquire() as conn:
             for channel in self.channels:
@@ -298,7 +361,9 @@ class Relay:
 
     @hookimpl
     async def pgbus_on_stop(self, bus: pgbus.Bus) -> None:
-        """Stop refreshing the status."""
+        """Stop refreshing the status, and waiting for a broker that is down."""
+        if bus is self.bus:
+            self._stopping.set()
         watcher, self._watcher = self._watcher, None
         if bus is self.bus and watcher is not None:
             watcher.cancel()

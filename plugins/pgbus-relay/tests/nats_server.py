@@ -23,6 +23,7 @@ import pytest
 from relay_helpers import free_port, in_ci
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from nats.aio.client import Client
@@ -70,8 +71,9 @@ def running_nats() -> str | None:
 class NatsServer:
     """``nats-server -js`` of a test's own, on one port and one store across restarts."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.binary = nats_binary()
+        self.args = list(args)  # more options: --user U --pass P, --auth TOKEN
         self.port = port or free_port()
         self.store = workdir / "jetstream"
         self.log = workdir / "nats-server.log"
@@ -82,6 +84,7 @@ class NatsServer:
     def start(self, timeout: float = 30.0) -> NatsServer:
         """Start it, and return once it is ready (JetStream included)."""
         argv = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)]
+        argv += self.args
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._proc = proc
         assert proc.stderr is not None
