@@ -17,6 +17,14 @@ The first three are one statement, one round trip (the function ``step``); a key
 subscription acks in a statement of its own first (its claim waits for the member
 holding the first batch, which must not wait for this member's ack in turn).
 
+A plain subscription (no ``key=``, no ``batch=``) pipelines: while it handles a batch,
+the next ``step`` (the acks of the batch before, a pump, the claim of the next batch)
+is already on its way, so the round trip overlaps the handling. The member claims under
+two names by turns (a claim takes back its claimer's own batches, and must not take the
+batch in hand); acks go under the name their batch was claimed under. The batch
+claimed ahead is handed over only once the one in hand is settled (journal order), its
+lease is renewed with it, and stopping hands it back.
+
 A member that dies leaves its claimed batch; after the lease it goes to the others.
 """
 
@@ -83,6 +91,11 @@ class Consumer:
         self.sub = sub
         self.group: str = sub.durable  # type: ignore[assignment]  # only durable subs get one
         self.member = member_id()
+        #: The names this member claims under: a plain subscription claims its next
+        #: batch while it handles one (pipelined), under the other name, so that claim
+        #: never takes the batch in hand back (a claim takes the claimer's own batches).
+        self.names = (self.member, f"{self.member}+")
+        self._pipelined = sub.key is None and sub.batch is None
         self.types = sorted({t.pgbus_type for t in sub.event_types}) if sub.event_types else None
         #: Journal ids per batch row: a batch handler's batch fits in one (so it is
         #: claimed, acknowledged and retried as one row).
@@ -100,14 +113,22 @@ class Consumer:
         self._stopping = False
         self._need_pump = True
         self._batches_low = True
-        self._acks: list[int] = []
-        #: Nacked events to persist with the next ack: journal id, delay, next attempt,
-        #: and the retry batch (events with the same one are retried together).
-        self._retries: list[tuple[int, float, int, int]] = []
+        #: Per claiming name: handled events to ack (an ack takes out only the batches
+        #: claimed under its name), and nacked events to persist with the next ack:
+        #: journal id, delay, next attempt, and the retry batch (events with the same
+        #: one are retried together).
+        self._acks: dict[str, list[int]] = {n: [] for n in self.names}
+        self._retries: dict[str, list[tuple[int, float, int, int]]] = {n: [] for n in self.names}
         self._timers: set[asyncio.TimerHandle] = set()
         self._due_unknown = True
         self._task: asyncio.Task[None] | None = None
         self._claimed: list[int] = []
+        #: The name the batch in hand was claimed under.
+        self._claimed_by = self.member
+        #: The claim of the next batch made while the one in hand is handled, and its
+        #: result once it returned: the name it was made under, its first row, its rows.
+        self._prefetch: asyncio.Task[None] | None = None
+        self._next: tuple[str, Any, list[Any]] | None = None
         #: The batch in hand: rows acked without a handler, and those awaiting one.
         self._batch_acks: list[int] = []
         self._waiting: list[tuple[int, str, Inflight]] = []
@@ -207,18 +228,43 @@ class Consumer:
         if self._claimed:  # cut short mid-batch: what was handled is acked, not released
             self._claimed = self._settle()
         await self._flush_acks()
+        left = len(self._claimed)
         if self._claimed:
-            left = len(self._claimed)
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await asyncio.wait_for(
-                    self._execute(self.plugin.sql.release, self.group, self.member, self._claimed),
-                    timeout=5.0,
-                )
+            await self._release(self._claimed_by, self._claimed)
+            self._claimed = []
+        left += await self._release_next()
+        if left:
             logger.warning(
                 "durable subscription %s: %d unfinished events handed back for later",
                 self.group,
                 left,
             )
+
+    async def _release(self, name: str, ids: list[int]) -> None:
+        """Hand claimed rows back for the group (a failure leaves them to the lease)."""
+        with contextlib.suppress(*DRIVER_ERRORS):
+            await asyncio.wait_for(
+                self._execute(self.plugin.sql.release, self.group, name, ids), timeout=5.0
+            )
+
+    async def _release_next(self) -> int:
+        """Hand back the batch claimed ahead (once its claim returned); how many rows."""
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait([task], timeout=5.0)
+            if not task.done():  # its claim, if it commits, is left to the lease
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: the loop is over, the error has no one to go to
+        taken, self._next = self._next, None
+        if taken is None:
+            return 0
+        name, _, rows = taken
+        ids = [row["journal_id"] for row in rows]
+        if ids:
+            await self._release(name, ids)
+        return len(ids)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -253,6 +299,7 @@ class Consumer:
                     self._due_unknown = True  # count the retries of every member again
                 self._need_pump = True  # woken, or the safety-net poll
         await self._flush_acks()
+        await self._release_next()  # stopping, or unsubscribed: the others take it
 
     async def _flush_acks(self) -> None:
         """Ack what is handled and not yet acked (a claim usually does it)."""
@@ -274,16 +321,10 @@ class Consumer:
         if self.sub not in self.bus.subscriptions:  # unsubscribed: this member leaves
             self._stopping = True
             return False
-        # Cut new batches only when woken (or a pump left more behind) and when the
-        # claimed batches run low: few wait, so claiming stays cheap.
-        pump = self._need_pump and self._batches_low
-        if pump:
-            self._need_pump = False
-            if self.sub.batch is not None and self._lull and self.sub.batch_wait > 0:
-                await asyncio.sleep(self.sub.batch_wait)  # let a batch's worth arrive
-        if self._stopping:
+        got = await self._next_batch()
+        if got is None:
             return False
-        head, rows = await self._fetch(pump=pump)
+        pump, head, rows = got
         pumped = self._pumped(head) if pump else 0
         self._batches_low = len(rows) < self.cut
         if self._due_unknown:  # after a restart or an ack of retries: when is the next due
@@ -295,6 +336,36 @@ class Consumer:
             await self._wait(self.plugin.busy_retry)
             return True
         return self._need_pump
+
+    async def _next_batch(self) -> tuple[bool, dict[str, Any], list[Any]] | None:
+        """The batch claimed ahead, else a claim now: whether it pumped, its head, rows.
+
+        ``None`` when stopping.
+        """
+        taken = None
+        if not self._stopping:  # else what was claimed ahead is handed back
+            taken, self._next = self._next, None  # claimed while the batch before was handled
+        if taken is not None and not taken[2]:  # nothing claimed ahead
+            if taken[1]["pumped_asked"]:
+                self._pumped(taken[1])  # whether to pump again
+            self._batches_low = True
+            if self._unacked():
+                taken = None  # the acks go now, with a claim of their own
+        if taken is not None:
+            self._claimed_by, head, rows = taken
+            return bool(head["pumped_asked"]), head, rows
+        # Cut new batches only when woken (or a pump left more behind) and when the
+        # claimed batches run low: few wait, so claiming stays cheap.
+        pump = self._need_pump and self._batches_low
+        if pump:
+            self._need_pump = False
+            if self.sub.batch is not None and self._lull and self.sub.batch_wait > 0:
+                await asyncio.sleep(self.sub.batch_wait)  # let a batch's worth arrive
+        if self._stopping:
+            return None
+        self._claimed_by = self._name_to_claim()
+        head, rows = await self._fetch(self._claimed_by, pump=pump)
+        return pump, head, rows
 
     def _pumped(self, head: Any) -> int | None:
         """What the pump cut into batches (``None``: another member is pumping)."""
@@ -319,7 +390,49 @@ class Consumer:
         if row[0] is not None:
             self._wake_in(row[0])
 
-    async def _fetch(self, *, pump: bool) -> tuple[Any, list[Any]]:
+    def _unacked(self) -> bool:
+        """Whether handled or nacked events wait for their ack."""
+        return any(self._acks[n] or self._retries[n] for n in self.names)
+
+    def _name_to_claim(self) -> str:
+        """The name a claim between batches goes under: the one with acks to send.
+
+        Else the last batch's: a claim under it takes again what that batch left claimed.
+        """
+        unacked = (n for n in self.names if self._acks[n] or self._retries[n])
+        return next(unacked, self._claimed_by)
+
+    def _claim_ahead(self) -> None:
+        """Claim the next batch while the one in hand is handled (a plain subscription).
+
+        Under the other name: a claim takes its claimer's own batches, this one must not
+        take back the batch in hand. It sends that name's acks (the batch before).
+        """
+        if not self._pipelined or self._stopping or self._prefetch or self._next:
+            return
+        name = self.names[self._claimed_by == self.names[0]]
+        pump = self._need_pump and self._batches_low
+        if pump:
+            self._need_pump = False
+
+        async def claim() -> None:
+            head, rows = await self._fetch(name, pump=pump)
+            self._next = (name, {**head, "pumped_asked": pump}, rows)
+
+        self._prefetch = asyncio.create_task(claim(), name=f"pgbus-durable-{self.group}-next")
+
+    async def _claimed_ahead(self) -> None:
+        """Wait for the claim made ahead; raise its error (the batch in hand is settled)."""
+        task = self._prefetch
+        if task is None:
+            return
+        await asyncio.wait([task])  # not cancelled with this task: stop() hands it back
+        self._prefetch = None
+        if task.exception() is not None:
+            self._need_pump = True  # its pump, if asked, is done again
+        task.result()
+
+    async def _fetch(self, name: str, *, pump: bool) -> tuple[dict[str, Any], list[Any]]:
         """Ack the events handled since the last claim, pump if ``pump``, claim a batch.
 
         :returns: the first row (its ``pumped``: how many were cut into batches, NULL
@@ -329,14 +442,14 @@ class Consumer:
         ordered = self.sub.key is not None
         if ordered:
             await self._ack()
-        acks, retries = ([], []) if ordered else (list(self._acks), list(self._retries))
+        acks, retries = ([], []) if ordered else (list(self._acks[name]), list(self._retries[name]))
         ids, delays, attempts, together = self._retry_columns(retries)
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
             rows: list[Any] = await conn.fetch(
                 self.plugin.sql.step,
                 self.group,
-                self.member,
+                name,
                 self.plugin.lease,
                 ordered,
                 pump,
@@ -350,8 +463,9 @@ class Consumer:
                 attempts,
                 together,
             )
-        self._acked(acks, retries, delays)
-        return rows[0], [row for row in rows if row["journal_id"] is not None]
+        self._acked(name, acks, retries, delays)
+        head = {"pumped": rows[0]["pumped"], "resumed": rows[0]["resumed"]}
+        return head, [row for row in rows if row["journal_id"] is not None]
 
     @staticmethod
     def _retry_columns(
@@ -364,30 +478,35 @@ class Consumer:
         return list(ids), list(delays), list(attempts), list(together)
 
     def _acked(
-        self, acks: list[int], retries: list[tuple[int, float, int, int]], delays: list[float]
+        self,
+        name: str,
+        acks: list[int],
+        retries: list[tuple[int, float, int, int]],
+        delays: list[float],
     ) -> None:
         """Forget what an ack persisted; wake when its first retry falls due."""
-        del self._acks[: len(acks)]
-        del self._retries[: len(retries)]
+        del self._acks[name][: len(acks)]
+        del self._retries[name][: len(retries)]
         if delays:
             self._wake_in(min(delays))
             self._due_unknown = True  # count the retries waiting again
 
     async def _ack(self) -> None:
-        acks, retries = list(self._acks), list(self._retries)
-        if acks or retries:
-            ids, delays, attempts, together = self._retry_columns(retries)
-            await self._execute(
-                self.plugin.sql.ack,
-                self.group,
-                acks + ids,
-                ids,
-                delays,
-                attempts,
-                self.member,
-                together,
-            )
-            self._acked(acks, retries, delays)
+        for name in self.names:
+            acks, retries = list(self._acks[name]), list(self._retries[name])
+            if acks or retries:
+                ids, delays, attempts, together = self._retry_columns(retries)
+                await self._execute(
+                    self.plugin.sql.ack,
+                    self.group,
+                    acks + ids,
+                    ids,
+                    delays,
+                    attempts,
+                    name,
+                    together,
+                )
+                self._acked(name, acks, retries, delays)
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()
@@ -400,6 +519,7 @@ class Consumer:
         self._claimed = [row["journal_id"] for row in rows]
         self._batch_acks = []
         self._waiting = []
+        self._claim_ahead()
         failure: BaseException | None = None
         for row in rows:
             journal_id: int = row["journal_id"]
@@ -418,10 +538,12 @@ class Consumer:
         again = [j for j in self._settle() if j in offered]
         if again:  # what was decided leaves the batch first: others take only the rest
             await self._ack()
-            await self._execute(self.plugin.sql.release, self.group, self.member, again)
+            await self._execute(self.plugin.sql.release, self.group, self._claimed_by, again)
         self._claimed = []
         if failure is not None:
+            await self._release_next()  # taken again in order, after the rows left behind
             raise failure
+        await self._claimed_ahead()
 
     def _settle(self) -> list[int]:
         """Queue the acks of the batch's outcomes so far; return the claims to hand back.
@@ -437,13 +559,14 @@ class Consumer:
                 continue
             decided.add(journal_id)
             if outcome == RETRY:
-                self._retries.append((journal_id, *inflight.retry))
+                self._retries[self._claimed_by].append((journal_id, *inflight.retry))
             elif outcome == OK:
                 self.handled += 1
                 self._remember(event_id)
         self._waiting, self._batch_acks = [], []
-        retried = {r[0] for r in self._retries}
-        self._acks.extend(j for j in self._claimed if j in decided and j not in retried)
+        retried = {r[0] for r in self._retries[self._claimed_by]}
+        acks = self._acks[self._claimed_by]
+        acks.extend(j for j in self._claimed if j in decided and j not in retried)
         return [j for j in self._claimed if j not in decided]
 
     async def _offer(self, row: Any) -> Inflight | None:
@@ -555,15 +678,19 @@ class Consumer:
                 return
             if pending:
                 try:
-                    await self._execute(
-                        self.plugin.sql.renew,
-                        self.group,
-                        self.member,
-                        self.plugin.lease,
-                        self._claimed,
-                    )
+                    await self._renew()
                 except DRIVER_ERRORS as exc:
                     logger.warning("durable subscription %s: lease renewal: %s", self.group, exc)
+
+    async def _renew(self) -> None:
+        """Renew the lease of the batch in hand, and of the one claimed ahead."""
+        await self._execute(
+            self.plugin.sql.renew, self.group, self._claimed_by, self.plugin.lease, self._claimed
+        )
+        ahead = self._next
+        if ahead is not None and ahead[2]:
+            ids = [row["journal_id"] for row in ahead[2]]
+            await self._execute(self.plugin.sql.renew, self.group, ahead[0], self.plugin.lease, ids)
 
     def _remember(self, event_id: str) -> None:
         recent = self._recent
