@@ -64,22 +64,58 @@ def member_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class Outcomes:
+    """The outcomes a batch in hand waits for: a count, and one waiter for the last."""
+
+    __slots__ = ("pending", "waiter")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def done_one(self) -> None:
+        self.pending -= 1
+        waiter = self.waiter
+        if self.pending <= 0 and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - the renewal period
+        """Wait up to ``timeout`` s for every outcome; whether they all arrived."""
+        if self.pending <= 0:
+            return True
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+        await asyncio.wait([waiter], timeout=timeout)
+        return self.pending <= 0
+
+
 class Inflight:
     """A delivery handed to a subscription, waiting for its outcome."""
 
-    __slots__ = ("future", "journal_id", "retry")
+    __slots__ = ("batch", "journal_id", "outcome", "retry")
 
-    def __init__(self, journal_id: int) -> None:
+    def __init__(self, journal_id: int, batch: Outcomes | None = None) -> None:
         self.journal_id = journal_id
-        self.future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.outcome: str | None = None
+        self.batch = batch
+        if batch is not None:
+            batch.pending += 1
         #: For RETRY: seconds until the next attempt, that attempt's number, and the
         #: retry batch it goes into (the journal id of its handler batch's first event).
         self.retry: tuple[float, int, int] = (0.0, 1, journal_id)
 
+    @property
+    def done(self) -> bool:
+        """Whether its outcome is set."""
+        return self.outcome is not None
+
     def resolve(self, outcome: str) -> None:
         """Set the outcome (the first one wins)."""
-        if not self.future.done():
-            self.future.set_result(outcome)
+        if self.outcome is None:
+            self.outcome = outcome
+            if self.batch is not None:
+                self.batch.done_one()
 
 
 class Consumer:
@@ -132,6 +168,7 @@ class Consumer:
         #: The batch in hand: rows acked without a handler, and those awaiting one.
         self._batch_acks: list[int] = []
         self._waiting: list[tuple[int, str, Inflight]] = []
+        self._outcomes = Outcomes()
 
     def __repr__(self) -> str:
         return f"<Consumer {self.group!r} member {self.member}>"
@@ -154,7 +191,7 @@ class Consumer:
         """
         parts = delivery.deliveries if isinstance(delivery, Batch) else [delivery]
         found = [self.plugin.find(self.group, d.id) for d in parts]
-        inflights = [i for i in found if i is not None and not i.future.done()]
+        inflights = [i for i in found if i is not None and not i.done]
         if not inflights:
             return False
         together = inflights[0].journal_id
@@ -519,6 +556,7 @@ class Consumer:
         self._claimed = [row["journal_id"] for row in rows]
         self._batch_acks = []
         self._waiting = []
+        self._outcomes = Outcomes()
         self._claim_ahead()
         failure: BaseException | None = None
         for row in rows:
@@ -533,7 +571,7 @@ class Consumer:
             else:
                 self._waiting.append((journal_id, row["event_id"], inflight))
         await self._queue_gathered()  # after a failure too: what waits must be handled
-        await self._wait_outcomes([w[2] for w in self._waiting])
+        await self._wait_outcomes()
         offered = {w[0] for w in self._waiting}  # the rows after a failure stay claimed
         again = [j for j in self._settle() if j in offered]
         if again:  # what was decided leaves the batch first: others take only the rest
@@ -554,7 +592,7 @@ class Consumer:
         decided = set(self._batch_acks)
         for journal_id, event_id, inflight in self._waiting:
             self.plugin.forget(self.group, event_id)
-            outcome = inflight.future.result() if inflight.future.done() else AGAIN
+            outcome = inflight.outcome or AGAIN
             if outcome == AGAIN:
                 continue
             decided.add(journal_id)
@@ -615,7 +653,7 @@ class Consumer:
         # the attempt a nack persisted; claimed before: a redelivery
         delivery.attempt = row["attempt"]
         delivery.redelivered = row["deliveries"] > 1 or delivery.attempt > 1
-        inflight = self.plugin.track(self.group, delivery.id, journal_id)
+        inflight = self.plugin.track(self.group, delivery.id, journal_id, self._outcomes)
         if self.sub.batch is None:
             await self.sub.put(delivery)
             return inflight
@@ -638,7 +676,7 @@ class Consumer:
         The durable plugin's own hook stores it (and resolves the outcome); the other
         implementations (the in-memory list, the log) see it like any dead letter.
         """
-        inflight = self.plugin.track(self.group, event_id, journal_id)
+        inflight = self.plugin.track(self.group, event_id, journal_id, self._outcomes)
         dead = DeadLetter(message.channel, message.payload, error, 0, self.sub.name, id=event_id)
         try:
             await self.bus.plugins.on_dead_letter(dead)
@@ -665,22 +703,20 @@ class Consumer:
             found = self._routes[channel] = (decoder, router)
         return found
 
-    async def _wait_outcomes(self, inflights: list[Inflight]) -> None:
+    async def _wait_outcomes(self) -> None:
         """Wait for every outcome, renewing the lease of the claims meanwhile."""
-        pending = {i.future for i in inflights if not i.future.done()}
+        outcomes = self._outcomes
         renew_every = max(self.plugin.lease / 3, 0.05)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=renew_every)
-            if pending and self.sub not in self.bus.subscriptions:  # unsubscribed meanwhile
-                for inflight in inflights:
+        while not await outcomes.wait(renew_every):
+            if self.sub not in self.bus.subscriptions:  # unsubscribed meanwhile
+                for _, _, inflight in self._waiting:
                     inflight.resolve(AGAIN)
                 self._stopping = True
                 return
-            if pending:
-                try:
-                    await self._renew()
-                except DRIVER_ERRORS as exc:
-                    logger.warning("durable subscription %s: lease renewal: %s", self.group, exc)
+            try:
+                await self._renew()
+            except DRIVER_ERRORS as exc:
+                logger.warning("durable subscription %s: lease renewal: %s", self.group, exc)
 
     async def _renew(self) -> None:
         """Renew the lease of the batch in hand, and of the one claimed ahead."""
