@@ -106,3 +106,36 @@ async def test_acks_of_the_last_batch_reach_the_server(durable_bus, sql, schema,
             await asyncio.sleep(0.01)
         assert await left() == 0
     assert handled == list(range(10))
+
+
+async def test_a_failed_claim_ahead_is_raised_after_the_batch_in_hand(durable_bus, channel: str):
+    """The claim made ahead fails: the batch in hand is still finished and acked, the
+    consumer backs off and goes on; every event handled once."""
+    ticket = ticket_type(channel)
+    handled: collections.Counter[int] = collections.Counter()
+    total = 30
+
+    async def handle(event: Any) -> None:
+        handled[event.n] += 1
+        await asyncio.sleep(0.01)
+
+    a: pgbus.Bus = durable_bus(plugin={"batch_size": 5})
+    a.subscribe(ticket, durable="fails")(handle)
+    await a.start()
+    consumer = a.plugins.get("durable").consumers["fails"]
+    fetch = consumer._fetch
+    failed: list[list[int]] = []
+
+    async def failing(name: str, *, pump: bool) -> Any:
+        if consumer._claimed and not failed:  # the claim ahead of the first batch
+            failed.append(list(consumer._claimed))
+            raise ConnectionResetError("the claim ahead failed")
+        return await fetch(name, pump=pump)
+
+    consumer._fetch = failing
+    await a.publish_many([ticket(n=i) for i in range(total)])
+    await _until(lambda: len(handled) == total)
+    await asyncio.sleep(0.2)
+    await a.stop()
+    assert failed
+    assert handled == dict.fromkeys(range(total), 1)
