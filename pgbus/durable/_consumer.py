@@ -262,6 +262,7 @@ class Consumer:
 
     async def _hand_back(self) -> None:
         """After the loop: ack what was handled, release what was not (not after the lease)."""
+        await self._claim_ahead_returned()  # it carries acks: they must not go twice
         if self._claimed:  # cut short mid-batch: what was handled is acked, not released
             self._claimed = self._settle()
         await self._flush_acks()
@@ -284,8 +285,8 @@ class Consumer:
                 self._execute(self.plugin.sql.release, self.group, name, ids), timeout=5.0
             )
 
-    async def _release_next(self) -> int:
-        """Hand back the batch claimed ahead (once its claim returned); how many rows."""
+    async def _claim_ahead_returned(self) -> None:
+        """After the loop: wait (a while) for the claim ahead; its error goes nowhere."""
         task, self._prefetch = self._prefetch, None
         if task is not None:
             with contextlib.suppress(TimeoutError):
@@ -294,6 +295,10 @@ class Consumer:
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # retrieved: the loop is over, the error has no one to go to
+
+    async def _release_next(self) -> int:
+        """Hand back the batch claimed ahead (once its claim returned); how many rows."""
+        await self._claim_ahead_returned()
         taken, self._next = self._next, None
         if taken is None:
             return 0
@@ -335,6 +340,7 @@ class Consumer:
                 if not await self._wait(self.plugin.poll_interval):  # the safety-net poll:
                     self._due_unknown = True  # count the retries of every member again
                 self._need_pump = True  # woken, or the safety-net poll
+        await self._claim_ahead_returned()  # it carries acks: they must not go twice
         await self._flush_acks()
         await self._release_next()  # stopping, or unsubscribed: the others take it
 
@@ -383,14 +389,12 @@ class Consumer:
         if not self._stopping:  # else what was claimed ahead is handed back
             taken, self._next = self._next, None  # claimed while the batch before was handled
         if taken is not None and not taken[2]:  # nothing claimed ahead
-            if taken[1]["pumped_asked"]:
-                self._pumped(taken[1])  # whether to pump again
             self._batches_low = True
             if self._unacked():
                 taken = None  # the acks go now, with a claim of their own
         if taken is not None:
             self._claimed_by, head, rows = taken
-            return bool(head["pumped_asked"]), head, rows
+            return False, head, rows  # a claim ahead never pumps
         # Cut new batches only when woken (or a pump left more behind) and when the
         # claimed batches run low: few wait, so claiming stays cheap.
         pump = self._need_pump and self._batches_low
@@ -401,6 +405,9 @@ class Consumer:
         if self._stopping:
             return None
         self._claimed_by = self._name_to_claim()
+        others = tuple(n for n in self.names if n != self._claimed_by)
+        if self._pipelined and any(self._acks[n] or self._retries[n] for n in others):
+            await self._ack(others)  # left by a failed claim: not left until the next one
         head, rows = await self._fetch(self._claimed_by, pump=pump)
         return pump, head, rows
 
@@ -444,17 +451,20 @@ class Consumer:
 
         Under the other name: a claim takes its claimer's own batches, this one must not
         take back the batch in hand. It sends that name's acks (the batch before).
+
+        Only with a full batch in hand (a backlog): a claim sent before a small batch is
+        handled sees less than one sent after it, and holds up the acks' round trip, so
+        at low rates it would add latency and statements.
         """
-        if not self._pipelined or self._stopping or self._prefetch or self._next:
+        if self._batches_low or not self._pipelined or self._stopping:
+            return
+        if self._prefetch is not None or self._next is not None:
             return
         name = self.names[self._claimed_by == self.names[0]]
-        pump = self._need_pump and self._batches_low
-        if pump:
-            self._need_pump = False
 
-        async def claim() -> None:
-            head, rows = await self._fetch(name, pump=pump)
-            self._next = (name, {**head, "pumped_asked": pump}, rows)
+        async def claim() -> None:  # no pump: batches are cut when they run low
+            head, rows = await self._fetch(name, pump=False)
+            self._next = (name, head, rows)
 
         self._prefetch = asyncio.create_task(claim(), name=f"pgbus-durable-{self.group}-next")
 
@@ -465,8 +475,6 @@ class Consumer:
             return
         await asyncio.wait([task])  # not cancelled with this task: stop() hands it back
         self._prefetch = None
-        if task.exception() is not None:
-            self._need_pump = True  # its pump, if asked, is done again
         task.result()
 
     async def _fetch(self, name: str, *, pump: bool) -> tuple[dict[str, Any], list[Any]]:
@@ -528,8 +536,9 @@ class Consumer:
             self._wake_in(min(delays))
             self._due_unknown = True  # count the retries waiting again
 
-    async def _ack(self) -> None:
-        for name in self.names:
+    async def _ack(self, names: tuple[str, ...] | None = None) -> None:
+        """Ack what is handled under ``names`` (all by default)."""
+        for name in self.names if names is None else names:
             acks, retries = list(self._acks[name]), list(self._retries[name])
             if acks or retries:
                 ids, delays, attempts, together = self._retry_columns(retries)
@@ -575,7 +584,8 @@ class Consumer:
         offered = {w[0] for w in self._waiting}  # the rows after a failure stay claimed
         again = [j for j in self._settle() if j in offered]
         if again:  # what was decided leaves the batch first: others take only the rest
-            await self._ack()
+            # (only this batch's acks: the claim ahead, maybe in flight, carries the others)
+            await self._ack((self._claimed_by,))
             await self._execute(self.plugin.sql.release, self.group, self._claimed_by, again)
         self._claimed = []
         if failure is not None:

@@ -446,8 +446,8 @@ class MemoryConsumer(Consumer):
         await self._handle(rows)
         return True
 
-    async def _ack(self) -> None:
-        for name in self.names:
+    async def _ack(self, names: tuple[str, ...] | None = None) -> None:
+        for name in self.names if names is None else names:
             acks, retries = list(self._acks[name]), list(self._retries[name])
             if acks or retries:
                 self.journal.ack(self.group, name, acks, retries)
