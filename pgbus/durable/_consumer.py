@@ -17,6 +17,14 @@ The first three are one statement, one round trip (the function ``step``); a key
 subscription acks in a statement of its own first (its claim waits for the member
 holding the first batch, which must not wait for this member's ack in turn).
 
+A plain subscription (no ``key=``, no ``batch=``) pipelines: while it handles a batch,
+the next ``step`` (the acks of the batch before, a pump, the claim of the next batch)
+is already on its way, so the round trip overlaps the handling. The member claims under
+two names by turns (a claim takes back its claimer's own batches, and must not take the
+batch in hand); acks go under the name their batch was claimed under. The batch
+claimed ahead is handed over only once the one in hand is settled (journal order), its
+lease is renewed with it, and stopping hands it back.
+
 A member that dies leaves its claimed batch; after the lease it goes to the others.
 """
 
@@ -56,22 +64,58 @@ def member_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class Outcomes:
+    """The outcomes a batch in hand waits for: a count, and one waiter for the last."""
+
+    __slots__ = ("pending", "waiter")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def done_one(self) -> None:
+        self.pending -= 1
+        waiter = self.waiter
+        if self.pending <= 0 and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - the renewal period
+        """Wait up to ``timeout`` s for every outcome; whether they all arrived."""
+        if self.pending <= 0:
+            return True
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+        await asyncio.wait([waiter], timeout=timeout)
+        return self.pending <= 0
+
+
 class Inflight:
     """A delivery handed to a subscription, waiting for its outcome."""
 
-    __slots__ = ("future", "journal_id", "retry")
+    __slots__ = ("batch", "journal_id", "outcome", "retry")
 
-    def __init__(self, journal_id: int) -> None:
+    def __init__(self, journal_id: int, batch: Outcomes | None = None) -> None:
         self.journal_id = journal_id
-        self.future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.outcome: str | None = None
+        self.batch = batch
+        if batch is not None:
+            batch.pending += 1
         #: For RETRY: seconds until the next attempt, that attempt's number, and the
         #: retry batch it goes into (the journal id of its handler batch's first event).
         self.retry: tuple[float, int, int] = (0.0, 1, journal_id)
 
+    @property
+    def done(self) -> bool:
+        """Whether its outcome is set."""
+        return self.outcome is not None
+
     def resolve(self, outcome: str) -> None:
         """Set the outcome (the first one wins)."""
-        if not self.future.done():
-            self.future.set_result(outcome)
+        if self.outcome is None:
+            self.outcome = outcome
+            if self.batch is not None:
+                self.batch.done_one()
 
 
 class Consumer:
@@ -83,6 +127,11 @@ class Consumer:
         self.sub = sub
         self.group: str = sub.durable  # type: ignore[assignment]  # only durable subs get one
         self.member = member_id()
+        #: The names this member claims under: a plain subscription claims its next
+        #: batch while it handles one (pipelined), under the other name, so that claim
+        #: never takes the batch in hand back (a claim takes the claimer's own batches).
+        self.names = (self.member, f"{self.member}+")
+        self._pipelined = sub.key is None and sub.batch is None
         self.types = sorted({t.pgbus_type for t in sub.event_types}) if sub.event_types else None
         #: Journal ids per batch row: a batch handler's batch fits in one (so it is
         #: claimed, acknowledged and retried as one row).
@@ -100,17 +149,26 @@ class Consumer:
         self._stopping = False
         self._need_pump = True
         self._batches_low = True
-        self._acks: list[int] = []
-        #: Nacked events to persist with the next ack: journal id, delay, next attempt,
-        #: and the retry batch (events with the same one are retried together).
-        self._retries: list[tuple[int, float, int, int]] = []
+        #: Per claiming name: handled events to ack (an ack takes out only the batches
+        #: claimed under its name), and nacked events to persist with the next ack:
+        #: journal id, delay, next attempt, and the retry batch (events with the same
+        #: one are retried together).
+        self._acks: dict[str, list[int]] = {n: [] for n in self.names}
+        self._retries: dict[str, list[tuple[int, float, int, int]]] = {n: [] for n in self.names}
         self._timers: set[asyncio.TimerHandle] = set()
         self._due_unknown = True
         self._task: asyncio.Task[None] | None = None
         self._claimed: list[int] = []
+        #: The name the batch in hand was claimed under.
+        self._claimed_by = self.member
+        #: The claim of the next batch made while the one in hand is handled, and its
+        #: result once it returned: the name it was made under, its first row, its rows.
+        self._prefetch: asyncio.Task[None] | None = None
+        self._next: tuple[str, Any, list[Any]] | None = None
         #: The batch in hand: rows acked without a handler, and those awaiting one.
         self._batch_acks: list[int] = []
         self._waiting: list[tuple[int, str, Inflight]] = []
+        self._outcomes = Outcomes()
 
     def __repr__(self) -> str:
         return f"<Consumer {self.group!r} member {self.member}>"
@@ -133,7 +191,7 @@ class Consumer:
         """
         parts = delivery.deliveries if isinstance(delivery, Batch) else [delivery]
         found = [self.plugin.find(self.group, d.id) for d in parts]
-        inflights = [i for i in found if i is not None and not i.future.done()]
+        inflights = [i for i in found if i is not None and not i.done]
         if not inflights:
             return False
         together = inflights[0].journal_id
@@ -204,21 +262,51 @@ class Consumer:
 
     async def _hand_back(self) -> None:
         """After the loop: ack what was handled, release what was not (not after the lease)."""
+        await self._claim_ahead_returned()  # it carries acks: they must not go twice
         if self._claimed:  # cut short mid-batch: what was handled is acked, not released
             self._claimed = self._settle()
         await self._flush_acks()
+        left = len(self._claimed)
         if self._claimed:
-            left = len(self._claimed)
-            with contextlib.suppress(*DRIVER_ERRORS):
-                await asyncio.wait_for(
-                    self._execute(self.plugin.sql.release, self.group, self.member, self._claimed),
-                    timeout=5.0,
-                )
+            await self._release(self._claimed_by, self._claimed)
+            self._claimed = []
+        left += await self._release_next()
+        if left:
             logger.warning(
                 "durable subscription %s: %d unfinished events handed back for later",
                 self.group,
                 left,
             )
+
+    async def _release(self, name: str, ids: list[int]) -> None:
+        """Hand claimed rows back for the group (a failure leaves them to the lease)."""
+        with contextlib.suppress(*DRIVER_ERRORS):
+            await asyncio.wait_for(
+                self._execute(self.plugin.sql.release, self.group, name, ids), timeout=5.0
+            )
+
+    async def _claim_ahead_returned(self) -> None:
+        """After the loop: wait (a while) for the claim ahead; its error goes nowhere."""
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait([task], timeout=5.0)
+            if not task.done():  # its claim, if it commits, is left to the lease
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: the loop is over, the error has no one to go to
+
+    async def _release_next(self) -> int:
+        """Hand back the batch claimed ahead (once its claim returned); how many rows."""
+        await self._claim_ahead_returned()
+        taken, self._next = self._next, None
+        if taken is None:
+            return 0
+        name, _, rows = taken
+        ids = [row["journal_id"] for row in rows]
+        if ids:
+            await self._release(name, ids)
+        return len(ids)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -252,7 +340,9 @@ class Consumer:
                 if not await self._wait(self.plugin.poll_interval):  # the safety-net poll:
                     self._due_unknown = True  # count the retries of every member again
                 self._need_pump = True  # woken, or the safety-net poll
+        await self._claim_ahead_returned()  # it carries acks: they must not go twice
         await self._flush_acks()
+        await self._release_next()  # stopping, or unsubscribed: the others take it
 
     async def _flush_acks(self) -> None:
         """Ack what is handled and not yet acked (a claim usually does it)."""
@@ -274,16 +364,10 @@ class Consumer:
         if self.sub not in self.bus.subscriptions:  # unsubscribed: this member leaves
             self._stopping = True
             return False
-        # Cut new batches only when woken (or a pump left more behind) and when the
-        # claimed batches run low: few wait, so claiming stays cheap.
-        pump = self._need_pump and self._batches_low
-        if pump:
-            self._need_pump = False
-            if self.sub.batch is not None and self._lull and self.sub.batch_wait > 0:
-                await asyncio.sleep(self.sub.batch_wait)  # let a batch's worth arrive
-        if self._stopping:
+        got = await self._next_batch()
+        if got is None:
             return False
-        head, rows = await self._fetch(pump=pump)
+        pump, head, rows = got
         pumped = self._pumped(head) if pump else 0
         self._batches_low = len(rows) < self.cut
         if self._due_unknown:  # after a restart or an ack of retries: when is the next due
@@ -295,6 +379,37 @@ class Consumer:
             await self._wait(self.plugin.busy_retry)
             return True
         return self._need_pump
+
+    async def _next_batch(self) -> tuple[bool, dict[str, Any], list[Any]] | None:
+        """The batch claimed ahead, else a claim now: whether it pumped, its head, rows.
+
+        ``None`` when stopping.
+        """
+        taken = None
+        if not self._stopping:  # else what was claimed ahead is handed back
+            taken, self._next = self._next, None  # claimed while the batch before was handled
+        if taken is not None and not taken[2]:  # nothing claimed ahead
+            self._batches_low = True
+            if self._unacked():
+                taken = None  # the acks go now, with a claim of their own
+        if taken is not None:
+            self._claimed_by, head, rows = taken
+            return False, head, rows  # a claim ahead never pumps
+        # Cut new batches only when woken (or a pump left more behind) and when the
+        # claimed batches run low: few wait, so claiming stays cheap.
+        pump = self._need_pump and self._batches_low
+        if pump:
+            self._need_pump = False
+            if self.sub.batch is not None and self._lull and self.sub.batch_wait > 0:
+                await asyncio.sleep(self.sub.batch_wait)  # let a batch's worth arrive
+        if self._stopping:
+            return None
+        self._claimed_by = self._name_to_claim()
+        others = tuple(n for n in self.names if n != self._claimed_by)
+        if self._pipelined and any(self._acks[n] or self._retries[n] for n in others):
+            await self._ack(others)  # left by a failed claim: not left until the next one
+        head, rows = await self._fetch(self._claimed_by, pump=pump)
+        return pump, head, rows
 
     def _pumped(self, head: Any) -> int | None:
         """What the pump cut into batches (``None``: another member is pumping)."""
@@ -319,7 +434,50 @@ class Consumer:
         if row[0] is not None:
             self._wake_in(row[0])
 
-    async def _fetch(self, *, pump: bool) -> tuple[Any, list[Any]]:
+    def _unacked(self) -> bool:
+        """Whether handled or nacked events wait for their ack."""
+        return any(self._acks[n] or self._retries[n] for n in self.names)
+
+    def _name_to_claim(self) -> str:
+        """The name a claim between batches goes under: the one with acks to send.
+
+        Else the last batch's: a claim under it takes again what that batch left claimed.
+        """
+        unacked = (n for n in self.names if self._acks[n] or self._retries[n])
+        return next(unacked, self._claimed_by)
+
+    def _claim_ahead(self) -> None:
+        """Claim the next batch while the one in hand is handled (a plain subscription).
+
+        Under the other name: a claim takes its claimer's own batches, this one must not
+        take back the batch in hand. It sends that name's acks (the batch before).
+
+        Only with a full batch in hand (a backlog): a claim sent before a small batch is
+        handled sees less than one sent after it, and holds up the acks' round trip, so
+        at low rates it would add latency and statements.
+        """
+        if self._batches_low or not self._pipelined or self._stopping:
+            return
+        if self._prefetch is not None or self._next is not None:
+            return
+        name = self.names[self._claimed_by == self.names[0]]
+
+        async def claim() -> None:  # no pump: batches are cut when they run low
+            head, rows = await self._fetch(name, pump=False)
+            self._next = (name, head, rows)
+
+        self._prefetch = asyncio.create_task(claim(), name=f"pgbus-durable-{self.group}-next")
+
+    async def _claimed_ahead(self) -> None:
+        """Wait for the claim made ahead; raise its error (the batch in hand is settled)."""
+        task = self._prefetch
+        if task is None:
+            return
+        await asyncio.wait([task])  # not cancelled with this task: stop() hands it back
+        self._prefetch = None
+        task.result()
+
+    async def _fetch(self, name: str, *, pump: bool) -> tuple[dict[str, Any], list[Any]]:
         """Ack the events handled since the last claim, pump if ``pump``, claim a batch.
 
         :returns: the first row (its ``pumped``: how many were cut into batches, NULL
@@ -329,14 +487,14 @@ class Consumer:
         ordered = self.sub.key is not None
         if ordered:
             await self._ack()
-        acks, retries = ([], []) if ordered else (list(self._acks), list(self._retries))
+        acks, retries = ([], []) if ordered else (list(self._acks[name]), list(self._retries[name]))
         ids, delays, attempts, together = self._retry_columns(retries)
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
             rows: list[Any] = await conn.fetch(
                 self.plugin.sql.step,
                 self.group,
-                self.member,
+                name,
                 self.plugin.lease,
                 ordered,
                 pump,
@@ -350,8 +508,9 @@ class Consumer:
                 attempts,
                 together,
             )
-        self._acked(acks, retries, delays)
-        return rows[0], [row for row in rows if row["journal_id"] is not None]
+        self._acked(name, acks, retries, delays)
+        head = {"pumped": rows[0]["pumped"], "resumed": rows[0]["resumed"]}
+        return head, [row for row in rows if row["journal_id"] is not None]
 
     @staticmethod
     def _retry_columns(
@@ -364,30 +523,36 @@ class Consumer:
         return list(ids), list(delays), list(attempts), list(together)
 
     def _acked(
-        self, acks: list[int], retries: list[tuple[int, float, int, int]], delays: list[float]
+        self,
+        name: str,
+        acks: list[int],
+        retries: list[tuple[int, float, int, int]],
+        delays: list[float],
     ) -> None:
         """Forget what an ack persisted; wake when its first retry falls due."""
-        del self._acks[: len(acks)]
-        del self._retries[: len(retries)]
+        del self._acks[name][: len(acks)]
+        del self._retries[name][: len(retries)]
         if delays:
             self._wake_in(min(delays))
             self._due_unknown = True  # count the retries waiting again
 
-    async def _ack(self) -> None:
-        acks, retries = list(self._acks), list(self._retries)
-        if acks or retries:
-            ids, delays, attempts, together = self._retry_columns(retries)
-            await self._execute(
-                self.plugin.sql.ack,
-                self.group,
-                acks + ids,
-                ids,
-                delays,
-                attempts,
-                self.member,
-                together,
-            )
-            self._acked(acks, retries, delays)
+    async def _ack(self, names: tuple[str, ...] | None = None) -> None:
+        """Ack what is handled under ``names`` (all by default)."""
+        for name in self.names if names is None else names:
+            acks, retries = list(self._acks[name]), list(self._retries[name])
+            if acks or retries:
+                ids, delays, attempts, together = self._retry_columns(retries)
+                await self._execute(
+                    self.plugin.sql.ack,
+                    self.group,
+                    acks + ids,
+                    ids,
+                    delays,
+                    attempts,
+                    name,
+                    together,
+                )
+                self._acked(name, acks, retries, delays)
 
     async def _execute(self, query: str, *args: Any) -> None:
         pool = await self.plugin.pool()
@@ -400,6 +565,8 @@ class Consumer:
         self._claimed = [row["journal_id"] for row in rows]
         self._batch_acks = []
         self._waiting = []
+        self._outcomes = Outcomes()
+        self._claim_ahead()
         failure: BaseException | None = None
         for row in rows:
             journal_id: int = row["journal_id"]
@@ -413,15 +580,18 @@ class Consumer:
             else:
                 self._waiting.append((journal_id, row["event_id"], inflight))
         await self._queue_gathered()  # after a failure too: what waits must be handled
-        await self._wait_outcomes([w[2] for w in self._waiting])
+        await self._wait_outcomes()
         offered = {w[0] for w in self._waiting}  # the rows after a failure stay claimed
         again = [j for j in self._settle() if j in offered]
         if again:  # what was decided leaves the batch first: others take only the rest
-            await self._ack()
-            await self._execute(self.plugin.sql.release, self.group, self.member, again)
+            # (only this batch's acks: the claim ahead, maybe in flight, carries the others)
+            await self._ack((self._claimed_by,))
+            await self._execute(self.plugin.sql.release, self.group, self._claimed_by, again)
         self._claimed = []
         if failure is not None:
+            await self._release_next()  # taken again in order, after the rows left behind
             raise failure
+        await self._claimed_ahead()
 
     def _settle(self) -> list[int]:
         """Queue the acks of the batch's outcomes so far; return the claims to hand back.
@@ -432,18 +602,19 @@ class Consumer:
         decided = set(self._batch_acks)
         for journal_id, event_id, inflight in self._waiting:
             self.plugin.forget(self.group, event_id)
-            outcome = inflight.future.result() if inflight.future.done() else AGAIN
+            outcome = inflight.outcome or AGAIN
             if outcome == AGAIN:
                 continue
             decided.add(journal_id)
             if outcome == RETRY:
-                self._retries.append((journal_id, *inflight.retry))
+                self._retries[self._claimed_by].append((journal_id, *inflight.retry))
             elif outcome == OK:
                 self.handled += 1
                 self._remember(event_id)
         self._waiting, self._batch_acks = [], []
-        retried = {r[0] for r in self._retries}
-        self._acks.extend(j for j in self._claimed if j in decided and j not in retried)
+        retried = {r[0] for r in self._retries[self._claimed_by]}
+        acks = self._acks[self._claimed_by]
+        acks.extend(j for j in self._claimed if j in decided and j not in retried)
         return [j for j in self._claimed if j not in decided]
 
     async def _offer(self, row: Any) -> Inflight | None:
@@ -492,7 +663,7 @@ class Consumer:
         # the attempt a nack persisted; claimed before: a redelivery
         delivery.attempt = row["attempt"]
         delivery.redelivered = row["deliveries"] > 1 or delivery.attempt > 1
-        inflight = self.plugin.track(self.group, delivery.id, journal_id)
+        inflight = self.plugin.track(self.group, delivery.id, journal_id, self._outcomes)
         if self.sub.batch is None:
             await self.sub.put(delivery)
             return inflight
@@ -515,7 +686,7 @@ class Consumer:
         The durable plugin's own hook stores it (and resolves the outcome); the other
         implementations (the in-memory list, the log) see it like any dead letter.
         """
-        inflight = self.plugin.track(self.group, event_id, journal_id)
+        inflight = self.plugin.track(self.group, event_id, journal_id, self._outcomes)
         dead = DeadLetter(message.channel, message.payload, error, 0, self.sub.name, id=event_id)
         try:
             await self.bus.plugins.on_dead_letter(dead)
@@ -542,28 +713,30 @@ class Consumer:
             found = self._routes[channel] = (decoder, router)
         return found
 
-    async def _wait_outcomes(self, inflights: list[Inflight]) -> None:
+    async def _wait_outcomes(self) -> None:
         """Wait for every outcome, renewing the lease of the claims meanwhile."""
-        pending = {i.future for i in inflights if not i.future.done()}
+        outcomes = self._outcomes
         renew_every = max(self.plugin.lease / 3, 0.05)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=renew_every)
-            if pending and self.sub not in self.bus.subscriptions:  # unsubscribed meanwhile
-                for inflight in inflights:
+        while not await outcomes.wait(renew_every):
+            if self.sub not in self.bus.subscriptions:  # unsubscribed meanwhile
+                for _, _, inflight in self._waiting:
                     inflight.resolve(AGAIN)
                 self._stopping = True
                 return
-            if pending:
-                try:
-                    await self._execute(
-                        self.plugin.sql.renew,
-                        self.group,
-                        self.member,
-                        self.plugin.lease,
-                        self._claimed,
-                    )
-                except DRIVER_ERRORS as exc:
-                    logger.warning("durable subscription %s: lease renewal: %s", self.group, exc)
+            try:
+                await self._renew()
+            except DRIVER_ERRORS as exc:
+                logger.warning("durable subscription %s: lease renewal: %s", self.group, exc)
+
+    async def _renew(self) -> None:
+        """Renew the lease of the batch in hand, and of the one claimed ahead."""
+        await self._execute(
+            self.plugin.sql.renew, self.group, self._claimed_by, self.plugin.lease, self._claimed
+        )
+        ahead = self._next
+        if ahead is not None and ahead[2]:
+            ids = [row["journal_id"] for row in ahead[2]]
+            await self._execute(self.plugin.sql.renew, self.group, ahead[0], self.plugin.lease, ids)
 
     def _remember(self, event_id: str) -> None:
         recent = self._recent

@@ -425,6 +425,7 @@ class MemoryConsumer(Consumer):
         super().__init__(plugin, bus, sub)
         self.journal = plugin.journal
         self._memory = plugin
+        self._pipelined = False  # the journal answers at once: nothing to overlap
 
     async def _step(self) -> bool:
         """Ack what was handled, claim the next batch and handle it."""
@@ -445,12 +446,13 @@ class MemoryConsumer(Consumer):
         await self._handle(rows)
         return True
 
-    async def _ack(self) -> None:
-        acks, retries = list(self._acks), list(self._retries)
-        if acks or retries:
-            self.journal.ack(self.group, self.member, acks, retries)
-            del self._acks[: len(acks)]
-            del self._retries[: len(retries)]
+    async def _ack(self, names: tuple[str, ...] | None = None) -> None:
+        for name in self.names if names is None else names:
+            acks, retries = list(self._acks[name]), list(self._retries[name])
+            if acks or retries:
+                self.journal.ack(self.group, name, acks, retries)
+                del self._acks[name][: len(acks)]
+                del self._retries[name][: len(retries)]
 
     async def _execute(self, query: str, *args: Any) -> None:
         """Run what the consumer would run in SQL: a release or a lease renewal."""

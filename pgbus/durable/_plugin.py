@@ -15,7 +15,7 @@ from pgbus._events import Batch, Message
 from pgbus._markers import hookimpl
 from pgbus._memory import is_memory
 from pgbus._util import keep_session, plural, redact_dsn
-from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight
+from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight, Outcomes
 from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
     Sql,
@@ -597,9 +597,11 @@ class DurablePlugin:
 
     # -- hooks: outcomes -----------------------------------------------------------------
 
-    def track(self, group: str, event_id: str, journal_id: int) -> Inflight:
-        """Start waiting for the outcome of ``event_id`` in ``group``."""
-        inflight = Inflight(journal_id)
+    def track(
+        self, group: str, event_id: str, journal_id: int, batch: Outcomes | None = None
+    ) -> Inflight:
+        """Start waiting for the outcome of ``event_id`` in ``group`` (counted in ``batch``)."""
+        inflight = Inflight(journal_id, batch)
         self._inflight[group, event_id] = inflight
         return inflight
 

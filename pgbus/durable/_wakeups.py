@@ -11,7 +11,8 @@ wake-up costs only latency, so the notifying commit does not wait for a flush):
 * a ``connection=`` publish commits when the caller commits, which the server does not
   tell this process: the caller's connection is looked at in the process itself (no
   round trip) every :attr:`Wakeups.tick` seconds, and once it has left its transaction
-  (committed or rolled back) the transaction id is looked up with ``pg_xact_status``;
+  (committed or rolled back) the transaction id is looked up with ``pg_xact_status``
+  (by the statement that sends the notifications of those committed: one round trip);
   without a connection that tells (or once it is in a transaction again) the id is
   polled (every few ms, backing off to :attr:`Wakeups.max_delay`). Its notifications go
   once it is visible to new snapshots, are dropped if it aborted, and given up after
@@ -44,12 +45,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The transactions of ``$1`` that every new snapshot sees (committed), and those aborted.
-XACT_STATUS = """
-    SELECT x::text::bigint AS xid, pg_xact_status(x) = 'aborted' AS aborted
-    FROM unnest($1::text[]::xid8[]) AS t(x)
-    WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress'
-      AND (pg_xact_status(x) = 'aborted' OR pg_visible_in_snapshot(x, pg_current_snapshot()))"""
+# The transactions of ``$1`` that every new snapshot sees (committed), and those aborted;
+# in the same statement, the notifications ``$2``/``$3`` whose transaction ``$4`` is NULL
+# (committed already) or one of those committed ones go out, in their order (an aborted
+# one's must not: a plain subscriber would look up journal rows that never were). One
+# row per decided transaction, or a single row with a NULL xid when none is.
+SEND_COMMITTED = """
+    WITH s AS MATERIALIZED (
+        SELECT x::text::bigint AS xid, pg_xact_status(x) = 'aborted' AS aborted
+        FROM unnest($1::text[]::xid8[]) AS t(x)
+        WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress'
+          AND (pg_xact_status(x) = 'aborted' OR pg_visible_in_snapshot(x, pg_current_snapshot()))
+    ), sent AS MATERIALIZED (
+        SELECT pg_notify(t.c, t.p)
+        FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(c, p, x)
+        WHERE t.x IS NULL OR t.x IN (SELECT xid FROM s WHERE aborted IS NOT TRUE)
+    )
+    SELECT s.xid, s.aborted FROM (SELECT count(*) FROM sent) AS n LEFT JOIN s ON true"""
 
 
 def transaction_probe(connection: Any) -> Callable[[], bool] | None:
@@ -211,41 +223,60 @@ class Wakeups:
                 self._arrived.clear()  # only the tick: keep looking
 
     async def _round(self) -> bool:
-        """Send what is ready; ``True`` when something was sent or dropped."""
-        queue = self._queue
+        """Send what is ready; ``True`` when something was sent or dropped.
+
+        One statement: the look-up of the pending transactions and the notifications of
+        those committed (with those of the publishes known to have committed).
+        """
+        queue = list(self._queue)  # what is queued during the statement waits a round
         if not queue:
             return False
+        left = [p.left() for p in queue]  # before the look-up: a commit seen then is in it
+        committed = [c for p in queue if p.xid is None for c in p.channels]
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
-            ready = await self._ready(conn, queue)
-            if not ready:
-                return False
-            channels = [c for p in ready for c in p.channels]
-            payloads = [x for p in ready for x in p.payloads]
-            if channels:
-                self.plugin.wake_local(channels, conn)
-                await conn.execute(NOTIFY_MANY_CHANNELS, channels, payloads)
-        self.sent += len(channels)
-        done = {id(p) for p in ready}
-        self._queue = [p for p in self._queue if id(p) not in done]
-        return True
-
-    async def _ready(self, conn: Connection, queue: list[Pending]) -> list[Pending]:
-        """The queued notifications to send now (aborted and expired ones emptied)."""
-        waiting = {p.xid for p in queue if p.xid is not None}
-        status: dict[int, bool] = {}
-        if waiting:
-            rows = await conn.fetch(XACT_STATUS, [str(x) for x in waiting])
-            self.lookups += 1
-            status = {row["xid"]: row["aborted"] for row in rows}
+            if committed:
+                self.plugin.wake_local(committed, conn)
+            status = await self._send(conn, queue)
+            decided = [
+                c for p in queue if p.xid in status and not status[p.xid] for c in p.channels
+            ]
+            if decided:
+                self.plugin.wake_local(decided, conn)
         now = time.monotonic()
         ready = []
-        for p in queue:
-            if p.left() and p.xid not in status:  # its connection is in another one:
+        for p, gone in zip(queue, left, strict=True):
+            if gone and p.xid not in status:  # its connection is in another one:
                 p.in_transaction = None  # poll the id (with backoff) from now on
             if p.xid is None or p.xid in status or p.deadline < now:
                 if p.xid is not None and (status.get(p.xid, True)):
                     self.dropped += len(p.channels)  # aborted, or waited for too long
-                    p.channels, p.payloads = [], []
+                else:
+                    self.sent += len(p.channels)
                 ready.append(p)
-        return ready
+        if not ready:
+            return False
+        done = {id(p) for p in ready}
+        self._queue = [p for p in self._queue if id(p) not in done]
+        return True
+
+    async def _send(self, conn: Connection, queue: list[Pending]) -> dict[int, bool | None]:
+        """Send the notifications whose transaction committed; the decided transactions.
+
+        :returns: per transaction id decided, whether it aborted (``None``: unknown,
+            treated as committed).
+        """
+        waiting = {p.xid for p in queue if p.xid is not None}
+        if not waiting:
+            channels = [c for p in queue for c in p.channels]
+            payloads = [x for p in queue for x in p.payloads]
+            await conn.execute(NOTIFY_MANY_CHANNELS, channels, payloads)
+            return {}
+        channels, payloads, xids = [], [], []
+        for p in queue:
+            channels += p.channels
+            payloads += p.payloads
+            xids += [p.xid] * len(p.channels)
+        rows = await conn.fetch(SEND_COMMITTED, [str(x) for x in waiting], channels, payloads, xids)
+        self.lookups += 1
+        return {row["xid"]: row["aborted"] for row in rows if row["xid"] is not None}

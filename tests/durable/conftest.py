@@ -32,7 +32,15 @@ async def schema(pg_dsn: str, schema_name: str, bus_kind: str) -> AsyncIterator[
         await migrate(conn, schema_name)
         yield schema_name
     finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
+        # a test's subprocesses (killed after this teardown) may still be in a statement
+        # on the schema: the drop can then lose a deadlock; it goes again
+        for attempt in range(5):
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
+                break
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
         await conn.close()
 
 

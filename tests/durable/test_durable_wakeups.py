@@ -159,3 +159,36 @@ async def test_a_publisher_killed_before_its_wake_up_is_made_up_by_the_poll(
         [event] = await got.wait_for(1, timeout=10)
     assert code == -9
     assert event.n == 7
+
+
+async def test_committed_and_aborted_publishes_in_one_round(durable_bus, pg_dsn, channel: str):
+    """Committed transactions' wake-ups go out in publish order, an aborted one's never.
+
+    The look-up of the transactions and the NOTIFYs of the committed ones are one
+    statement: what it sends must be exactly what committed.
+    """
+    ticket = ticket_type(channel)
+    bus: pgbus.Bus = durable_bus()
+    listener, got = await _listen(bus.dsn, channel)
+    one, two = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:
+        kept, lost = one.transaction(), two.transaction()
+        await kept.start()
+        await lost.start()
+        ids = [await bus.publish(ticket(n=1), connection=one)]
+        await bus.publish(ticket(n=2), connection=two)
+        ids.append(await bus.publish(ticket(n=3), connection=one))
+        await lost.rollback()
+        await kept.commit()
+        ids.append(await bus.publish(ticket(n=4)))
+        payloads = [(await asyncio.wait_for(got.get(), 10))[1] for _ in range(3)]
+        await bus.stop()
+    finally:
+        await listener.close()
+        await one.close()
+        await two.close()
+    assert [json.loads(p)["id"] for p in payloads] == ids
+    assert got.empty()
+    plugin = bus.plugins.get("durable")
+    assert isinstance(plugin, DurablePlugin)
+    assert (plugin.wakeups.sent, plugin.wakeups.dropped) == (3, 1)
