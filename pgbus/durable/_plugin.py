@@ -620,6 +620,26 @@ class DurablePlugin:
             return None
         return self._inflight.get((name, event_id))
 
+    def hand_back(self, subscription: str, event_id: str | None) -> bool:
+        """Hand a delivery in progress back to the journal: neither acked nor an attempt.
+
+        For a handler that cannot finish now (its bus stops while what it needs is away,
+        as the relay's broker): whatever the handler does after this, the event stays in
+        the journal and is delivered again, to another member of the group or to this
+        one after a restart.
+
+        :param subscription: the durable name.
+        :param event_id: the delivery's event id (``Message.stored_id``).
+        :returns: whether the event was in progress in that durable subscription.
+
+        .. versionadded:: 0.3.0
+        """
+        inflight = self.find(subscription, event_id)
+        if inflight is None:
+            return False
+        inflight.resolve(AGAIN)
+        return True
+
     @hookimpl
     def pgbus_on_handled(
         self,

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import pgbus
 from pgbus import ConfigError, Reject, hookimpl
-from pgbus.durable._consumer import AGAIN
 from pgbus_relay._backends import (
     BrokerMisconfigured,
     BrokerRejected,
@@ -252,14 +251,8 @@ class Relay:
         Its journal row is released, neither acked nor a failure (no attempt counts): the
         next relay of the group (this one restarted, or another) sends it.
         """
-        durable = self._durable
-        inflight = (
-            None
-            if durable is None
-            else durable.find(self.subscription(message.channel), message.stored_id)
-        )
-        if inflight is not None:
-            inflight.resolve(AGAIN)  # the first outcome wins: not acked when this returns
+        if self._durable is not None:  # not acked when the handler returns
+            self._durable.hand_back(self.subscription(message.channel), message.stored_id)
         logger.info(
             "relay %s: stopping while %s is unreachable; an event of %s stays in the journal",
             self.name,
