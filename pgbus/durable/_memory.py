@@ -433,6 +433,10 @@ class MemoryConsumer(Consumer):
             self._stopping = True
             return False
         await self._ack()
+        group = self.journal.groups.get(self.group)
+        if group is not None:  # the retries waiting (the delayed gauge), as next_due counts
+            now = asyncio.get_running_loop().time()
+            self.sub.deferred = sum(len(b.journal_ids) for b in group.batches if not b.due(now))
         plugin = self._memory
         rows = self.journal.claim(
             self.group,

@@ -13,7 +13,7 @@ import collections
 from typing import Any
 
 import pytest
-from _helpers import Collector, Letters, ticket_type
+from _helpers import Collector, Letters, eventually, ticket_type
 
 import pgbus
 
@@ -31,10 +31,12 @@ async def test_a_nacked_event_leaves_the_next_to_be_handled_now(durable_bus, cha
         await got(event)
 
     bus = durable_bus()
-    bus.subscribe(ticket, durable="behind")(handler)
+    bus.subscribe(ticket, durable="behind", name="behind")(handler)
     async with bus:
         await bus.publish_many([ticket(n=1), ticket(n=2)])
         assert [e.n for e in await got.wait_for(1)] == [2]
+        # the retry waiting shows in the delayed gauge (the consumer counts it at its ack)
+        await eventually(lambda: bus.metrics.snapshot().subscriptions["behind"].delayed == 1)
     [sub] = await bus.durable_subscriptions()  # stopped: what was decided is acked
     assert (sub.backlog, sub.retries) == (0, 1)
 
