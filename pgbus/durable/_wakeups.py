@@ -232,14 +232,25 @@ class Wakeups:
         if not queue:
             return False
         left = [p.left() for p in queue]  # before the look-up: a commit seen then is in it
-        committed = [c for p in queue if p.xid is None for c in p.channels]
+        # This process's consumers are woken before the statement for the publishes known
+        # to have committed, and for those whose caller's connection has left its
+        # transaction: committed, or rolled back (then a pump finds nothing: no harm).
+        early = [
+            c
+            for p, gone in zip(queue, left, strict=True)
+            if p.xid is None or gone
+            for c in p.channels
+        ]
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
-            if committed:
-                self.plugin.wake_local(committed, conn)
+            if early:
+                self.plugin.wake_local(early, conn)
             status = await self._send(conn, queue)
             decided = [
-                c for p in queue if p.xid in status and not status[p.xid] for c in p.channels
+                c
+                for p, gone in zip(queue, left, strict=True)
+                if not gone and p.xid in status and not status[p.xid]
+                for c in p.channels
             ]
             if decided:
                 self.plugin.wake_local(decided, conn)
