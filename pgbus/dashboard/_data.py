@@ -217,13 +217,13 @@ async def durable_view(conn: Connection, schema: str, limit: int = 50) -> Durabl
     s = quote_ident(check_identifier(schema, "schema name"))
     leases: dict[str, list[Lease]] = collections.defaultdict(list)
     for row in await conn.fetch(
-        f"""SELECT subscription, claimed_by, count(*) AS batches,
+        f"""SELECT subscription, rtrim(claimed_by, '+') AS member, count(*) AS batches,
                    sum(cardinality(journal_ids))::bigint AS events, max(claimed_until) AS until
             FROM {s}.batches WHERE claimed_by IS NOT NULL AND claimed_until > now()
-            GROUP BY subscription, claimed_by ORDER BY subscription, claimed_by"""  # noqa: S608 - quoted identifier
+            GROUP BY subscription, member ORDER BY subscription, member"""  # noqa: S608 - quoted identifier
     ):
         leases[row["subscription"]].append(
-            Lease(row["claimed_by"], row["batches"], row["events"], row["until"])
+            Lease(row["member"], row["batches"], row["events"], row["until"])
         )
     extra = {
         row["name"]: row
