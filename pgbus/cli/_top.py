@@ -34,6 +34,9 @@ STALE_INTERVALS = 5
 _COUNTERS = ("published", "received", "handled", "failed", "decode_failures")
 #: Seconds a snapshot's ``ts`` may lie ahead of this clock (another machine's).
 MAX_SKEW = 60.0
+#: The longest publishing interval a snapshot may give (a bus then stays listed for
+#: :data:`STALE_INTERVALS` of them after it stopped).
+MAX_INTERVAL = 3600.0
 #: The figures of a snapshot that are ``null`` when nothing was measured.
 _NULLABLE = frozenset({"lag_avg", "lag_max"})
 
@@ -47,13 +50,14 @@ def parse_snapshot(payload: str, now: float | None = None) -> dict[str, Any] | N
 
     Any role that can NOTIFY can write to the metrics channel: a snapshot is taken only
     with a string ``bus``, a boolean ``connected``, a finite ``ts`` no more than
-    :data:`MAX_SKEW` seconds ahead of ``now``, a finite ``reconnects``, a positive
-    ``interval`` (if any), and ``channels`` and ``subscriptions`` that map names to finite
-    numbers (``null`` only for the lags), so no payload can stall or break a reader.
+    :data:`MAX_SKEW` seconds ahead of ``now``, a finite ``reconnects``, an ``interval`` (if
+    any) above 0 and up to :data:`MAX_INTERVAL`, and ``channels`` and ``subscriptions``
+    that map names to finite numbers (``null`` only for the lags), so no payload can stall
+    or break a reader, or stay listed for long.
     """
     try:
         snapshot = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not (
         isinstance(snapshot, dict)
@@ -62,7 +66,7 @@ def parse_snapshot(payload: str, now: float | None = None) -> dict[str, Any] | N
         and _number(snapshot.get("ts"))
         and _number(snapshot.get("reconnects"))
         and _number(snapshot.get("interval", 1.0))
-        and snapshot.get("interval", 1.0) > 0
+        and 0 < snapshot.get("interval", 1.0) <= MAX_INTERVAL
         and snapshot["ts"] <= (time.time() if now is None else now) + MAX_SKEW
     ):
         return None

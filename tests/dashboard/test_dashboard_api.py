@@ -57,6 +57,7 @@ HOSTILE = {  # what each does to a real snapshot
     "text counter": lambda snap: snap["channels"]["c"].update(failed="x"),
     "null counter": lambda snap: snap["channels"]["c"].update(failed=None),
     "zero interval": lambda snap: snap.update(interval=0),
+    "listed for ages": lambda snap: snap.update(interval=1e300),
     "channels a list": lambda snap: snap.update(channels=[1]),
     "no subscriptions": lambda snap: snap.pop("subscriptions"),
     "no connected": lambda snap: snap.pop("connected"),
