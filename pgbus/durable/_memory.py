@@ -262,20 +262,37 @@ class Journal:
         return self.groups.pop(name, None) is not None
 
     def subscriptions(self) -> list[DurableSubscription]:
-        """The groups, by name, as :func:`pgbus.durable.list_subscriptions` shows them."""
+        """The groups, by name, as :func:`pgbus.durable.list_subscriptions` shows them.
+
+        The backlog counts the due batches' events and those journaled since the last
+        pump (events published while no member runs), as in the database.
+        """
+        return [self._subscription(g) for g in sorted(self.groups.values(), key=lambda g: g.name)]
+
+    def _subscription(self, group: Group) -> DurableSubscription:
         now = _loop_time()
-        return [
-            DurableSubscription(
-                name=g.name,
-                channels=g.channels,
-                types=g.types,
-                created_at=g.created_at,
-                pumped_at=g.pumped_at,
-                backlog=sum(len(b.journal_ids) for b in g.batches if b.due(now)),
-                retries=sum(1 for b in g.batches if not b.due(now)),
-            )
-            for g in sorted(self.groups.values(), key=lambda g: g.name)
-        ]
+        due = [b for b in group.batches if b.due(now)]
+        unpumped = [r for r in self.rows[group.position :] if group.wants(r)]
+        first = [self.row(b.journal_ids[0]) for b in due if b.journal_ids]
+        stored = [r.stored_at for r in (*first, *unpumped[:1]) if r is not None]
+        return DurableSubscription(
+            name=group.name,
+            channels=group.channels,
+            types=group.types,
+            created_at=group.created_at,
+            pumped_at=group.pumped_at,
+            backlog=sum(len(b.journal_ids) for b in due) + len(unpumped),
+            retries=len(group.batches) - len(due),
+            oldest=dt.datetime.fromtimestamp(min(stored), dt.UTC) if stored else None,
+        )
+
+    def retries_waiting(self, name: str) -> int:
+        """The events of group ``name`` waiting for a retry not yet due (the delayed gauge)."""
+        group = self.groups.get(name)
+        if group is None:
+            return 0
+        now = _loop_time()
+        return sum(len(b.journal_ids) for b in group.batches if not b.due(now))
 
     # -- a member's work -----------------------------------------------------------------
 
@@ -433,10 +450,7 @@ class MemoryConsumer(Consumer):
             self._stopping = True
             return False
         await self._ack()
-        group = self.journal.groups.get(self.group)
-        if group is not None:  # the retries waiting (the delayed gauge), as next_due counts
-            now = asyncio.get_running_loop().time()
-            self.sub.deferred = sum(len(b.journal_ids) for b in group.batches if not b.due(now))
+        self.sub.deferred = self.journal.retries_waiting(self.group)  # as next_due counts
         plugin = self._memory
         rows = self.journal.claim(
             self.group,

@@ -110,6 +110,7 @@ async def test_list_and_drop(durable_bus, channel):
     assert await bus.durable_subscriptions() == []
 
 
+@pytest.mark.both_buses
 async def test_the_backlog_counts_events_published_while_no_consumer_runs(durable_bus, channel):
     """Events journaled while every member is down count in the backlog, with their age
     (`pgbus durable list`, the dashboard): nobody has taken them in yet."""
