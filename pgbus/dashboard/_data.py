@@ -228,10 +228,9 @@ async def durable_view(conn: Connection, schema: str, limit: int = 50) -> Durabl
     extra = {
         row["name"]: row
         for row in await conn.fetch(
-            f"SELECT s.name, s.snap::text AS position FROM {s}.subscriptions s"  # noqa: S608 - quoted identifier
+            f"SELECT s.name, s.snap::text AS position, now() FROM {s}.subscriptions s"  # noqa: S608 - quoted identifier
         )
     }
-    now: dt.datetime = await conn.fetchval("SELECT now()")
     scheduled = await conn.fetch(
         f"""SELECT id, due_at, channel, type, event_id, count(*) OVER () AS total
             FROM {s}.scheduled ORDER BY due_at, id LIMIT $1""",  # noqa: S608 - quoted identifier
@@ -244,8 +243,8 @@ async def durable_view(conn: Connection, schema: str, limit: int = 50) -> Durabl
                 subscription=sub,
                 position=extra[sub.name]["position"] if sub.name in extra else "",
                 backlog_seconds=None
-                if sub.oldest is None
-                else max(0.0, (now - sub.oldest).total_seconds()),
+                if sub.oldest is None or sub.name not in extra
+                else max(0.0, (extra[sub.name]["now"] - sub.oldest).total_seconds()),
                 leases=tuple(leases.get(sub.name, ())),
             )
             for sub in subscriptions
