@@ -406,7 +406,7 @@ class Consumer:
             return None
         self._claimed_by = self._name_to_claim()
         others = tuple(n for n in self.names if n != self._claimed_by)
-        if self._pipelined and any(self._acks[n] or self._retries[n] for n in others):
+        if self._pipelined and any(self._has_acks(n) for n in others):
             await self._ack(others)  # left by a failed claim: not left until the next one
         head, rows = await self._fetch(self._claimed_by, pump=pump)
         return pump, head, rows
@@ -434,16 +434,20 @@ class Consumer:
         if row[0] is not None:
             self._wake_in(row[0])
 
+    def _has_acks(self, name: str) -> bool:
+        """Whether handled or nacked events claimed under ``name`` wait for their ack."""
+        return bool(self._acks[name] or self._retries[name])
+
     def _unacked(self) -> bool:
         """Whether handled or nacked events wait for their ack."""
-        return any(self._acks[n] or self._retries[n] for n in self.names)
+        return any(self._has_acks(n) for n in self.names)
 
     def _name_to_claim(self) -> str:
         """The name a claim between batches goes under: the one with acks to send.
 
         Else the last batch's: a claim under it takes again what that batch left claimed.
         """
-        unacked = (n for n in self.names if self._acks[n] or self._retries[n])
+        unacked = (n for n in self.names if self._has_acks(n))
         return next(unacked, self._claimed_by)
 
     def _claim_ahead(self) -> None:
