@@ -272,27 +272,20 @@ class Relay:
 
     async def _failed(self, channel: str, error: BaseException, *, rejected: bool) -> None:
         text = str(error)
-        if isinstance(error, BrokerMisconfigured):
-            if self._misconfigured != text:  # once, not once per channel or attempt
-                self._misconfigured = text
-                logger.error(
-                    "relay %s: %s; the events wait in the journal until it is fixed",
-                    self.name,
-                    text,
-                )
-            if self._failing.get(channel) == text:
-                return
-            self._failing[channel] = text
-            await self._mark(channel, text, failing=True)
-            return
+        misconfigured = isinstance(error, BrokerMisconfigured)
+        if misconfigured and self._misconfigured != text:  # once, not per channel or attempt
+            self._misconfigured = text
+            logger.error(
+                "relay %s: %s; the events wait in the journal until it is fixed", self.name, text
+            )
         if rejected:
             logger.error(
                 "relay %s: %s refused an event of %s: %s", self.name, self.url, channel, text
             )
-        elif self._failing.get(channel) != text:
-            logger.warning("relay %s: %s; waiting for the broker", self.name, text)
-        else:
+        elif self._failing.get(channel) == text:
             return
+        elif not misconfigured:
+            logger.warning("relay %s: %s; waiting for the broker", self.name, text)
         if not rejected:
             self._failing[channel] = text
         await self._mark(channel, text, failing=not rejected)
