@@ -28,10 +28,18 @@ if TYPE_CHECKING:
 
 
 class FastBackoff:
-    """Retry the broker every 0.2 s (the default waits up to 10 s)."""
+    """Retry the broker every 0.2 s (the default waits up to 10 s); ``tried`` is set once
+    ``attempts`` retries were asked for."""
+
+    def __init__(self, attempts: int) -> None:
+        self.attempts = attempts
+        self.tried = asyncio.Event()
 
     @pgbus.hookimpl(tryfirst=True)
     def pgbus_reconnect_backoff(self, attempt: int, error: BaseException | None) -> float:  # noqa: ARG002 - hook signature
+        self.attempts -= 1
+        if self.attempts <= 0:
+            self.tried.set()
         return 0.2
 
 
@@ -113,13 +121,14 @@ async def test_a_stream_the_server_refuses_is_a_configuration_error_logged_once(
     channel = f"{prefix}.orders"
     order = order_type(channel)
     bus = durable_bus()
-    bus.plugins.register(FastBackoff())
+    backoff = FastBackoff(attempts=5)
+    bus.plugins.register(backoff)
     relay = Relay(bus, to=f"{jetstream}?stream={stream}&timeout=1", channels=[channel])
     caplog.set_level(logging.INFO, logger="pgbus_relay")
     async with bus:
         ids = [await bus.publish(order(order_id=n)) for n in range(3)]
         row = await wait_for_status(pgbus_dsn, schema, lambda row: row.failing)
-        await asyncio.sleep(1.5)  # several attempts
+        await asyncio.wait_for(backoff.tried.wait(), TIMEOUT)  # several attempts
         assert relay.relayed == 0
         error = row.last_error or ""
         assert f"stream {stream}" in error
