@@ -6,18 +6,10 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING, Any
 
-from _helpers import ticket_type
+from _helpers import eventually, ticket_type
 
 if TYPE_CHECKING:
     import pgbus
-
-
-async def _until(check: Any, timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not check():  # noqa: ASYNC110 - polling state of the code under test
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_stop_hands_back_the_batch_claimed_ahead(durable_bus, channel: str):
@@ -41,7 +33,7 @@ async def test_stop_hands_back_the_batch_claimed_ahead(durable_bus, channel: str
     await a.start()
     await a.publish_many([ticket(n=i) for i in range(total)])
     consumer = a.plugins.get("durable").consumers["ahead"]
-    await _until(lambda: consumer._next is not None and consumer._next[2])
+    await eventually(lambda: consumer._next is not None and consumer._next[2])
     stopping = asyncio.create_task(a.stop())
     await asyncio.sleep(0.05)
     gate.set()
@@ -50,7 +42,7 @@ async def test_stop_hands_back_the_batch_claimed_ahead(durable_bus, channel: str
     b: pgbus.Bus = durable_bus(plugin=settings)
     b.subscribe(ticket, durable="ahead")(handle_b)
     async with b:
-        await _until(lambda: len(handled["b"]) >= total - 5)
+        await eventually(lambda: len(handled["b"]) >= total - 5)
         await asyncio.sleep(0.1)
     assert handled["b"] == list(range(5, total))  # in order, none twice, none lost
 
@@ -73,11 +65,11 @@ async def test_lease_of_the_batch_claimed_ahead_is_renewed(durable_bus, channel:
     a.subscribe(ticket, durable="renew")(handle)
     async with a:
         await a.publish_many([ticket(n=i) for i in range(3)])
-        await _until(lambda: handled[0] == 1)
+        await eventually(lambda: handled[0] == 1)
         b.subscribe(ticket, durable="renew")(handle)
         async with b:
             await asyncio.wait_for(slow_done.wait(), 10)
-            await _until(lambda: len(handled) == 3)
+            await eventually(lambda: len(handled) == 3)
             await asyncio.sleep(0.3)  # a handles what it claimed ahead now
     assert handled == {0: 1, 1: 1, 2: 1}
 
@@ -94,7 +86,7 @@ async def test_acks_of_the_last_batch_reach_the_server(durable_bus, sql, schema,
     a.subscribe(ticket, durable="flush")(handle)
     async with a:
         await a.publish_many([ticket(n=i) for i in range(10)])
-        await _until(lambda: len(handled) == 10)
+        await eventually(lambda: len(handled) == 10)
 
         async def left() -> int:
             query = f'SELECT count(*) FROM "{schema}".batches WHERE subscription = $1'
@@ -134,7 +126,7 @@ async def test_a_failed_claim_ahead_is_raised_after_the_batch_in_hand(durable_bu
 
     consumer._fetch = failing
     await a.publish_many([ticket(n=i) for i in range(total)])
-    await _until(lambda: len(handled) == total)
+    await eventually(lambda: len(handled) == total)
     await asyncio.sleep(0.2)
     await a.stop()
     assert failed
