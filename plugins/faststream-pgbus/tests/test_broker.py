@@ -22,6 +22,7 @@ from faststream.specification import AsyncAPI
 from faststream_pgbus import PgbusBroker, PgbusRouter, TestPgbusBroker
 
 import pgbus
+from pgbus.durable import DurablePlugin
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -324,12 +325,18 @@ async def test_durable_subscribers_replay_and_share_the_work(
     )
     group = f"billing_{uuid.uuid4().hex[:8]}"
     got: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    b_billed = asyncio.Event()
 
     def member(name: str) -> PgbusBroker:
-        broker = PgbusBroker(pgbus_dsn, durable=True)
+        # batches of 5: the 57 events published together are 12 batches to share
+        broker = PgbusBroker(pgbus_dsn, plugins=[DurablePlugin(batch_size=5)])
 
         @broker.subscriber(pgbus_channel, durable=group, start="earliest")
         async def bill(order: Order) -> None:
+            if name == "b":
+                b_billed.set()
+            elif name == "a" and order.order_id >= 3:  # a holds its batch until b has one:
+                await asyncio.wait_for(b_billed.wait(), TIMEOUT)  # the group must share
             await got.put((name, order.order_id))
 
         return broker
