@@ -1,4 +1,4 @@
-"""Upgrading a v1 durable schema (an inbox row per event) to v2 (batches) in place."""
+"""Upgrading durable schemas in place: v1 (an inbox row per event) to batches, v4 to v5."""
 
 from __future__ import annotations
 
@@ -69,7 +69,48 @@ async def test_v1_events_and_positions_survive_the_upgrade(
         bus.subscribe(ticket, durable="ledger")(got)
         async with bus:
             await got.wait_for(6)
+        await bus.stop()  # acks the last batch
         assert [e.n for e in got.items] == list(range(6))
         assert await sql.fetchval(f"SELECT count(*) FROM {s}.batches") == 0
     finally:
         await sql.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+
+
+async def test_v4_consumers_go_on_through_the_upgrade_to_plpgsql_functions(
+    pg_dsn: str, schema_name: str, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+):
+    """`migrate` to v5 replaces the claim and the ack under a running v4 consumer, which
+    handles what follows as before; the functions are PL/pgSQL (parsed once a session)."""
+    ticket = ticket_type(schema_name)
+    got = Collector()
+    bus = pgbus.Bus(
+        pg_dsn,
+        load_entrypoints=False,
+        stop_timeout=5.0,
+        plugins=[DurablePlugin(schema_name, prune_interval=None)],
+    )
+    bus.subscribe(ticket, durable="ledger")(got)
+    languages = f"""
+        SELECT array_agg(l.lanname::text ORDER BY p.proname) FROM pg_proc p
+        JOIN pg_language l ON l.oid = p.prolang
+        WHERE p.pronamespace = '"{schema_name}"'::regnamespace
+          AND p.proname IN ('ack', 'claim', 'claim_ordered')"""
+    try:
+        with monkeypatch.context() as m:  # this pgbus as it was at v4, started
+            m.setattr(pgbus.durable._schema, "MIGRATIONS", pgbus.durable._schema.MIGRATIONS[:4])
+            m.setattr(pgbus.durable._schema, "SCHEMA_VERSION", 4)
+            assert await migrate(sql, schema_name) == (0, 4)
+            assert await sql.fetchval(languages) == ["sql", "sql", "sql"]
+            await bus.start()
+        await bus.publish_many([ticket(n=i) for i in range(3)])
+        await got.wait_for(3)
+        assert await migrate(sql, schema_name) == (4, SCHEMA_VERSION)
+        await bus.publish_many([ticket(n=i) for i in range(3, 6)])
+        await got.wait_for(6)
+        await bus.stop()  # acks the last batch
+        assert [e.n for e in got.items] == list(range(6))
+        assert await sql.fetchval(languages) == ["plpgsql", "plpgsql", "plpgsql"]
+        assert await sql.fetchval(f'SELECT count(*) FROM "{schema_name}".batches') == 0
+    finally:
+        await bus.stop()
+        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
