@@ -377,16 +377,18 @@ class DurablePlugin:
     ) -> None:
         """Wake this process's consumers of ``channels`` (committed events on them).
 
-        Called just before the wake-ups go out on ``conn`` (of the consumers' pool):
-        their NOTIFYs coming back to this process then wake nobody again. Its backend's
-        pid is forgotten when it closes (a pid another backend may get later).
+        Called just before the wake-ups go out on ``conn`` (of the consumers' pool),
+        with no channels when the consumers were woken already (a pool publish wakes
+        them as its statement returns): the NOTIFYs coming back to this process then
+        wake nobody again. Its backend's pid is forgotten when it closes (a pid another
+        backend may get later).
         """
         pid = conn.get_server_pid()
         own = self._own_pids
         if pid not in own:
             own.add(pid)
             conn.add_termination_listener(lambda _conn: own.discard(pid))
-        if self._by_channel:
+        if channels and self._by_channel:
             self._wake(set(channels))
 
     def _wake(self, channels: set[str]) -> None:
@@ -460,6 +462,8 @@ class DurablePlugin:
             return
         channels, payloads = wakeup_notifications(outgoing, row[0], row[1])
         if committed:
+            if self._by_channel:  # this process's consumers now, not once a wake-up goes
+                self._wake(set(channels))
             self.wakeups.add(None, channels, payloads)
         else:
             self.wakeups.add(row[2], channels, payloads, in_transaction)

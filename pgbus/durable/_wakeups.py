@@ -232,19 +232,19 @@ class Wakeups:
         if not queue:
             return False
         left = [p.left() for p in queue]  # before the look-up: a commit seen then is in it
-        # This process's consumers are woken before the statement for the publishes known
-        # to have committed, and for those whose caller's connection has left its
-        # transaction: committed, or rolled back (then a pump finds nothing: no harm).
+        # This process's consumers are woken before the statement for the publishes whose
+        # caller's connection has left its transaction: committed, or rolled back (then a
+        # pump finds nothing: no harm); those of the publishes known to have committed
+        # were woken when their statement returned.
         early = [
             c
             for p, gone in zip(queue, left, strict=True)
-            if p.xid is None or gone
+            if p.xid is not None and gone
             for c in p.channels
         ]
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
-            if early:
-                self.plugin.wake_local(early, conn)
+            self.plugin.wake_local(early, conn)
             status = await self._send(conn, queue)
             decided = [
                 c
