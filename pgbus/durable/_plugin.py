@@ -203,8 +203,6 @@ class DurablePlugin:
         if asynchronous:
             settings = dict(kwargs.get("server_settings") or {})
             settings.setdefault("synchronous_commit", "off")
-            # Plan each pump for its own xid bound: a generic plan would scan the journal.
-            settings.setdefault("plan_cache_mode", "force_custom_plan")
             kwargs["server_settings"] = settings
             # Consumer statements are bounded; one that hangs (a half-open connection)
             # fails, and the consumer retries after the backoff.
@@ -373,21 +371,23 @@ class DurablePlugin:
             self._wake({m.channel for m in messages if m.pid not in own})
 
     def wake_local(
-        self, channels: Sequence[str], conn: asyncpg.pool.PoolConnectionProxy[Any]
+        self,
+        channels: Sequence[str],
+        conn: asyncpg.pool.PoolConnectionProxy[Any] | None = None,
     ) -> None:
         """Wake this process's consumers of ``channels`` (committed events on them).
 
-        Called just before the wake-ups go out on ``conn`` (of the consumers' pool),
-        with no channels when the consumers were woken already (a pool publish wakes
-        them as its statement returns): the NOTIFYs coming back to this process then
-        wake nobody again. Its backend's pid is forgotten when it closes (a pid another
-        backend may get later).
+        With ``conn`` (of the consumers' pool), called just before the wake-ups go out
+        on it: the NOTIFYs coming back to this process from its backend then wake nobody
+        again. That pid is forgotten when the connection closes (a pid another backend
+        may get later). Without, as soon as the events are known to have committed.
         """
-        pid = conn.get_server_pid()
-        own = self._own_pids
-        if pid not in own:
-            own.add(pid)
-            conn.add_termination_listener(lambda _conn: own.discard(pid))
+        if conn is not None:
+            pid = conn.get_server_pid()
+            own = self._own_pids
+            if pid not in own:
+                own.add(pid)
+                conn.add_termination_listener(lambda _conn: own.discard(pid))
         if channels and self._by_channel:
             self._wake(set(channels))
 
@@ -462,8 +462,6 @@ class DurablePlugin:
             return
         channels, payloads = wakeup_notifications(outgoing, row[0], row[1])
         if committed:
-            if self._by_channel:  # this process's consumers now, not once a wake-up goes
-                self._wake(set(channels))
             self.wakeups.add(None, channels, payloads)
         else:
             self.wakeups.add(row[2], channels, payloads, in_transaction)

@@ -36,18 +36,27 @@ UNDEFINED_TABLE, INVALID_SCHEMA_NAME, INVALID_TEXT_REPRESENTATION = "42P01", "3F
 NOTIFY_LIMIT = 8000
 
 
-def _claim_sql(s: str, *, ordered: bool) -> str:
+def _claim_sql(s: str, *, ordered: bool, lookup: bool = False) -> str:
     """The claim of a subscription's next batch, in SQL.
 
-    The body of the functions ``claim`` and ``claim_ordered`` of migration 4: never
-    change it, write a new migration. ``$1`` the subscription, ``$2`` the member,
-    ``$3`` the lease in seconds.
+    The body of the functions ``claim`` and ``claim_ordered`` of migration 4 and, with
+    ``lookup``, of migration 5: never change what either returns, write a new
+    migration. ``$1`` the subscription, ``$2`` the member, ``$3`` the lease in seconds.
+    With ``lookup`` the batch's events are looked up one by one on the journal's
+    primary key, the plan of a plain join kept for a session would stay a scan of the
+    whole journal when it was made while the journal was small.
     """
     free = "(b.claimed_until IS NULL OR b.claimed_until < now() OR b.claimed_by = $2)"
     # unordered: the first free batch, skipping those other members hold or lock now;
     # ordered: the first batch, waiting for a member claiming it now, taken if free
     pick, take = ("", f"AND {free}") if ordered else (f"AND {free}", "")
     lock = "FOR UPDATE" if ordered else "FOR UPDATE SKIP LOCKED"
+    join = (
+        f"LEFT JOIN LATERAL (SELECT * FROM {s}.journal WHERE id = x.journal_id OFFSET 0) j"  # noqa: S608 - quoted identifier
+        " ON true"
+        if lookup
+        else f"LEFT JOIN {s}.journal j ON j.id = x.journal_id"
+    )
     return f"""
             WITH c AS (
                 SELECT id, journal_ids FROM {s}.batches b
@@ -73,8 +82,77 @@ def _claim_sql(s: str, *, ordered: bool) -> str:
             SELECT x.journal_id, u.deliveries, u.attempt, j.channel, j.event_id, j.payload, j.pid,
                    extract(epoch FROM j.created_at)::float8 AS stored_at
             FROM u CROSS JOIN unnest(u.journal_ids) WITH ORDINALITY AS x(journal_id, ord)
-            LEFT JOIN {s}.journal j ON j.id = x.journal_id
+            {join}
             ORDER BY x.ord"""  # noqa: S608 - quoted identifier
+
+
+def _pump_sql(*, replace: bool) -> str:
+    """The function ``pump``: of migration 2, or (``replace``) of migration 5.
+
+    Migration 5's bounds the journal's transaction ids on both sides: ``high`` is
+    ``low`` plus 2^62, beyond any transaction id PostgreSQL will hand out, so no row is
+    left out. The bound changes nothing in a plan made for ``low``'s value, and it shows
+    a generic plan a narrow range of the ``xid`` index instead of a third of the journal
+    (which made it scan the whole journal once that had grown since it was analyzed):
+    the pump can be planned once a session, like the claim.
+    Never change what either returns: write a new migration.
+    """
+    sql = """CREATE FUNCTION {{s}}.pump(
+                p_name text, p_channels text[], p_types text[], p_limit integer,
+                p_batch integer)
+            RETURNS TABLE (n bigint, resumed boolean) LANGUAGE plpgsql AS $pump$
+            #variable_conflict use_column
+            DECLARE
+                low xid8;
+            BEGIN
+                SELECT pg_snapshot_xmin(snap) INTO low FROM {{s}}.subscriptions
+                WHERE name = p_name FOR UPDATE SKIP LOCKED;
+                IF NOT FOUND THEN
+                    RETURN;
+                END IF;
+                RETURN QUERY
+            WITH s AS (
+                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
+                       batch_cursor, batch_snap IS NOT NULL AS resumed
+                FROM {{s}}.subscriptions WHERE name = p_name
+            ), picked AS (
+                SELECT j.id FROM s, {{s}}.journal j
+                WHERE j.xid >= low
+                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
+                  AND pg_visible_in_snapshot(j.xid, s.target)
+                  AND j.id > s.batch_cursor
+                  AND j.channel = ANY(p_channels)
+                  AND (p_types IS NULL OR j.type = ANY(p_types))
+                ORDER BY j.id LIMIT p_limit
+            ), ins AS (
+                INSERT INTO {{s}}.batches (subscription, journal_ids)
+                SELECT p_name, array_agg(id ORDER BY id) FROM (
+                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / p_batch AS chunk FROM picked
+                ) AS p GROUP BY chunk ORDER BY chunk
+            ), agg AS (
+                SELECT count(*) AS n, max(id) AS last FROM picked
+            )
+            UPDATE {{s}}.subscriptions u SET
+                snap = CASE WHEN agg.n < p_limit THEN s.target ELSE u.snap END,
+                batch_snap = CASE WHEN agg.n < p_limit THEN NULL ELSE s.target END,
+                batch_cursor = CASE WHEN agg.n < p_limit THEN 0 ELSE agg.last END,
+                pumped_at = now()
+            FROM s, agg WHERE u.name = p_name
+            RETURNING agg.n, s.resumed;
+            END
+            $pump$"""
+    if not replace:
+        return sql.format(s="{s}")
+    sql = sql.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    sql = sql.replace("low xid8;", "low xid8;\n                high xid8;", 1)
+    sql = sql.replace(
+        "SELECT pg_snapshot_xmin(snap) INTO low FROM",
+        "SELECT pg_snapshot_xmin(snap),\n                    (pg_snapshot_xmin(snap)::text::numeric"
+        " + 4611686018427387904)::text::xid8\n                INTO low, high FROM",
+        1,
+    )
+    sql = sql.replace("WHERE j.xid >= low\n", "WHERE j.xid >= low AND j.xid < high\n", 1)
+    return sql.format(s="{s}")
 
 
 #: Handled (or dead-lettered) events leave the batches this member ($6) claimed; an
@@ -201,50 +279,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # member pumping: no row), then cut the batches in a statement of its own,
             # whose snapshot is newer than the lock (READ COMMITTED takes one per
             # statement), so ``snap`` only ever moves forward.
-            """CREATE FUNCTION {s}.pump(
-                p_name text, p_channels text[], p_types text[], p_limit integer,
-                p_batch integer)
-            RETURNS TABLE (n bigint, resumed boolean) LANGUAGE plpgsql AS $pump$
-            #variable_conflict use_column
-            DECLARE
-                low xid8;
-            BEGIN
-                SELECT pg_snapshot_xmin(snap) INTO low FROM {s}.subscriptions
-                WHERE name = p_name FOR UPDATE SKIP LOCKED;
-                IF NOT FOUND THEN
-                    RETURN;
-                END IF;
-                RETURN QUERY
-            WITH s AS (
-                SELECT snap, coalesce(batch_snap, pg_current_snapshot()) AS target,
-                       batch_cursor, batch_snap IS NOT NULL AS resumed
-                FROM {s}.subscriptions WHERE name = p_name
-            ), picked AS (
-                SELECT j.id FROM s, {s}.journal j
-                WHERE j.xid >= low
-                  AND NOT pg_visible_in_snapshot(j.xid, s.snap)
-                  AND pg_visible_in_snapshot(j.xid, s.target)
-                  AND j.id > s.batch_cursor
-                  AND j.channel = ANY(p_channels)
-                  AND (p_types IS NULL OR j.type = ANY(p_types))
-                ORDER BY j.id LIMIT p_limit
-            ), ins AS (
-                INSERT INTO {s}.batches (subscription, journal_ids)
-                SELECT p_name, array_agg(id ORDER BY id) FROM (
-                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / p_batch AS chunk FROM picked
-                ) AS p GROUP BY chunk ORDER BY chunk
-            ), agg AS (
-                SELECT count(*) AS n, max(id) AS last FROM picked
-            )
-            UPDATE {s}.subscriptions u SET
-                snap = CASE WHEN agg.n < p_limit THEN s.target ELSE u.snap END,
-                batch_snap = CASE WHEN agg.n < p_limit THEN NULL ELSE s.target END,
-                batch_cursor = CASE WHEN agg.n < p_limit THEN 0 ELSE agg.last END,
-                pumped_at = now()
-            FROM s, agg WHERE u.name = p_name
-            RETURNING agg.n, s.resumed;
-            END
-            $pump$""",
+            _pump_sql(replace=False),
         ),
     ),
     (
@@ -337,14 +372,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # The same claim and ack in PL/pgSQL: a SQL function that is not inlined
             # (these modify rows) is parsed and planned again at every call, which made
             # up half of a step's time on the server; PL/pgSQL keeps its statements
-            # parsed for the session. Same bodies, same results.
+            # parsed for the session. Same bodies, same results. And a pump whose plan
+            # may be kept for the session (see _pump_sql), so the consumers' sessions
+            # no longer force a new plan of every statement at every call.
+            _pump_sql(replace=True),
             *(
                 f"""CREATE OR REPLACE FUNCTION {{s}}.{name}(
                     p_name text, p_member text, p_lease float8)
                 RETURNS TABLE ({CLAIMED}) LANGUAGE plpgsql AS $claim$
                 #variable_conflict use_column
                 BEGIN
-                    RETURN QUERY {_claim_sql("{s}", ordered=ordered)};
+                    RETURN QUERY {_claim_sql("{s}", ordered=ordered, lookup=True)};
                 END
                 $claim$"""
                 for name, ordered in (("claim", False), ("claim_ordered", True))

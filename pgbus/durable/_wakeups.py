@@ -155,6 +155,7 @@ class Wakeups:
         deadline = time.monotonic() + self.window
         self._queue.append(Pending(xid, channels, payloads, deadline, in_transaction))
         if xid is None:  # ready now; a transaction just begun is looked at on schedule
+            self.plugin.wake_local(channels)  # this process's consumers at once
             self._arrived.set()
         if not self._closing and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run(), name="pgbus-durable-wakeups")
@@ -234,8 +235,8 @@ class Wakeups:
         left = [p.left() for p in queue]  # before the look-up: a commit seen then is in it
         # This process's consumers are woken before the statement for the publishes whose
         # caller's connection has left its transaction: committed, or rolled back (then a
-        # pump finds nothing: no harm); those of the publishes known to have committed
-        # were woken when their statement returned.
+        # pump finds nothing: no harm); for those known to have committed, they were
+        # woken when the notifications were queued (add).
         early = [
             c
             for p, gone in zip(queue, left, strict=True)

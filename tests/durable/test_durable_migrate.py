@@ -110,6 +110,11 @@ async def test_v4_consumers_go_on_through_the_upgrade_to_plpgsql_functions(
         await bus.stop()  # acks the last batch
         assert [e.n for e in got.items] == list(range(6))
         assert await sql.fetchval(languages) == ["plpgsql", "plpgsql", "plpgsql"]
+        pump = await sql.fetchval(
+            f"SELECT prosrc FROM pg_proc WHERE proname = 'pump'"
+            f" AND pronamespace = '\"{schema_name}\"'::regnamespace"
+        )
+        assert "j.xid >= low AND j.xid < high" in pump  # a range a generic plan can use
         assert await sql.fetchval(f'SELECT count(*) FROM "{schema_name}".batches') == 0
     finally:
         await bus.stop()
