@@ -353,8 +353,9 @@ class Consumer:
         """Wait to be woken, or ``timeout`` seconds; whether it was woken."""
         if self._stopping:
             return True
-        try:
-            await asyncio.wait_for(self.wakeup.wait(), timeout)
+        try:  # in this task (wait_for would wrap the wait in a task: two more loop turns)
+            async with asyncio.timeout(timeout):
+                await self.wakeup.wait()
         except TimeoutError:
             return False
         return True

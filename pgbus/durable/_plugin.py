@@ -148,7 +148,7 @@ class DurablePlugin:
         self._pool_lock = asyncio.Lock()
         self._inflight: dict[tuple[str, str], Inflight] = {}
         self._by_channel: dict[str, list[Consumer]] = {}
-        #: The backends of the consumers' pool that sent wake-ups (see :meth:`wake_local`).
+        #: The backends of the consumers' pool that sent wake-ups (see :meth:`sending_from`).
         self._own_pids: set[int] = set()
         self._pruner: asyncio.Task[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
@@ -377,19 +377,26 @@ class DurablePlugin:
     ) -> None:
         """Wake this process's consumers of ``channels`` (committed events on them).
 
-        With ``conn`` (of the consumers' pool), called just before the wake-ups go out
-        on it: the NOTIFYs coming back to this process from its backend then wake nobody
-        again. That pid is forgotten when the connection closes (a pid another backend
-        may get later). Without, as soon as the events are known to have committed.
+        Called as soon as the events are known to have committed, before their wake-ups
+        go out to the other processes; with ``conn``, also :meth:`sending_from` it.
         """
         if conn is not None:
-            pid = conn.get_server_pid()
-            own = self._own_pids
-            if pid not in own:
-                own.add(pid)
-                conn.add_termination_listener(lambda _conn: own.discard(pid))
+            self.sending_from(conn)
         if channels and self._by_channel:
             self._wake(set(channels))
+
+    def sending_from(self, conn: asyncpg.pool.PoolConnectionProxy[Any]) -> None:
+        """Wake-ups go out on ``conn`` (of the consumers' pool): its NOTIFYs wake nobody here.
+
+        This process's consumers were woken already (:meth:`wake_local`), so the
+        notifications coming back from that backend are ignored. Its pid is forgotten
+        when the connection closes (a pid another backend may get later).
+        """
+        pid = conn.get_server_pid()
+        own = self._own_pids
+        if pid not in own:
+            own.add(pid)
+            conn.add_termination_listener(lambda _conn: own.discard(pid))
 
     def _wake(self, channels: set[str]) -> None:
         by_channel = self._by_channel
@@ -464,7 +471,7 @@ class DurablePlugin:
         if committed:
             self.wakeups.add(None, channels, payloads)
         else:
-            self.wakeups.add(row[2], channels, payloads, in_transaction)
+            self.wakeups.add(row[2], channels, payloads, in_transaction, connection)
 
     @hookimpl
     def pgbus_schedule(

@@ -9,8 +9,9 @@ wake-up costs only latency, so the notifying commit does not wait for a flush):
 
 * a pool publish committed when its statement returned: its notifications go at once;
 * a ``connection=`` publish commits when the caller commits, which the server does not
-  tell this process: the caller's connection is looked at in the process itself (no
-  round trip) every :attr:`Wakeups.tick` seconds, and once it has left its transaction
+  tell this process: an asyncpg connection tells as its ``COMMIT`` returns (see
+  :func:`commit_signal`), another driver's is looked at in the process itself (no
+  round trip) every :attr:`Wakeups.tick` seconds; once it has left its transaction
   (committed or rolled back) the transaction id is looked up with ``pg_xact_status``
   (by the statement that sends the notifications of those committed: one round trip);
   without a connection that tells (or once it is in a transaction again) the id is
@@ -82,10 +83,44 @@ def transaction_probe(connection: Any) -> Callable[[], bool] | None:
     return in_transaction if callable(in_transaction) else None
 
 
+def commit_signal(
+    connection: Any, in_transaction: Callable[[], bool], signal: Callable[[], None]
+) -> Callable[[], None] | None:
+    """Call ``signal`` once ``connection`` has left its transaction, as the driver tells it.
+
+    asyncpg calls its query loggers as each statement returns, the caller's ``COMMIT``
+    (or ``ROLLBACK``) included: the commit is seen then, not at the next look. The
+    logger removes itself then (before the caller can release the connection to its
+    pool: it is called first). ``None`` for the other drivers, which are looked at.
+
+    :returns: what removes the logger sooner (done with the transaction otherwise).
+    """
+    add = getattr(connection, "add_query_logger", None)
+    remove = getattr(connection, "remove_query_logger", None)
+    if not callable(add) or not callable(remove):
+        return None
+
+    def unhook() -> None:
+        with contextlib.suppress(Exception):  # gone already, or released to its pool
+            remove(logged)
+
+    def logged(_record: object) -> None:
+        try:
+            left = not in_transaction()
+        except Exception:  # released to its pool: ask the server
+            left = True
+        if left:
+            unhook()
+            signal()
+
+    add(logged)
+    return unhook
+
+
 class Pending:
     """The notifications of one publish statement, waiting for their transaction."""
 
-    __slots__ = ("channels", "deadline", "in_transaction", "payloads", "xid")
+    __slots__ = ("channels", "deadline", "in_transaction", "payloads", "unhook", "xid")
 
     def __init__(
         self,
@@ -101,6 +136,15 @@ class Pending:
         self.deadline = deadline
         #: The caller's connection's probe while it may still tell of the commit.
         self.in_transaction = in_transaction
+        #: Removes the caller's connection's signal of the commit (see commit_signal).
+        self.unhook: Callable[[], None] | None = None
+
+    def done(self) -> None:
+        """Stop listening to the caller's connection: decided, or looked up by id now."""
+        self.in_transaction = None
+        if self.unhook is not None:
+            self.unhook()
+            self.unhook = None
 
     def left(self) -> bool:
         """Whether the caller's connection has left the transaction (look it up now)."""
@@ -144,16 +188,21 @@ class Wakeups:
         channels: list[str],
         payloads: list[str],
         in_transaction: Callable[[], bool] | None = None,
+        connection: Any = None,
     ) -> None:
         """Queue notifications: ``xid`` ``None`` when their journal rows committed.
 
-        ``in_transaction`` tells whether the caller's connection is still in the
-        transaction that journaled them (see :func:`transaction_probe`).
+        ``in_transaction`` tells whether the caller's ``connection`` is still in the
+        transaction that journaled them (see :func:`transaction_probe`); an asyncpg
+        connection also signals when it left (see :func:`commit_signal`).
         """
         if not channels:
             return
         deadline = time.monotonic() + self.window
-        self._queue.append(Pending(xid, channels, payloads, deadline, in_transaction))
+        pending = Pending(xid, channels, payloads, deadline, in_transaction)
+        if xid is not None and in_transaction is not None and connection is not None:
+            pending.unhook = commit_signal(connection, in_transaction, self._arrived.set)
+        self._queue.append(pending)
         if xid is None:  # ready now; a transaction just begun is looked at on schedule
             self.plugin.wake_local(channels)  # this process's consumers at once
             self._arrived.set()
@@ -177,6 +226,8 @@ class Wakeups:
         if self._queue:
             logger.debug("durable: %d pending wake-ups left to the poll", len(self._queue))
             self.dropped += sum(len(p.channels) for p in self._queue)
+            for p in self._queue:
+                p.done()
             self._queue.clear()
 
     async def _run(self) -> None:
@@ -243,9 +294,12 @@ class Wakeups:
             if p.xid is not None and gone
             for c in p.channels
         ]
+        if early:  # not after a wait for a connection of the pool; and they go first
+            self.plugin.wake_local(early)
+            await asyncio.sleep(0)
         pool = await self.plugin.pool()
         async with pool.acquire() as conn:
-            self.plugin.wake_local(early, conn)
+            self.plugin.sending_from(conn)
             status = await self._send(conn, queue)
             decided = [
                 c
@@ -253,13 +307,12 @@ class Wakeups:
                 if not gone and p.xid in status and not status[p.xid]
                 for c in p.channels
             ]
-            if decided:
-                self.plugin.wake_local(decided, conn)
+            self.plugin.wake_local(decided)
         now = time.monotonic()
         ready = []
         for p, gone in zip(queue, left, strict=True):
             if gone and p.xid not in status:  # its connection is in another one:
-                p.in_transaction = None  # poll the id (with backoff) from now on
+                p.done()  # poll the id (with backoff) from now on
             if p.xid is None or p.xid in status or p.deadline < now:
                 if p.xid is not None and (status.get(p.xid, True)):
                     self.dropped += len(p.channels)  # aborted, or waited for too long
@@ -268,6 +321,8 @@ class Wakeups:
                 ready.append(p)
         if not ready:
             return False
+        for p in ready:
+            p.done()
         done = {id(p) for p in ready}
         self._queue = [p for p in self._queue if id(p) not in done]
         return True

@@ -84,6 +84,31 @@ async def test_the_callers_commit_is_seen_on_its_connection(durable_bus, sql, ch
     assert plugin.wakeups.lookups == 1
 
 
+async def test_an_asyncpg_commit_is_signalled_not_looked_for(durable_bus, pg_dsn, channel: str):
+    """An asyncpg connection tells of the caller's commit as it returns (a query logger):
+    handled with no look at the connection nor the server due for a minute; the logger
+    is gone before the connection goes back to its pool."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus()
+    bus.subscribe(ticket, durable="signalled")(got)
+    plugin = bus.plugins.get("durable")
+    assert isinstance(plugin, DurablePlugin)
+    plugin.wakeups.tick = plugin.wakeups.probe_wait = 60.0
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        async with bus:
+            async with pool.acquire() as conn, conn.transaction():
+                await bus.publish(ticket(n=1), connection=conn)
+                await asyncio.sleep(0.2)  # the caller's own work before it commits
+            await got.wait_for(1, timeout=5.0)
+            async with pool.acquire() as conn:  # the same connection, back from the pool
+                assert not conn._con._query_loggers
+    finally:
+        await pool.close()
+    assert plugin.wakeups.sent == 1
+
+
 async def test_an_aborted_publish_is_never_notified(durable_bus, sql, channel: str):
     """A rolled-back transactional publish sends no wake-up; the next publish does."""
     ticket = ticket_type(channel)
