@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from _helpers import Collector, Process, cli_env, ticket_type
@@ -28,6 +28,19 @@ async def _listen(
     got: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
     await conn.add_listener(channel, lambda _c, pid, _ch, payload: got.put_nowait((pid, payload)))
     return conn, got
+
+
+def _subscribed(
+    durable_bus: Any, channel: str, name: str
+) -> tuple[Any, Collector, pgbus.Bus, DurablePlugin]:
+    """A durable bus with a subscription ``name`` collecting a ticket type of ``channel``."""
+    ticket = ticket_type(channel)
+    got = Collector()
+    bus: pgbus.Bus = durable_bus()
+    bus.subscribe(ticket, durable=name)(got)
+    plugin = bus.plugins.get("durable")
+    assert isinstance(plugin, DurablePlugin)
+    return ticket, got, bus, plugin
 
 
 async def test_the_writers_transaction_sends_no_notify(durable_bus, sql, channel: str):
@@ -69,12 +82,7 @@ async def test_the_callers_commit_is_seen_on_its_connection(durable_bus, sql, ch
     The server is asked once, after the connection left its transaction, not polled
     while the caller's transaction stays open.
     """
-    ticket = ticket_type(channel)
-    got = Collector()
-    bus: pgbus.Bus = durable_bus()
-    bus.subscribe(ticket, durable="seen")(got)
-    plugin = bus.plugins.get("durable")
-    assert isinstance(plugin, DurablePlugin)
+    ticket, got, bus, plugin = _subscribed(durable_bus, channel, "seen")
     async with bus:
         async with sql.transaction():
             await bus.publish(ticket(n=1), connection=sql)
@@ -88,12 +96,7 @@ async def test_an_asyncpg_commit_is_signalled_not_looked_for(durable_bus, pg_dsn
     """An asyncpg connection tells of the caller's commit as it returns (a query logger):
     handled with no look at the connection nor the server due for a minute; the logger
     is gone before the connection goes back to its pool."""
-    ticket = ticket_type(channel)
-    got = Collector()
-    bus: pgbus.Bus = durable_bus()
-    bus.subscribe(ticket, durable="signalled")(got)
-    plugin = bus.plugins.get("durable")
-    assert isinstance(plugin, DurablePlugin)
+    ticket, got, bus, plugin = _subscribed(durable_bus, channel, "signalled")
     plugin.wakeups.tick = plugin.wakeups.probe_wait = 60.0
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
     try:
