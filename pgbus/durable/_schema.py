@@ -43,8 +43,8 @@ def _claim_sql(s: str, *, ordered: bool, lookup: bool = False) -> str:
     ``lookup``, of migration 5: never change what either returns, write a new
     migration. ``$1`` the subscription, ``$2`` the member, ``$3`` the lease in seconds.
     With ``lookup`` the batch's events are looked up one by one on the journal's
-    primary key, the plan of a plain join kept for a session would stay a scan of the
-    whole journal when it was made while the journal was small.
+    primary key: a plain join's plan, kept for a session, stays a scan of the whole
+    journal when it was made while the journal was small.
     """
     free = "(b.claimed_until IS NULL OR b.claimed_until < now() OR b.claimed_by = $2)"
     # unordered: the first free batch, skipping those other members hold or lock now;

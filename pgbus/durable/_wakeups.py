@@ -84,9 +84,9 @@ def transaction_probe(connection: Any) -> Callable[[], bool] | None:
 
 
 def commit_signal(
-    connection: Any, in_transaction: Callable[[], bool], signal: Callable[[], None]
+    connection: Any, left: Callable[[], bool], signal: Callable[[], None]
 ) -> Callable[[], None] | None:
-    """Call ``signal`` once ``connection`` has left its transaction, as the driver tells it.
+    """Call ``signal`` once ``connection`` has ``left`` its transaction (:meth:`Pending.left`).
 
     asyncpg calls its query loggers as each statement returns, the caller's ``COMMIT``
     (or ``ROLLBACK``) included: the commit is seen then, not at the next look. The
@@ -105,11 +105,7 @@ def commit_signal(
             remove(logged)
 
     def logged(_record: object) -> None:
-        try:
-            left = not in_transaction()
-        except Exception:  # released to its pool: ask the server
-            left = True
-        if left:
+        if left():
             unhook()
             signal()
 
@@ -201,7 +197,7 @@ class Wakeups:
         deadline = time.monotonic() + self.window
         pending = Pending(xid, channels, payloads, deadline, in_transaction)
         if xid is not None and in_transaction is not None and connection is not None:
-            pending.unhook = commit_signal(connection, in_transaction, self._arrived.set)
+            pending.unhook = commit_signal(connection, pending.left, self._arrived.set)
         self._queue.append(pending)
         if xid is None:  # ready now; a transaction just begun is looked at on schedule
             self.plugin.wake_local(channels)  # this process's consumers at once
