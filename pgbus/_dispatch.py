@@ -42,7 +42,7 @@ DISPATCH_BATCH = 32
 #: Below this many notifications waiting in the process a paused listener reads again
 #: (it pauses at :data:`~pgbus._listener.INBOUND_HIGH_WATER`): memory stays bounded when
 #: handlers fall behind.
-INBOUND_LOW_WATER = 1_000
+INBOUND_LOW_WATER = 250
 #: How many recent event ids the receive path remembers (at least; at most twice as many)
 #: to drop duplicates: an event published again by a publish retry whose first try had
 #: in fact committed.
