@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -84,7 +85,8 @@ class Message:
 
 #: The ``type`` of a reference envelope: a pointer to an event too large for NOTIFY.
 REFERENCE_TYPE = "pgbus.ref"
-_REFERENCE_MARK = f'"{REFERENCE_TYPE}"'
+#: What every reference payload holds (``reference_of`` parses only such payloads).
+REFERENCE_MARK = f'"{REFERENCE_TYPE}"'
 
 
 def reference_of(payload: str) -> dict[str, Any] | None:
@@ -92,7 +94,7 @@ def reference_of(payload: str) -> dict[str, Any] | None:
 
     Cheap for everything else: only a payload holding ``"pgbus.ref"`` is parsed.
     """
-    if _REFERENCE_MARK not in payload:
+    if REFERENCE_MARK not in payload:
         return None
     try:
         obj = json.loads(payload)
@@ -146,6 +148,9 @@ class Delivery:
         return self.message.channel
 
 
+_REDELIVERED = operator.attrgetter("redelivered")
+
+
 @dataclasses.dataclass(slots=True)
 class Batch(Delivery):
     """The deliveries a batch handler (``subscribe(..., batch=N)``) gets at once.
@@ -174,7 +179,7 @@ class Batch(Delivery):
             first.published_at,
             first.headers,
             first.attempt,
-            any(d.redelivered for d in deliveries),
+            any(map(_REDELIVERED, deliveries)),
             deliveries=deliveries,
         )
 

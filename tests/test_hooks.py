@@ -358,6 +358,53 @@ async def test_a_reference_without_a_resolver_is_a_decode_error(make_bus, channe
     assert first.payload == "after"  # the untyped subscription never saw the reference
 
 
+async def test_a_bad_payload_amid_good_ones_is_reported_and_the_rest_handled_in_order(
+    make_bus, pg_conn, channel
+):
+    """A round decodes its notifications first, then routes them: order and errors hold."""
+    Ping = event_on(channel)
+    letters = Letters()
+    bus = make_bus(plugins=[letters])
+    got: asyncio.Queue[int] = asyncio.Queue()
+    bus.subscribe(Ping)(lambda e: got.put_nowait(e.n))
+    payloads = [json.dumps({"n": n}) for n in range(10)]
+    payloads[4] = '{"n": "four"}'
+    async with bus:
+        # one statement: the notifications arrive together, in one dispatcher round
+        await pg_conn.execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
+            channel,
+            payloads,
+        )
+        handled = [await asyncio.wait_for(got.get(), 5) for _ in range(9)]
+        dead = await letters.next()
+    assert handled == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert dead.payload == '{"n": "four"}'
+    assert isinstance(dead.error, pgbus.DecodeError)
+
+
+async def test_a_resolver_that_raises_is_reported_and_the_reference_goes_nowhere(make_bus, channel):
+    """A plugin's pgbus_resolve_reference raising: a dead letter, not a raw delivery."""
+    letters = Letters()
+
+    class Broken:
+        @pgbus.hookimpl
+        def pgbus_resolve_reference(self, bus, message, reference):
+            raise RuntimeError("the store is gone")
+
+    bus = make_bus(plugins=[letters, Broken()])
+    raw: asyncio.Queue[pgbus.Message] = asyncio.Queue()
+    bus.subscribe(channel)(raw.put_nowait)
+    async with bus:
+        ref = {"v": 1, "id": "e" * 32, "type": "pgbus.ref", "ts": 1.0, "data": {"journal_id": 1}}
+        await bus.notify(channel, json.dumps(ref))
+        dead = await letters.next()
+        await bus.notify(channel, "after")
+        first = await asyncio.wait_for(raw.get(), 5)
+    assert "the store is gone" in str(dead.error)
+    assert first.payload == "after"
+
+
 async def test_hook_pgbus_schedule(pg_dsn, channel):
     """A plugin's pgbus_schedule gets the encoded events of publish(delay=) and their due time."""
     Ping = event_on(channel)
