@@ -313,8 +313,9 @@ class Subscription:
         #: :meth:`stop` waiting for the queue to empty: futures, woken one at a time.
         self._idle: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
-        #: ... and batch collectors waiting for their batch to fill (waiter, how many).
-        self._drained, self._fillers = None, []
+        #: ... and batch collectors waiting for their batch to fill (waiter, how many),
+        #: the fewest queued deliveries that fill one's (what :meth:`offer` compares).
+        self._drained, self._fillers, self._fill_at = None, [], _NO_FILLER
         #: Deliveries waiting out a delay before their next attempt (:meth:`defer`), and
         #: the ids of those whose handler chain is returning after deferring them.
         self._delayed: set[asyncio.TimerHandle] = set()
@@ -422,7 +423,7 @@ class Subscription:
             pending.append(delivery)
         if self._idle:
             _wake(self._idle)
-        if self._fillers:
+        if self._fillers and (len(pending) >= self._fill_at or isinstance(delivery, Batch)):
             self._filled()
 
     def _overflow(self, pending: deque[Delivery], delivery: Delivery) -> None:
@@ -454,11 +455,12 @@ class Subscription:
         """Enqueue, waiting for room (a producer that can wait, such as a durable consumer)."""
         while self._started and len(self._pending) >= self.max_pending:
             await _wait(self._putters)
+        pending = self._pending
         if self._started:
-            self._pending.append(delivery)
+            pending.append(delivery)
             if self._idle:
                 _wake(self._idle)
-            if self._fillers:
+            if self._fillers and (len(pending) >= self._fill_at or isinstance(delivery, Batch)):
                 self._filled()
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912 - the hot loop, inlined on purpose
@@ -547,13 +549,16 @@ class Subscription:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         filler = (waiter, need)
-        self._fillers.append(filler)
+        fillers = self._fillers
+        fillers.append(filler)
+        self._fill_at = min(self._fill_at, need)
         timer = loop.call_later(left, _wake_future, waiter)
         try:
             await waiter
         finally:
             timer.cancel()
-            self._fillers.remove(filler)
+            fillers.remove(filler)
+            self._fill_at = min((n for _, n in fillers), default=_NO_FILLER)
 
     def _filled(self) -> None:
         """Wake the batch collectors whose batch the queue can now fill."""
@@ -857,16 +862,19 @@ class _Place:
 
 
 #: What a handler is given: the event (typed subscriptions) or the raw message.
+#: :attr:`Subscription._fill_at` while no batch collector waits.
+_NO_FILLER = 1 << 62
+
 _EVENT = operator.attrgetter("event")
 _MESSAGE = operator.attrgetter("message")
 
 
 def _EVENTS(batch: Delivery) -> list[Any]:  # noqa: N802 - named like the getters above
-    return [d.event for d in cast("Batch", batch).deliveries]
+    return list(map(_EVENT, cast("Batch", batch).deliveries))
 
 
 def _MESSAGES(batch: Delivery) -> list[Message]:  # noqa: N802 - named like the getters above
-    return [d.message for d in cast("Batch", batch).deliveries]
+    return list(map(_MESSAGE, cast("Batch", batch).deliveries))
 
 
 def check_position(value: object, what: str) -> str | dt.datetime:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import operator
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -265,14 +266,16 @@ class MetricsSnapshot:
         return sum(c.dead_lettered for c in self.channels.values())
 
 
+_CHANNEL = operator.attrgetter("channel")
+
+
 def _count_channels(counts: Counter[str], items: Sequence[Message] | Sequence[Outgoing]) -> None:
     """Count ``items`` per channel; usually they all share one (a dispatcher round)."""
-    channel = items[0].channel
-    for item in items:
-        if item.channel != channel:
-            counts.update(item.channel for item in items)
-            return
-    counts[channel] += len(items)
+    channels = set(map(_CHANNEL, items))
+    if len(channels) == 1:
+        counts[channels.pop()] += len(items)
+    else:
+        counts.update(map(_CHANNEL, items))
 
 
 #: Observations buffered before they are sorted into buckets (a bounded, batched cost).
