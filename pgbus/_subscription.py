@@ -15,6 +15,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from itertools import islice, repeat
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
 from pgbus._context import context_parameter, is_async, with_context
@@ -371,6 +372,8 @@ class Subscription:
         def due() -> None:
             self._delayed.discard(handle)
             self.offer(again)
+            if self._fillers and isinstance(again, Batch):  # it ends the batch being collected
+                self._filled()
 
         handle = asyncio.get_running_loop().call_later(delay, due)
         self._delayed.add(handle)
@@ -423,7 +426,7 @@ class Subscription:
             pending.append(delivery)
         if self._idle:
             _wake(self._idle)
-        if self._fillers and (len(pending) >= self._fill_at or isinstance(delivery, Batch)):
+        if len(pending) >= self._fill_at:  # a batch collector waits, and its batch is full
             self._filled()
 
     def _overflow(self, pending: deque[Delivery], delivery: Delivery) -> None:
@@ -531,6 +534,15 @@ class Subscription:
                 if left <= 0:
                     break
                 await self._fill(size - len(deliveries), left)
+                continue
+            take = min(size - len(deliveries), len(pending))
+            if (
+                len(pending) < self.max_pending  # none behind the full queue, ...
+                and not self._putters  # ... no producer waiting for room, ...
+                and not any(map(isinstance, islice(pending, take), repeat(Batch)))  # ... no batch
+            ):
+                pop = pending.popleft
+                deliveries += [pop() for _ in range(take)]  # in one go
                 continue
             if isinstance(pending[0], Batch):
                 break  # a nacked batch is handled as it was, not inside this one
