@@ -15,7 +15,9 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from itertools import repeat
+from operator import attrgetter, is_
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pgbus._events import REFERENCE_MARK, Delivery, Event, Message, Notification, reference_of
 from pgbus._listener import INBOUND_HIGH_WATER
@@ -275,12 +277,14 @@ class Dispatcher:
             on_received(batch)
             # In two passes: decoding the round's messages one after the other keeps the
             # validator's code in the CPU's instruction cache (a fifth fewer misses).
-            for delivery in list(map(decode, batch)):
-                if delivery is not None:
-                    try:
-                        route(delivery)
-                    except Exception as exc:  # a router or a where= of a plugin's: never fatal
-                        await self.undecodable(delivery.message, exc)
+            deliveries = list(map(decode, batch))
+            if not self._route_round(batch, deliveries):
+                for delivery in deliveries:
+                    if delivery is not None:
+                        try:
+                            route(delivery)
+                        except Exception as exc:  # a plugin's router: never fatal
+                            await self.undecodable(delivery.message, exc)
             failures = self._failures
             while failures:
                 await self.undecodable(*failures.popleft())
@@ -354,6 +358,51 @@ class Dispatcher:
             # each subscription gets its own Delivery: retries count attempts on it
             sub.offer(_copy(delivery) if shared else delivery)
             shared = True
+
+    def _route_round(self, batch: list[Message], deliveries: list[Delivery | None]) -> bool:
+        """Route a round at once, the common case of a busy channel; else leave it.
+
+        At once: every notification decoded, all on one channel, each with an id not seen
+        before. Their de-duplication is then two set operations, and a round that the
+        router sends to the same subscriptions is queued with one call per subscription.
+        Otherwise nothing was done, and the round is routed one by one (so is a round
+        whose plugin router raised: a ``where=`` may then run twice for the events
+        before the one that raised).
+
+        :returns: whether the round was routed.
+        """
+        if any(map(is_, deliveries, repeat(None))):
+            return False
+        channels = set(map(_CHANNEL, batch))
+        channel = self._channels.get(channels.pop()) if len(channels) == 1 else None
+        if channel is None:
+            return False
+        ready = cast("list[Delivery]", deliveries)
+        ids = list(map(_ID, ready))
+        new = set(ids)
+        recent = self._recent_ids
+        if (
+            None in new
+            or len(new) != len(ids)
+            or len(recent) + len(new) >= RECENT_IDS  # the generations turn: one by one
+            or not recent.isdisjoint(new)
+            or not self._older_ids.isdisjoint(new)
+        ):
+            return False
+        try:
+            targets = list(map(channel.route, ready))
+        except Exception:
+            return False
+        recent.update(cast("set[str]", new))
+        first = targets[0]
+        if all(map(is_, targets, repeat(first))):  # the router's answer for a class, cached
+            for index, sub in enumerate(first):
+                sub.offer_many(list(map(_copy, ready)) if index else ready)
+            return True
+        for delivery, subs in zip(ready, targets, strict=True):
+            for index, sub in enumerate(subs):
+                sub.offer(_copy(delivery) if index else delivery)
+        return True
 
     def _resolve(self, message: Message, reference: dict[str, Any]) -> Exception | None:
         """Have a plugin fetch the event a reference points to, then deliver that.
@@ -475,6 +524,10 @@ def _resync_gate(gate: asyncio.Event) -> Middleware:
         await call_next(delivery)
 
     return wait_for_resync
+
+
+_CHANNEL = attrgetter("channel")
+_ID = attrgetter("id")
 
 
 def _copy(delivery: Delivery) -> Delivery:

@@ -429,6 +429,25 @@ class Subscription:
         if len(pending) >= self._fill_at:  # a batch collector waits, and its batch is full
             self._filled()
 
+    def offer_many(self, deliveries: list[Delivery]) -> None:
+        """:meth:`offer` each of ``deliveries``, in order; at once when the queue has room.
+
+        .. versionadded:: 0.4.0
+        """
+        pending = self._pending
+        if not self._started or len(pending) + len(deliveries) > self.max_pending:
+            for delivery in deliveries:
+                self.offer(delivery)
+            return
+        pending.extend(deliveries)
+        idle = self._idle
+        for _ in range(len(deliveries)):  # a worker for each, as offer() wakes them
+            if not idle:
+                break
+            _wake(idle)
+        if len(pending) >= self._fill_at:
+            self._filled()
+
     def _overflow(self, pending: deque[Delivery], delivery: Delivery) -> None:
         policy = self.overflow
         if policy is Overflow.WAIT:

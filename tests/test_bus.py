@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import os
 import re
 import time
@@ -582,6 +583,69 @@ async def test_the_last_recent_ids_are_remembered(
         got = [e.n for e in await recorder.take(10)]
         assert got == [1, 2, 3, 4, 5, 6, 7, 8, 1, 9]
         assert bus.duplicates == 1
+
+
+async def test_a_round_with_a_repeated_id_drops_only_that_one(make_bus, recorder, channel, pg_conn):
+    """One statement of notifications, one of them seen before: the others are handled."""
+    Ping = event_on(channel)
+    sent = RecordingPlugin()
+    bus = make_bus(plugins=[sent])
+    bus.subscribe(Ping)(recorder)
+
+    def envelope(n: int) -> str:
+        env = json.loads(sent.published[0].payload)
+        return json.dumps({**env, "id": new_event_id(), "data": {"n": n}})
+
+    async with bus:
+        await bus.publish(Ping(n=1))
+        assert [e.n for e in await recorder.take(1)] == [1]
+        payloads = [envelope(2), sent.published[0].payload, envelope(3)]
+        await pg_conn.execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
+            channel,
+            payloads,
+        )
+        assert [e.n for e in await recorder.take(2)] == [2, 3]
+    assert bus.duplicates == 1
+
+
+async def test_a_round_reaches_each_subscription_by_its_filter(make_bus, channel):
+    """publish_many is one round: a filtered and an unfiltered subscription, each its share."""
+    Ping = event_on(channel)
+    bus = make_bus()
+    even: list[int] = []
+    every: list[int] = []
+    bus.subscribe(Ping, name="even", where=lambda e: e.n % 2 == 0)(lambda e: even.append(e.n))
+    bus.subscribe(Ping, name="every")(lambda e: every.append(e.n))
+    async with bus:
+        await bus.publish_many([Ping(n=n) for n in range(1, 9)])
+    assert even == [2, 4, 6, 8]
+    assert every == list(range(1, 9))
+
+
+async def test_a_round_wakes_every_idle_worker(make_bus, channel):
+    """The events of one round are handed to as many workers as are idle, not to one."""
+    Ping = event_on(channel)
+    bus = make_bus()
+    running, most, all_in = 0, 0, asyncio.Event()
+    seen: list[int] = []
+
+    @bus.subscribe(Ping, concurrency=4)
+    async def handle(event: pgbus.Event) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        seen.append(event.n)  # type: ignore[attr-defined]
+        if len(seen) == 8:
+            all_in.set()
+        await asyncio.sleep(0.05)  # long enough for the round's others to start
+        running -= 1
+
+    async with bus:
+        await bus.publish_many([Ping(n=n) for n in range(1, 9)])
+        await asyncio.wait_for(all_in.wait(), 5)
+    assert sorted(seen) == list(range(1, 9))
+    assert most == 4
 
 
 async def test_a_publish_is_one_round_trip(make_bus, channel):
