@@ -892,10 +892,10 @@ class _Place:
     done: asyncio.Future[None]
 
 
-#: What a handler is given: the event (typed subscriptions) or the raw message.
 #: :attr:`Subscription._fill_at` while no batch collector waits.
 _NO_FILLER = 1 << 62
 
+#: What a handler is given: the event (typed subscriptions) or the raw message.
 _EVENT = operator.attrgetter("event")
 _MESSAGE = operator.attrgetter("message")
 
