@@ -353,11 +353,7 @@ class Dispatcher:
             if len(recent) >= RECENT_IDS:
                 self._older_ids = recent
                 self._recent_ids = set()
-        shared = False
-        for sub in channel.route(delivery):
-            # each subscription gets its own Delivery: retries count attempts on it
-            sub.offer(_copy(delivery) if shared else delivery)
-            shared = True
+        _offer(channel.route(delivery), delivery)
 
     def _route_round(self, batch: list[Message], deliveries: list[Delivery | None]) -> bool:
         """Route a round at once, the common case of a busy channel; else leave it.
@@ -400,8 +396,7 @@ class Dispatcher:
                 sub.offer_many(list(map(_copy, ready)) if index else ready)
             return True
         for delivery, subs in zip(ready, targets, strict=True):
-            for index, sub in enumerate(subs):
-                sub.offer(_copy(delivery) if index else delivery)
+            _offer(subs, delivery)
         return True
 
     def _resolve(self, message: Message, reference: dict[str, Any]) -> Exception | None:
@@ -528,6 +523,17 @@ def _resync_gate(gate: asyncio.Event) -> Middleware:
 
 _CHANNEL = attrgetter("channel")
 _ID = attrgetter("id")
+
+
+def _offer(subscriptions: Sequence[Subscription], delivery: Delivery) -> None:
+    """Offer ``delivery`` to each of ``subscriptions``: the first gets it, the others copies.
+
+    Each subscription gets its own Delivery: retries count attempts on it.
+    """
+    shared = False
+    for sub in subscriptions:
+        sub.offer(_copy(delivery) if shared else delivery)
+        shared = True
 
 
 def _copy(delivery: Delivery) -> Delivery:

@@ -372,8 +372,6 @@ class Subscription:
         def due() -> None:
             self._delayed.discard(handle)
             self.offer(again)
-            if self._fillers and isinstance(again, Batch):  # it ends the batch being collected
-                self._filled()
 
         handle = asyncio.get_running_loop().call_later(delay, due)
         self._delayed.add(handle)
@@ -426,8 +424,8 @@ class Subscription:
             pending.append(delivery)
         if self._idle:
             _wake(self._idle)
-        if len(pending) >= self._fill_at:  # a batch collector waits, and its batch is full
-            self._filled()
+        if self._fillers and (len(pending) >= self._fill_at or isinstance(delivery, Batch)):
+            self._filled()  # a collector's batch is full, or ends at a batch queued again
 
     def offer_many(self, deliveries: list[Delivery]) -> None:
         """:meth:`offer` each of ``deliveries``, in order; at once when the queue has room.
@@ -435,7 +433,11 @@ class Subscription:
         .. versionadded:: 0.4.0
         """
         pending = self._pending
-        if not self._started or len(pending) + len(deliveries) > self.max_pending:
+        if (
+            not self._started
+            or len(pending) + len(deliveries) > self.max_pending
+            or any(map(isinstance, deliveries, repeat(Batch)))
+        ):
             for delivery in deliveries:
                 self.offer(delivery)
             return
