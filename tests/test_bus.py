@@ -10,6 +10,7 @@ import os
 import re
 import time
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -19,6 +20,9 @@ import pgbus
 import pgbus._dispatch
 from pgbus._util import new_event_id
 from pgbus.testing import RecordingPlugin
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def order_on(channel: str) -> type[pgbus.Event]:
@@ -615,10 +619,21 @@ async def test_a_round_reaches_each_subscription_by_its_filter(make_bus, channel
     bus = make_bus()
     even: list[int] = []
     every: list[int] = []
-    bus.subscribe(Ping, name="even", where=lambda e: e.n % 2 == 0)(lambda e: even.append(e.n))
-    bus.subscribe(Ping, name="every")(lambda e: every.append(e.n))
+    all_in = asyncio.Event()
+
+    def keep(into: list[int]) -> Callable[[pgbus.Event], None]:
+        def handle(event: pgbus.Event) -> None:
+            into.append(event.n)  # type: ignore[attr-defined]
+            if len(even) == 4 and len(every) == 8:
+                all_in.set()
+
+        return handle
+
+    bus.subscribe(Ping, name="even", where=lambda e: e.n % 2 == 0)(keep(even))
+    bus.subscribe(Ping, name="every")(keep(every))
     async with bus:
         await bus.publish_many([Ping(n=n) for n in range(1, 9)])
+        await asyncio.wait_for(all_in.wait(), 5)
     assert even == [2, 4, 6, 8]
     assert every == list(range(1, 9))
 
