@@ -149,9 +149,13 @@ class DuplicateEventId(PublishError):  # noqa: N818 - named like InvalidChannel
     this means a journal row was written with the id by someone else (a role that can
     write the journal, a foreign publisher reusing ids), never a pgbus collision. The
     same event published again (a retry of a publish that had in fact committed) is not
-    an error: it is journaled once.
+    an error: it is journaled once; but inside the caller's transaction any id the
+    journal holds is one, the same event's too (the failed insert aborted it).
 
-    :ivar event_ids: the ids the journal holds for other events.
+    :ivar event_ids: the ids the journal holds for other events (inside a transaction:
+        those it holds).
+
+    .. versionchanged:: 0.4.0 inside the caller's transaction, the same event too.
 
     .. versionadded:: 0.2.0
     """

@@ -18,6 +18,7 @@ from pgbus._util import keep_session, plural, redact_dsn
 from pgbus.durable._consumer import AGAIN, DEAD, DRIVER_ERRORS, OK, Consumer, Inflight, Outcomes
 from pgbus.durable._schema import (
     DEFAULT_SCHEMA,
+    UNIQUE_VIOLATION,
     Sql,
     check_schema,
     journal_args,
@@ -33,7 +34,7 @@ from pgbus.durable._subscriptions import (
     seek,
 )
 from pgbus.durable._wakeups import Wakeups, transaction_probe
-from pgbus.errors import ConfigError, DecodeError
+from pgbus.errors import ConfigError, DecodeError, DuplicateEventId
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -453,15 +454,26 @@ class DurablePlugin:
         try:
             if connection is None:
                 pool = await self.publish_pool()
-                record = await pool.fetchrow(self.sql.publish, *args)
+                try:
+                    record = await pool.fetchrow(self.sql.publish_new, *args)
+                except asyncpg.UniqueViolationError:  # an id journaled already (a retry)
+                    record = await pool.fetchrow(self.sql.publish, *args)
                 row = None if record is None else tuple(record)
                 committed = True
             else:  # the caller's transaction, whatever its driver
-                rows = await executor(connection).fetch(self.sql.publish, *args)
+                run = executor(connection)
+                in_transaction = transaction_probe(connection)
+                try:
+                    rows = await run.fetch(self.sql.publish_new, *args)
+                except DriverError as exc:
+                    if exc.sqlstate != UNIQUE_VIOLATION:
+                        raise
+                    if in_transaction is not None and in_transaction():  # aborted by it
+                        raise DuplicateEventId(await self._journaled(args[1])) from exc
+                    rows = await run.fetch(self.sql.publish, *args)  # outside a transaction
                 row = rows[0] if rows else None
                 # a connection outside a transaction has committed already; another's
                 # commit is watched for (its driver's status, then pg_xact_status)
-                in_transaction = transaction_probe(connection)
                 committed = in_transaction is not None and not in_transaction()
         except (DriverError, *DRIVER_ERRORS) as exc:
             raise publish_error(exc, self.schema) from exc
@@ -472,6 +484,12 @@ class DurablePlugin:
             self.wakeups.add(None, channels, payloads)
         else:
             self.wakeups.add(row[2], channels, payloads, in_transaction, connection)
+
+    async def _journaled(self, event_ids: list[str]) -> list[str]:
+        """Those of ``event_ids`` the journal holds (all of them if it cannot tell)."""
+        pool = await self.pool()
+        taken = [row[0] for row in await pool.fetch(self.sql.journaled, event_ids)]
+        return taken or event_ids
 
     @hookimpl
     def pgbus_schedule(

@@ -247,9 +247,10 @@ async def test_a_forged_row_with_the_next_id_makes_the_publish_fail(
     assert isinstance(info.value, pgbus.PublishError)
     conn = await asyncpg.connect(bus.dsn)
     try:
-        with pytest.raises(pgbus.DuplicateEventId):  # in the caller's transaction too
+        with pytest.raises(pgbus.DuplicateEventId) as in_transaction:  # the caller's too
             async with conn.transaction():
                 await bus.publish(ticket(n=3), connection=conn)
+        assert in_transaction.value.event_ids == ("b" * 32,)
     finally:
         await conn.close()
     rows = await sql.fetch(f'SELECT event_id, payload FROM "{schema}".journal')
@@ -267,10 +268,14 @@ async def test_a_retry_of_a_committed_publish_returns_normally(
     out.payload = json.dumps(
         {"v": 1, "id": "c" * 32, "type": "Ticket", "ts": 0.0, "data": {"n": 1}}
     )
-    for _ in range(2):
-        taken = bus.plugins.publish(bus, [out], None)
-        assert taken is not None
-        await taken
+    conn = await asyncpg.connect(bus.dsn)
+    try:  # through the pool, and on a connection outside a transaction
+        for connection in (None, None, conn):
+            taken = bus.plugins.publish(bus, [out], connection)
+            assert taken is not None
+            await taken
+    finally:
+        await conn.close()
     other = pgbus.Outgoing(channel, ticket(n=2), "c" * 32, 0.0, {})
     other.payload = out.payload.replace('"n": 1', '"n": 2')
     taken = bus.plugins.publish(bus, [other], None)
