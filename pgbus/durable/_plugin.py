@@ -22,6 +22,7 @@ from pgbus.durable._schema import (
     Sql,
     check_schema,
     journal_args,
+    journal_statement,
     migrate,
     publish_error,
     wakeup_notifications,
@@ -450,27 +451,27 @@ class DurablePlugin:
     async def _insert(
         self, outgoing: Sequence[Outgoing], connection: AsyncConnection | None
     ) -> None:
-        args = journal_args(outgoing)
+        query, args = journal_statement(self.sql, outgoing)
         try:
             if connection is None:
                 pool = await self.publish_pool()
                 try:
-                    record = await pool.fetchrow(self.sql.publish_new, *args)
+                    record = await pool.fetchrow(query, *args)
                 except asyncpg.UniqueViolationError:  # an id journaled already (a retry)
-                    record = await pool.fetchrow(self.sql.publish, *args)
+                    record = await pool.fetchrow(self.sql.publish, *journal_args(outgoing))
                 row = None if record is None else tuple(record)
                 committed = True
             else:  # the caller's transaction, whatever its driver
                 run = executor(connection)
                 in_transaction = transaction_probe(connection)
                 try:
-                    rows = await run.fetch(self.sql.publish_new, *args)
+                    rows = await run.fetch(query, *args)
                 except DriverError as exc:
                     if exc.sqlstate != UNIQUE_VIOLATION:
                         raise
                     if in_transaction is not None and in_transaction():  # aborted by it
-                        raise DuplicateEventId(await self._journaled(args[1])) from exc
-                    rows = await run.fetch(self.sql.publish, *args)  # outside a transaction
+                        raise DuplicateEventId(await self._journaled(outgoing)) from exc
+                    rows = await run.fetch(self.sql.publish, *journal_args(outgoing))
                 row = rows[0] if rows else None
                 # a connection outside a transaction has committed already; another's
                 # commit is watched for (its driver's status, then pg_xact_status)
@@ -485,11 +486,12 @@ class DurablePlugin:
         else:
             self.wakeups.add(row[2], channels, payloads, in_transaction, connection)
 
-    async def _journaled(self, event_ids: list[str]) -> list[str]:
-        """Those of ``event_ids`` the journal holds (all of them if it cannot tell)."""
+    async def _journaled(self, outgoing: Sequence[Outgoing]) -> list[str]:
+        """The ids of ``outgoing`` the journal holds (all of them if it cannot tell)."""
+        ids = [o.id for o in outgoing]
         pool = await self.pool()
-        taken = [row[0] for row in await pool.fetch(self.sql.journaled, event_ids)]
-        return taken or event_ids
+        taken = [row[0] for row in await pool.fetch(self.sql.journaled, ids)]
+        return taken or ids
 
     @hookimpl
     def pgbus_schedule(

@@ -533,6 +533,13 @@ def journal_args(outgoing: Sequence[Outgoing]) -> tuple[list[str], ...]:
     )
 
 
+def journal_statement(sql: Sql, outgoing: Sequence[Outgoing]) -> tuple[str, tuple[object, ...]]:
+    """The usual publish statement of ``outgoing`` (one event or many) and its arguments."""
+    if len(outgoing) == 1:
+        return sql.publish_one, tuple(column[0] for column in journal_args(outgoing))
+    return sql.publish_new, journal_args(outgoing)
+
+
 def wakeup_notifications(
     outgoing: Sequence[Outgoing], ids: Sequence[str], refs: Sequence[str | None]
 ) -> tuple[list[str], list[str]]:
@@ -650,6 +657,12 @@ class Sql:
                 array_agg({REFERENCE_SQL} ORDER BY id) AS refs,
                 pg_current_xact_id()::text::bigint AS xid
             FROM ins"""  # noqa: S608 - quoted identifier
+        # The same for one event, without the arrays (most transactions publish one).
+        self.publish_one = f"""
+            INSERT INTO {s}.journal (channel, event_id, type, payload)
+            VALUES ($1, $2, $3, $4)
+            RETURNING ARRAY[event_id] AS ids, ARRAY[{REFERENCE_SQL}] AS refs,
+                pg_current_xact_id()::text::bigint AS xid"""  # noqa: S608 - quoted identifier
         # The event ids of $1 the journal holds (committed), in $1's order.
         self.journaled = f"""
             SELECT t.event_id FROM unnest($1::text[]) WITH ORDINALITY AS t(event_id, ord)

@@ -166,6 +166,15 @@ class Wakeups:
         #: between look-ups on the server while all of them are in their transaction.
         self.tick = 0.001
         self.probe_wait = 1.0
+        #: Seconds between ``connection=`` publishes (smoothed) below which an asyncpg
+        #: connection does not signal its commit (:func:`commit_signal`): publishes that
+        #: come as often as the tick looks have their commits seen by the tick as soon,
+        #: and a look per tick costs less than a query logger per transaction.
+        self.busy_gap = 0.001
+        self._gap = 1.0
+        self._last = time.monotonic()
+        #: ``connection=`` publishes whose connection signalled its commit.
+        self.signalled = 0
         #: Seconds a transaction is waited for; after that its wake-up is left to the poll.
         self.window = 600.0
         #: Notifications sent, and those dropped (aborted, or given up on).
@@ -194,10 +203,14 @@ class Wakeups:
         """
         if not channels:
             return
-        deadline = time.monotonic() + self.window
-        pending = Pending(xid, channels, payloads, deadline, in_transaction)
+        now = time.monotonic()
+        pending = Pending(xid, channels, payloads, now + self.window, in_transaction)
         if xid is not None and in_transaction is not None and connection is not None:
-            pending.unhook = commit_signal(connection, pending.left, self._arrived.set)
+            self._gap += (now - self._last - self._gap) / 8
+            self._last = now
+            if self._gap >= self.busy_gap:
+                pending.unhook = commit_signal(connection, pending.left, self._arrived.set)
+                self.signalled += pending.unhook is not None
         self._queue.append(pending)
         if xid is None:  # ready now; a transaction just begun is looked at on schedule
             self.plugin.wake_local(channels)  # this process's consumers at once

@@ -112,6 +112,38 @@ async def test_an_asyncpg_commit_is_signalled_not_looked_for(durable_bus, pg_dsn
     assert plugin.wakeups.sent == 1
 
 
+async def test_commits_faster_than_the_tick_are_looked_at_not_signalled(
+    durable_bus, pg_dsn, channel: str
+):
+    """Transactions publishing more often than the tick looks add no query logger each:
+    the tick sees their commits; every event is handled, and the last one signalled
+    again once they come slowly."""
+    ticket, got, bus, plugin = _subscribed(durable_bus, channel, "busy")
+    writers, each = 8, 25
+    pool = await asyncpg.create_pool(pg_dsn, min_size=writers, max_size=writers)
+
+    async def writer(first: int) -> None:
+        async with pool.acquire() as conn:
+            for n in range(first, first + each):
+                async with conn.transaction():
+                    await bus.publish(ticket(n=n), connection=conn)
+
+    try:
+        async with bus:
+            await asyncio.gather(*(writer(w * each) for w in range(writers)))
+            await got.wait_for(writers * each, timeout=20)
+            busy = plugin.wakeups.signalled
+            await asyncio.sleep(0.5)  # then a publish alone: its commit is signalled
+            async with pool.acquire() as conn, conn.transaction():
+                await bus.publish(ticket(n=-1), connection=conn)
+            await got.wait_for(writers * each + 1, timeout=5)
+    finally:
+        await pool.close()
+    assert sorted(e.n for e in got.items) == [-1, *range(writers * each)]
+    assert busy < writers * each / 2
+    assert plugin.wakeups.signalled == busy + 1
+
+
 async def test_an_aborted_publish_is_never_notified(durable_bus, sql, channel: str):
     """A rolled-back transactional publish sends no wake-up; the next publish does."""
     ticket = ticket_type(channel)
