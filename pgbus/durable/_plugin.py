@@ -484,7 +484,7 @@ class DurablePlugin:
         if committed:
             self.wakeups.add(None, channels, payloads)
         else:
-            self.wakeups.add(row[2], channels, payloads, in_transaction, connection)
+            self.wakeups.add(row[2], channels, payloads, in_transaction, connection, ids=row[0])
 
     async def _journaled(self, outgoing: Sequence[Outgoing]) -> list[str]:
         """The ids of ``outgoing`` the journal holds (all of them if it cannot tell)."""

@@ -668,6 +668,29 @@ class Sql:
             SELECT t.event_id FROM unnest($1::text[]) WITH ORDINALITY AS t(event_id, ord)
             WHERE EXISTS (SELECT 1 FROM {s}.journal j WHERE j.event_id = t.event_id)
             ORDER BY t.ord"""  # noqa: S608 - quoted identifier
+        # The wake-ups of publishes in callers' transactions (see _wakeups.py). The
+        # transactions of $1 that every new snapshot sees (committed), and those
+        # aborted; in the same statement, the notifications $2/$3 whose transaction $4
+        # is NULL (committed already), or one of those committed ones and their event
+        # $5 in the journal, go out in their order. An aborted one's must not (a plain
+        # subscriber would get an event that never was), nor one whose savepoint was
+        # rolled back in a transaction that committed. One row per decided
+        # transaction, or a single row with a NULL xid when none is.
+        self.send_committed = f"""
+            WITH s AS MATERIALIZED (
+                SELECT x::text::bigint AS xid, pg_xact_status(x) = 'aborted' AS aborted
+                FROM unnest($1::text[]::xid8[]) AS t(x)
+                WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress'
+                  AND (pg_xact_status(x) = 'aborted'
+                       OR pg_visible_in_snapshot(x, pg_current_snapshot()))
+            ), sent AS MATERIALIZED (
+                SELECT pg_notify(t.c, t.p)
+                FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[]) AS t(c, p, x, e)
+                WHERE t.x IS NULL
+                   OR (t.x IN (SELECT xid FROM s WHERE aborted IS NOT TRUE)
+                       AND EXISTS (SELECT FROM {s}.journal j WHERE j.event_id = t.e))
+            )
+            SELECT s.xid, s.aborted FROM (SELECT count(*) FROM sent) AS n LEFT JOIN s ON true"""  # noqa: S608 - quoted identifier
         # Events published for later (an id taken already is skipped, as in publish).
         self.schedule = f"""
             INSERT INTO {s}.scheduled (due_at, channel, event_id, type, payload)

@@ -46,24 +46,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The transactions of ``$1`` that every new snapshot sees (committed), and those aborted;
-# in the same statement, the notifications ``$2``/``$3`` whose transaction ``$4`` is NULL
-# (committed already) or one of those committed ones go out, in their order (an aborted
-# one's must not: a plain subscriber would look up journal rows that never were). One
-# row per decided transaction, or a single row with a NULL xid when none is.
-SEND_COMMITTED = """
-    WITH s AS MATERIALIZED (
-        SELECT x::text::bigint AS xid, pg_xact_status(x) = 'aborted' AS aborted
-        FROM unnest($1::text[]::xid8[]) AS t(x)
-        WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress'
-          AND (pg_xact_status(x) = 'aborted' OR pg_visible_in_snapshot(x, pg_current_snapshot()))
-    ), sent AS MATERIALIZED (
-        SELECT pg_notify(t.c, t.p)
-        FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(c, p, x)
-        WHERE t.x IS NULL OR t.x IN (SELECT xid FROM s WHERE aborted IS NOT TRUE)
-    )
-    SELECT s.xid, s.aborted FROM (SELECT count(*) FROM sent) AS n LEFT JOIN s ON true"""
-
 
 def transaction_probe(connection: Any) -> Callable[[], bool] | None:
     """Whether the caller's ``connection`` is in a transaction, told by its driver.
@@ -116,7 +98,7 @@ def commit_signal(
 class Pending:
     """The notifications of one publish statement, waiting for their transaction."""
 
-    __slots__ = ("channels", "deadline", "in_transaction", "payloads", "unhook", "xid")
+    __slots__ = ("channels", "deadline", "ids", "in_transaction", "payloads", "unhook", "xid")
 
     def __init__(
         self,
@@ -125,10 +107,15 @@ class Pending:
         payloads: list[str],
         deadline: float,
         in_transaction: Callable[[], bool] | None,
+        *,
+        ids: list[str] | None = None,
     ) -> None:
         self.xid = xid  # None: committed already
         self.channels = channels
         self.payloads = payloads
+        #: The event ids of the notifications (those of a transaction that commits are
+        #: sent only if their rows are in the journal: a savepoint may have undone them).
+        self.ids = ids
         self.deadline = deadline
         #: The caller's connection's probe while it may still tell of the commit.
         self.in_transaction = in_transaction
@@ -194,17 +181,20 @@ class Wakeups:
         payloads: list[str],
         in_transaction: Callable[[], bool] | None = None,
         connection: Any = None,
+        *,
+        ids: list[str] | None = None,
     ) -> None:
         """Queue notifications: ``xid`` ``None`` when their journal rows committed.
 
         ``in_transaction`` tells whether the caller's ``connection`` is still in the
         transaction that journaled them (see :func:`transaction_probe`); an asyncpg
-        connection also signals when it left (see :func:`commit_signal`).
+        connection also signals when it left (see :func:`commit_signal`). ``ids`` are
+        the notifications' event ids, given with ``xid``.
         """
         if not channels:
             return
         now = time.monotonic()
-        pending = Pending(xid, channels, payloads, now + self.window, in_transaction)
+        pending = Pending(xid, channels, payloads, now + self.window, in_transaction, ids=ids)
         if xid is not None and in_transaction is not None and connection is not None:
             self._gap += (now - self._last - self._gap) / 8
             self._last = now
@@ -343,16 +333,23 @@ class Wakeups:
             treated as committed).
         """
         waiting = {p.xid for p in queue if p.xid is not None}
+        channels: list[str] = [c for p in queue for c in p.channels]
+        payloads: list[str] = [x for p in queue for x in p.payloads]
         if not waiting:
-            channels = [c for p in queue for c in p.channels]
-            payloads = [x for p in queue for x in p.payloads]
             await conn.execute(NOTIFY_MANY_CHANNELS, channels, payloads)
             return {}
-        channels, payloads, xids = [], [], []
+        xids: list[int | None] = []
+        ids: list[str | None] = []
         for p in queue:
-            channels += p.channels
-            payloads += p.payloads
             xids += [p.xid] * len(p.channels)
-        rows = await conn.fetch(SEND_COMMITTED, [str(x) for x in waiting], channels, payloads, xids)
+            ids += p.ids or [None] * len(p.channels)
+        rows = await conn.fetch(
+            self.plugin.sql.send_committed,
+            [str(x) for x in waiting],
+            channels,
+            payloads,
+            xids,
+            ids,
+        )
         self.lookups += 1
         return {row["xid"]: row["aborted"] for row in rows if row["xid"] is not None}

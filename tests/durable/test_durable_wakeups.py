@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -164,6 +165,33 @@ async def test_an_aborted_publish_is_never_notified(durable_bus, sql, channel: s
     plugin = bus.plugins.get("durable")
     assert isinstance(plugin, DurablePlugin)
     assert plugin.wakeups.sent == 1
+
+
+async def test_a_publish_in_a_rolled_back_savepoint_is_never_notified(
+    durable_bus, sql, channel: str
+):
+    """The caller's transaction commits, a savepoint holding one publish was rolled back:
+    only the other event's wake-up goes out (a plain subscriber must not get the undone one)."""
+    ticket, got, bus, _ = _subscribed(durable_bus, channel, "savepoint")
+    listener, notified = await _listen(bus.dsn, channel)
+    try:
+        async with bus:
+            async with sql.transaction():
+                with contextlib.suppress(LookupError):
+                    async with sql.transaction():  # a savepoint
+                        await bus.publish(ticket(n=1), connection=sql)
+                        raise LookupError
+                kept = await bus.publish(ticket(n=2), connection=sql)
+            _, payload = await asyncio.wait_for(notified.get(), 10)
+            await got.wait_for(1)
+            await bus.publish(ticket(n=3))  # a later wake-up: the undone one would be before
+            _, last = await asyncio.wait_for(notified.get(), 10)
+            await got.wait_for(2)
+    finally:
+        await listener.close()
+    assert json.loads(payload)["id"] == kept
+    assert json.loads(last)["data"]["n"] == 3
+    assert [e.n for e in got.items] == [2, 3]
 
 
 async def test_a_wake_up_sent_while_the_listener_is_down_is_made_up(
