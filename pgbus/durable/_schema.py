@@ -674,7 +674,9 @@ class Sql:
         # is NULL (committed already), or one of those committed ones and their event
         # $5 in the journal, go out in their order. An aborted one's must not (a plain
         # subscriber would get an event that never was), nor one whose savepoint was
-        # rolled back in a transaction that committed. One row per decided
+        # rolled back in a transaction that committed (OFFSET 0: the look-up stays one
+        # per event on the id's index, never a hash of the whole journal, whatever the
+        # journal's size when the session planned it). One row per decided
         # transaction, or a single row with a NULL xid when none is.
         self.send_committed = f"""
             WITH s AS MATERIALIZED (
@@ -688,7 +690,7 @@ class Sql:
                 FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[]) AS t(c, p, x, e)
                 WHERE t.x IS NULL
                    OR (t.x IN (SELECT xid FROM s WHERE aborted IS NOT TRUE)
-                       AND EXISTS (SELECT FROM {s}.journal j WHERE j.event_id = t.e))
+                       AND EXISTS (SELECT FROM {s}.journal j WHERE j.event_id = t.e OFFSET 0))
             )
             SELECT s.xid, s.aborted FROM (SELECT count(*) FROM sent) AS n LEFT JOIN s ON true"""  # noqa: S608 - quoted identifier
         # Events published for later (an id taken already is skipped, as in publish).
