@@ -8,6 +8,7 @@ from _drivers import ASYNC_DRIVERS, BlockError, open_driver
 from _helpers import Collector, ticket_type
 
 import pgbus
+import pgbus._publish
 import pgbus.sync
 from pgbus.durable import DurablePlugin, SchemaError
 
@@ -43,6 +44,28 @@ async def test_journal_rows_follow_the_callers_transaction(durable_bus, sql, sch
         await seen.wait_for(3)
     assert [e.n for e in seen.items] == [3, 4, 5]
     assert await journaled(sql, schema) == 3
+
+
+async def test_a_taken_id_is_a_duplicate_event_id_on_any_driver(
+    durable_bus, sql, schema, tx, channel, monkeypatch: pytest.MonkeyPatch
+):
+    """An id the journal holds fails the publish in X's transaction, naming the id."""
+    ticket = ticket_type(channel)
+    await sql.execute(
+        f'INSERT INTO "{schema}".journal (channel, event_id, type, payload)'
+        " VALUES ($1, $2, 'Ticket', '{}')",
+        channel,
+        "d" * 32,
+    )
+    monkeypatch.setattr(pgbus._publish, "new_event_id", lambda: "d" * 32)
+    bus: pgbus.Bus = durable_bus()
+    await tx.begin()
+    with pytest.raises(pgbus.DuplicateEventId) as info:
+        await bus.publish(ticket(n=1), connection=tx.target)
+    await tx.rollback()
+    await bus.stop()
+    assert info.value.event_ids == ("d" * 32,)
+    assert await journaled(sql, schema) == 1
 
 
 async def test_missing_schema_is_a_schema_error_on_any_driver(pg_dsn, schema_name, tx, channel):
