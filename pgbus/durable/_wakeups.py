@@ -10,13 +10,15 @@ wake-up costs only latency, so the notifying commit does not wait for a flush):
 * a pool publish committed when its statement returned: its notifications go at once;
 * a ``connection=`` publish commits when the caller commits, which the server does not
   tell this process: an asyncpg connection tells as its ``COMMIT`` returns (see
-  :func:`commit_signal`), another driver's is looked at in the process itself (no
-  round trip) every :attr:`Wakeups.tick` seconds; once it has left its transaction
+  :func:`commit_signal`; not while such publishes come more often than
+  :attr:`Wakeups.busy_gap`), another driver's, and those, are looked at in the process
+  itself (no round trip) every :attr:`Wakeups.tick` seconds; once it has left its transaction
   (committed or rolled back) the transaction id is looked up with ``pg_xact_status``
   (by the statement that sends the notifications of those committed: one round trip);
   without a connection that tells (or once it is in a transaction again) the id is
   polled (every few ms, backing off to :attr:`Wakeups.max_delay`). Its notifications go
-  once it is visible to new snapshots, are dropped if it aborted, and given up after
+  once it is visible to new snapshots and their journal rows are there (a rolled-back
+  savepoint may have undone them), are dropped if it aborted, and given up after
   :attr:`Wakeups.window`.
 
 The consumers of this process are woken directly, without waiting for their own
